@@ -1,0 +1,150 @@
+"""`maac-robot`: one command line for train -> export -> evaluate -> sim -> control.
+
+Each subcommand imports its implementation lazily, so `maac-robot control` on a robot
+computer never imports torch and `maac-robot --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from maac_robot.trainer import train_from_cli
+
+    return train_from_cli(config=args.config, resume=args.resume, seed=args.seed, steps=args.steps,
+                          out=args.out, device=args.device)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from maac_robot.trainer import evaluate_from_cli
+
+    return evaluate_from_cli(run_dir=args.run, episodes=args.episodes, seed=args.seed)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from maac_robot.export import export_from_cli
+
+    return export_from_cli(run_dir=args.run, out=args.out)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from maac_robot.artifacts import inspect_from_cli
+
+    return inspect_from_cli(artifacts=args.artifacts)
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from sim.server import sim_from_cli
+
+    return sim_from_cli(config=args.config, bind=args.bind, mode=args.mode, render=args.render, seed=args.seed,
+                        record=args.record)
+
+
+def _cmd_control(args: argparse.Namespace) -> int:
+    from controller.run import control_from_cli
+
+    return control_from_cli(artifacts=args.artifacts, connect=args.connect, planner=args.planner,
+                            episodes=args.episodes, config=args.config, seed=args.seed,
+                            compare=args.compare)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from maac_robot.deploy import up_from_cli
+
+    return up_from_cli(artifacts=args.artifacts, config=args.config, bind=args.bind, episodes=args.episodes,
+                       mode=args.mode, planner=args.planner)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from maac_robot.deploy import demo_from_cli
+
+    return demo_from_cli(config=args.config, out=args.out, steps=args.steps, episodes=args.episodes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maac-robot", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train MAAC on a MuJoCo task (Algorithm 1)")
+    p.add_argument("--config", type=Path, help="YAML config (configs/<task>.yaml)")
+    p.add_argument("--resume", type=Path, help="run directory to continue from its last checkpoint")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, help="total env steps (overrides train.total_steps)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<task>-<seed>-<time>)")
+    p.add_argument("--device", help="cpu or cuda (overrides train.device)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="mean +- std return of the deterministic policy of a run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=10_000)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a run's policy, ensemble and Q to ONNX + manifest")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("inspect", help="print an artifact's manifest and graph signatures")
+    p.add_argument("artifacts", type=Path)
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("sim", help="serve a MuJoCo env over the robot protocol")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--bind", help="endpoint (default from config: tcp://127.0.0.1:5555)")
+    p.add_argument("--mode", choices=["lockstep", "realtime"])
+    p.add_argument("--render", type=Path, help="write a video of the episodes (mp4)")
+    p.add_argument("--record", type=Path, help="directory to record each episode's transitions (.npz)")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_cmd_sim)
+
+    p = sub.add_parser("control", help="drive a sim or robot with the exported policy / CEM-MPC")
+    p.add_argument("--artifacts", type=Path, required=True)
+    p.add_argument("--connect", default="tcp://127.0.0.1:5555")
+    p.add_argument("--planner", choices=["cem", "policy"])
+    p.add_argument("--episodes", type=int, default=1)
+    p.add_argument("--config", type=Path, help="YAML whose `controller` section overrides the defaults")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", action="store_true",
+                   help="policy-only vs CEM-MPC on the same seeds (lockstep), the paper's Table 1")
+    p.set_defaults(func=_cmd_control)
+
+    p = sub.add_parser("up", help="start sim and controller as two processes on loopback")
+    p.add_argument("--artifacts", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555")
+    p.add_argument("--episodes", type=int, default=3)
+    p.add_argument("--mode", choices=["lockstep", "realtime"], default="realtime")
+    p.add_argument("--planner", choices=["cem", "policy"], default="cem")
+    p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("demo", help="from nothing: train a small policy, export, run sim + MPC controller")
+    p.add_argument("--config", type=Path, default=Path("configs/inverted_pendulum.yaml"))
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--episodes", type=int, default=3)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a CLI prints one clear line; --debug-free by design
+        from maac_robot.errors import UserError
+
+        if isinstance(err, UserError):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

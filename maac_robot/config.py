@@ -1,0 +1,184 @@
+"""Run configuration: one YAML per task, validated by pydantic before anything starts.
+
+Every section forbids unknown keys, so a typo'd key fails loudly with the field's path
+instead of silently falling back to a default. Defaults are the MAAC authors' settings
+(their public code) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from maac_robot.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EnvConfig(_Section):
+    id: str = Field(description="Gymnasium env id, e.g. HalfCheetah-v5")
+    max_episode_steps: int | None = Field(default=None, gt=0, description="None: the env's own limit")
+
+    @field_validator("id")
+    @classmethod
+    def _known_env(cls, value: str) -> str:
+        import gymnasium as gym
+
+        if value not in gym.registry:
+            raise ValueError(f"unknown Gymnasium env id {value!r}")
+        return value
+
+
+class ModelConfig(_Section):
+    """Bootstrap ensemble of probabilistic dynamics models (paper §4.3, 'Model learning')."""
+
+    num_models: int = Field(8, gt=0)
+    num_elites: int = Field(6, gt=0)
+    hidden: int = Field(200, gt=0)
+    layers: int = Field(4, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(2.5e-5, ge=0)
+    batch_size: int = Field(256, gt=0)
+    holdout_ratio: float = Field(0.2, gt=0, lt=1)
+    patience: int = Field(5, gt=0, description="epochs without holdout improvement before stopping")
+    max_epochs: int | None = Field(None, gt=0, description="cap on epochs per retraining; None: until early stop")
+    min_logvar: float = -10.0
+    max_logvar: float = 0.5
+    train_every: int = Field(250, gt=0, description="env steps between model retrainings")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.num_elites > self.num_models:
+            raise ValueError(f"num_elites ({self.num_elites}) exceeds num_models ({self.num_models})")
+        if self.min_logvar >= self.max_logvar:
+            raise ValueError("min_logvar must be below max_logvar")
+        return self
+
+
+class AgentConfig(_Section):
+    """Actor, twin critics and the MAAC objective, with every ablation of the paper as a switch."""
+
+    horizon: int = Field(3, ge=0, description="H: model steps in the pathwise policy objective (0: model-free actor)")
+    num_samples: int = Field(5, gt=0, description="imagined trajectories per start state in the policy objective")
+    terminal_q_samples: int = Field(5, gt=0, description="actions sampled at s_H, Q averaged over them")
+    steve: bool = Field(True, description="STEVE-style model-expanded critic targets")
+    steve_horizon: int = Field(2, ge=0)
+    entropy: bool = Field(True, description="max-entropy policy with automatic temperature")
+    real_data_only: bool = Field(False, description="ablation: policy/Q trained on D_env only, no D_model")
+    gamma: float = Field(0.99, gt=0, le=1)
+    tau: float = Field(5e-3, gt=0, le=1)
+    lr: float = Field(3e-4, gt=0)
+    hidden: int = Field(256, gt=0)
+    layers: int = Field(2, gt=0)
+    batch_size: int = Field(256, gt=0)
+    real_ratio: float = Field(0.05, ge=0, le=1, description="share of real transitions in each G2 batch")
+    updates_per_step: int = Field(8, gt=0, description="G2 gradient steps per env step")
+    target_entropy: float | None = Field(None, description="None: -|A|")
+    init_alpha: float = Field(1.0, gt=0)
+
+
+class RolloutConfig(_Section):
+    """Imagined k-step rollouts that fill D_model (Algorithm 1, line 7)."""
+
+    length: int = Field(1, gt=0)
+    batch_size: int = Field(10_000, gt=0, description="start states per rollout round")
+    every: int = Field(250, gt=0, description="env steps between rollout rounds")
+    retain_rounds: int = Field(20, gt=0, description="D_model holds this many rounds of rollouts")
+
+
+class TrainConfig(_Section):
+    total_steps: int = Field(20_000, gt=0)
+    initial_random_steps: int = Field(5_000, ge=0)
+    eval_every: int = Field(1_000, gt=0)
+    eval_episodes: int = Field(5, gt=0)
+    checkpoint_every: int = Field(1_000, gt=0)
+    buffer_size: int = Field(1_000_000, gt=0)
+    seed: int = 0
+    device: str = Field("cpu", description="'cpu' or 'cuda'; nothing requires a GPU")
+    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; None: all cores")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
+        return value
+
+
+class SimConfig(_Section):
+    """The sim process (robot side of the protocol)."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    mode: Literal["lockstep", "realtime"] = "lockstep"
+    watchdog_periods: float = Field(3.0, gt=0, description="no valid action for this many dt: apply the safe action")
+    max_message_bytes: int = Field(1 << 16, gt=0)
+    seed: int = 0
+
+
+class ControllerConfig(_Section):
+    """Real-time CEM-MPC seeded by the stochastic policy (paper §5.4)."""
+
+    planner: Literal["cem", "policy"] = "cem"
+    population: int = Field(256, gt=1)
+    horizon: int | None = Field(None, gt=0, description="None: the trained horizon from the manifest")
+    iterations: int = Field(5, gt=0, description="upper bound; the deadline may stop CEM earlier")
+    elite_frac: float = Field(0.1, gt=0, le=1)
+    momentum: float = Field(0.1, ge=0, lt=1)
+    policy_frac: float = Field(0.05, ge=0, le=1, description="share of candidates sampled from the policy each iteration")
+    budget_frac: float = Field(0.5, gt=0, lt=1, description="planning budget as a fraction of dt")
+    timeout_periods: float = Field(10.0, gt=0, description="observation receive timeout in dt")
+    seed: int = 0
+
+
+class Config(_Section):
+    env: EnvConfig
+    model: ModelConfig = ModelConfig()
+    agent: AgentConfig = AgentConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    train: TrainConfig = TrainConfig()
+    sim: SimConfig = SimConfig()
+    controller: ControllerConfig = ControllerConfig()
+
+
+class ConfigError(UserError, ValueError):
+    """A config file that cannot be used; the message names the file and the offending fields."""
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config; `overrides` maps dotted keys ('train.seed') to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        data.setdefault(section, {})[key] = value
+    return config_from_dict(data, str(path))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
