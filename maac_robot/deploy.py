@@ -1,0 +1,159 @@
+"""Sim-in-the-loop deployment: `maac-robot up` (sim + controller as two OS processes) and `maac-robot demo`.
+
+`up` is a small supervisor, not a framework: it starts exactly the two commands the docker
+compose services run (`maac-robot sim ...` and `maac-robot control ...`), prefixes and streams
+their output, and guarantees no orphans: when either child exits, or on Ctrl-C/SIGTERM, the
+other is terminated (SIGTERM, then SIGKILL after a grace period); the children also receive
+SIGKILL from the kernel if this supervisor itself is killed (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from maac_robot.errors import UserError
+
+GRACE_S = 5.0
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: ask Linux to SIGKILL it when the supervisor dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _check_endpoint_free(endpoint: str) -> None:
+    """Fail early with one clear line when the sim's TCP port is taken (ipc endpoints are removed by the sim)."""
+    url = urlparse(endpoint)
+    if url.scheme != "tcp":
+        return
+    host, port = url.hostname or "127.0.0.1", url.port
+    if port is None:
+        raise UserError(f"endpoint {endpoint!r} has no port; use e.g. tcp://127.0.0.1:5555")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise UserError(f"port {port} on {host} is in use: stop the other sim or pass --bind tcp://{host}:<free port>") from None
+
+
+def _stream(name: str, proc: subprocess.Popen) -> threading.Thread:
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(f"[{name}] {line}")
+            sys.stdout.flush()
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop(procs: dict[str, subprocess.Popen]) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + GRACE_S
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (docker stop, systemd) stops the children exactly like Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def supervise(commands: dict[str, list[str]], wait_for: str) -> int:
+    """Start every command, stream their output, and stop all when `wait_for` ends or any other dies.
+
+    Returns `wait_for`'s exit code, or 1 if another process died first.
+    """
+    procs: dict[str, subprocess.Popen] = {}
+    pumps = []
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for name, cmd in commands.items():
+            procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                           bufsize=1, preexec_fn=_die_with_parent,
+                                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            pumps.append(_stream(name, procs[name]))
+        while True:
+            for name, proc in procs.items():
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                if name == wait_for:
+                    return rc
+                print(f"[up] {name} exited with code {rc}; stopping the others", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        print("[up] interrupted; stopping sim and controller", file=sys.stderr)
+        return 130
+    finally:
+        _stop(procs)
+        for pump in pumps:
+            pump.join(timeout=1.0)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "maac_robot.cli"]
+
+
+def up_from_cli(*, artifacts: Path, config: Path, bind: str, episodes: int, mode: str, planner: str) -> int:
+    """Start the sim and the controller on loopback and run `episodes` episodes."""
+    from maac_robot.artifacts import load_artifacts
+    from maac_robot.config import load_config
+
+    cfg = load_config(config)
+    if not (artifacts / "manifest.json").is_file():
+        raise UserError(f"no artifacts at {artifacts}: train and export first "
+                        f"(maac-robot train --config {config} --out runs/NAME; maac-robot export runs/NAME --out {artifacts})")
+    load_artifacts(artifacts, expected_env_id=cfg.env.id)  # verify now, so a mismatch is one clear line here
+    _check_endpoint_free(bind)
+    commands = {
+        "sim": [*_cli(), "sim", "--config", str(config), "--bind", bind, "--mode", mode],
+        "controller": [*_cli(), "control", "--artifacts", str(artifacts), "--connect", bind,
+                       "--planner", planner, "--episodes", str(episodes), "--config", str(config)],
+    }
+    print(f"[up] sim ({mode}) on {bind}; controller ({planner}) for {episodes} episode(s); Ctrl-C stops both")
+    return supervise(commands, wait_for="controller")
+
+
+def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int) -> int:
+    """From nothing to a robot under MPC: train (or resume) -> export -> sim + controller over ZeroMQ."""
+    from maac_robot.export import export_from_cli
+    from maac_robot.trainer import train_from_cli
+
+    checkpoint = out / "checkpoints" / "latest.pt"
+    print(f"[demo] 1/3 training {config} into {out}" + (" (resuming)" if checkpoint.is_file() else ""))
+    if checkpoint.is_file():
+        rc = train_from_cli(config=None, resume=out, seed=None, steps=steps, out=None, device=None)
+    else:
+        rc = train_from_cli(config=config, resume=None, seed=None, steps=steps, out=out, device=None)
+    if rc:
+        return rc
+    artifacts = Path("artifacts") / out.name
+    print(f"[demo] 2/3 exporting to {artifacts}")
+    if rc := export_from_cli(run_dir=out, out=artifacts):
+        return rc
+    print("[demo] 3/3 sim + controller (CEM-MPC) over ZeroMQ on loopback")
+    return up_from_cli(artifacts=artifacts, config=config, bind="tcp://127.0.0.1:5555", episodes=episodes,
+                       mode="realtime", planner="cem")
