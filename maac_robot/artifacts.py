@@ -1,0 +1,367 @@
+"""Deployment artifacts: the manifest, verified loading, and onnxruntime sessions for the controller.
+
+Torch-free on purpose: a robot computer has onnxruntime, numpy and pydantic only. An artifact
+directory (written by `maac_robot.export`) holds four ONNX graphs and `manifest.json`:
+
+- `policy.onnx`   (state [B,S], noise [B,A]) -> mean [B,A], log_std [B,A], action [B,A]
+- `ensemble.onnx` (state [B,S], action [B,A]) -> every member's next-state mean/logvar [M,B,S]
+                  and reward [M,B] (+ reward_logvar [M,B] when the reward is learned)
+- `q.onnx`        (state [B,S], action [B,A]) -> q1 [B], q2 [B]
+- `plan.onnx`     (state [S], actions [P,H,A]) -> returns [P]  (P a multiple of num_elites)
+
+All normalisation lives inside the graphs: callers pass raw env-unit states and actions.
+Nothing is trusted on load: every file is hashed, the format version, env id and every graph's
+input/output signature are checked against the manifest, and each failure says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from maac_robot.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+GRAPH_NAMES = ("policy", "ensemble", "q", "plan")
+# Measured by benchmarks/inference.py (see benchmarks/RESULTS.md, "Inference latency"): one intra-op
+# thread with spinning off gives the lowest p99 on a shared 2-core machine; spinning threads steal
+# the core the control loop and the other sessions need.
+DEFAULT_INTRA_OP_THREADS = 1
+DEFAULT_ALLOW_SPINNING = False
+# Manifest fields copied into every graph's ONNX metadata_props (so a lone .onnx file is identifiable).
+METADATA_KEYS = ("format_version", "env_id", "state_dim", "act_dim", "dt", "gamma", "horizon", "plan_horizon",
+                 "num_models", "num_elites", "reward", "train_steps", "opset")
+
+Dim = int | str  # an int is a fixed size; a str names a dynamic axis
+
+
+class ArtifactError(UserError):
+    """Artifacts that cannot be used as they are: the message names the file and what disagrees."""
+
+
+class Manifest(BaseModel):
+    """What an artifact directory contains and how it was made; `manifest.json` on disk."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: int = Field(description="bumped whenever graphs or fields change incompatibly")
+    env_id: str
+    state_dim: int = Field(gt=0, description="full state incl. root position (the state convention)")
+    act_dim: int = Field(gt=0)
+    act_low: list[float]
+    act_high: list[float]
+    dt: float = Field(gt=0, description="control period in seconds")
+    gamma: float = Field(gt=0, le=1)
+    horizon: int = Field(ge=0, description="H the policy was trained with (paper §4.3)")
+    plan_horizon: int = Field(gt=0, description="H of the fused plan graph (the actions input's second axis)")
+    num_models: int = Field(gt=0)
+    num_elites: int = Field(gt=0)
+    elites: list[int] = Field(description="ensemble member indices; plan particle i uses elites[i % num_elites]")
+    reward: Literal["closed_form", "learned"] = Field(
+        description="closed_form: the task's reward of (s, a, s') computed inside the graphs; learned: ensemble output")
+    terminates: bool = Field(description="whether the task's termination function can end an episode")
+    normalisation: Literal["inside_graphs"] = Field(
+        "inside_graphs", description="all input/output normalisation is inside the graphs; feed raw env units")
+    opset: int
+    files: dict[str, str] = Field(description="file name -> SHA-256 hex digest")
+    train_steps: int = Field(ge=0, description="env steps the exported run had trained for")
+    config: dict[str, Any] = Field(description="the run's resolved config")
+    versions: dict[str, str] = Field(description="package versions at export time")
+    created_utc: str
+
+    @model_validator(mode="after")
+    def _check(self) -> Manifest:
+        for name, bound in (("act_low", self.act_low), ("act_high", self.act_high)):
+            if len(bound) != self.act_dim:
+                raise ValueError(f"{name} has {len(bound)} entries, act_dim is {self.act_dim}")
+        if any(lo >= hi for lo, hi in zip(self.act_low, self.act_high, strict=True)):
+            raise ValueError("act_low must be below act_high in every dimension")
+        if self.num_elites > self.num_models or len(self.elites) != self.num_elites:
+            raise ValueError(f"elites {self.elites} inconsistent with num_elites={self.num_elites}, "
+                             f"num_models={self.num_models}")
+        if any(not 0 <= e < self.num_models for e in self.elites):
+            raise ValueError(f"elites {self.elites} out of range for num_models={self.num_models}")
+        missing = [f"{g}.onnx" for g in GRAPH_NAMES if f"{g}.onnx" not in self.files]
+        if missing:
+            raise ValueError(f"files lacks {missing}")
+        return self
+
+    def metadata(self, graph: str) -> dict[str, str]:
+        """The ONNX metadata_props for one graph: the key manifest fields as strings."""
+        fields = self.model_dump()
+        return {"graph": graph, **{k: json.dumps(fields[k]) for k in METADATA_KEYS}}
+
+
+def graph_signatures(m: Manifest) -> dict[str, dict[str, dict[str, tuple[Dim, ...]]]]:
+    """The input/output shapes every graph must have for manifest `m` (str = dynamic axis).
+
+    One definition used by the exporter (to assert what it wrote) and by the loader (to refuse
+    graphs that disagree), so the two cannot drift apart.
+    """
+    s, a, mm = m.state_dim, m.act_dim, m.num_models
+    reward = {"reward": (mm, "batch")}
+    if m.reward == "learned":
+        reward["reward_logvar"] = (mm, "batch")
+    return {
+        "policy": {"inputs": {"state": ("batch", s), "noise": ("batch", a)},
+                   "outputs": {"mean": ("batch", a), "log_std": ("batch", a), "action": ("batch", a)}},
+        "ensemble": {"inputs": {"state": ("batch", s), "action": ("batch", a)},
+                     "outputs": {"next_state_mean": (mm, "batch", s), "next_state_logvar": (mm, "batch", s),
+                                 **reward}},
+        "q": {"inputs": {"state": ("batch", s), "action": ("batch", a)},
+              "outputs": {"q1": ("batch",), "q2": ("batch",)}},
+        "plan": {"inputs": {"state": (s,), "actions": ("particles", m.plan_horizon, a)},
+                 "outputs": {"returns": ("particles",)}},
+    }
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _dims_agree(actual: list[Any], expected: tuple[Dim, ...]) -> bool:
+    """Fixed dims must be equal; a dynamic expected dim must not be fixed in the graph."""
+    if len(actual) != len(expected):
+        return False
+    for got, want in zip(actual, expected, strict=True):
+        if isinstance(want, int):
+            if got != want:
+                return False
+        elif isinstance(got, int):
+            return False
+    return True
+
+
+def _fmt_shape(dims: Any) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def session_options(intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
+                    allow_spinning: bool = DEFAULT_ALLOW_SPINNING) -> Any:
+    """onnxruntime SessionOptions chosen for a control loop: bounded threads, no spinning, sequential."""
+    import onnxruntime as ort
+
+    if intra_op_threads < 1:
+        raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if allow_spinning else "0")
+    so.log_severity_level = 3
+    return so
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse and validate `manifest.json` (a directory or the file itself); format version checked first."""
+    path = Path(path)
+    file = path / MANIFEST_NAME if path.is_dir() else path
+    if not path.exists():
+        raise ArtifactError(f"artifact directory not found: {path}")
+    if not file.is_file():
+        raise ArtifactError(f"missing file: {file} (not an artifact directory written by `maac-robot export`?)")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{file}: manifest format version {version!r}, this maac_robot "
+                            f"{_package_version()} reads format version {FORMAT_VERSION}; re-export the run "
+                            f"with this version (or load it with a matching maac_robot)")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{file}: invalid manifest:"]
+        lines += [f"  {'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()]
+        raise ArtifactError("\n".join(lines)) from None
+
+
+def _package_version() -> str:
+    from maac_robot import __version__
+
+    return __version__
+
+
+class Artifacts:
+    """Verified, warmed-up onnxruntime sessions over one artifact directory (use `load_artifacts`).
+
+    Inputs are cast to contiguous float32; shapes are checked so a wrong call fails with a
+    message instead of an onnxruntime stack trace. Not thread-safe per call site by design:
+    onnxruntime sessions are, but the controller runs one loop.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, sessions: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.sessions = sessions
+        self._signatures = graph_signatures(manifest)
+        self._outputs = {g: list(sig["outputs"]) for g, sig in self._signatures.items()}
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sessions[graph].run(self._outputs[graph], feeds)
+
+    def _batch_pair(self, graph: str, state: np.ndarray, second: np.ndarray, second_name: str,
+                    second_dim: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        state = np.ascontiguousarray(state, dtype=np.float32)
+        second = np.ascontiguousarray(second, dtype=np.float32)
+        single = state.ndim == 1
+        if single:
+            state, second = state[None], second[None]
+        s = self.manifest.state_dim
+        if state.ndim != 2 or state.shape[1] != s or second.shape != (state.shape[0], second_dim):
+            raise ValueError(f"{graph}: expected state [B,{s}] (or [{s}]) and {second_name} [B,{second_dim}] "
+                             f"with the same B, got {list(state.shape)} and {list(second.shape)}")
+        return state, second, single
+
+    def policy(self, state: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean, log_std, action) for state [B,S] and standard-normal noise [B,A]; [S]/[A] also accepted.
+
+        action = act_low + (tanh(mean + exp(log_std)·noise) + 1)/2·(act_high − act_low), so noise 0
+        gives the deterministic action and the caller's own RNG makes sampling reproducible.
+        """
+        state, noise, single = self._batch_pair("policy", state, noise, "noise", self.manifest.act_dim)
+        mean, log_std, action = self._run("policy", {"state": state, "noise": noise})
+        return (mean[0], log_std[0], action[0]) if single else (mean, log_std, action)
+
+    def ensemble(self, state: np.ndarray, action: np.ndarray) -> dict[str, np.ndarray]:
+        """Every member's next-state mean/logvar [M,B,S] and reward [M,B] (env units) for a batch."""
+        state, action, single = self._batch_pair("ensemble", state, action, "action", self.manifest.act_dim)
+        out = dict(zip(self._outputs["ensemble"], self._run("ensemble", {"state": state, "action": action}),
+                       strict=True))
+        return {k: v[:, 0] for k, v in out.items()} if single else out
+
+    def q(self, state: np.ndarray, action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both critics (q1, q2), each [B] (scalars for a single [S], [A] pair)."""
+        state, action, single = self._batch_pair("q", state, action, "action", self.manifest.act_dim)
+        q1, q2 = self._run("q", {"state": state, "action": action})
+        return (q1[0], q2[0]) if single else (q1, q2)
+
+    def plan(self, state: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Predicted discounted return [P] of each action sequence in `actions` [P,H,A] from `state` [S].
+
+        One onnxruntime call: particle i rolls through elite member elites[i % num_elites] with mean
+        predictions, rewards, termination masks and a γ^H·min(Q1,Q2) terminal value at the
+        deterministic policy action. P must be a positive multiple of num_elites; H = plan_horizon.
+        """
+        m = self.manifest
+        state = np.ascontiguousarray(state, dtype=np.float32).reshape(-1)
+        actions = np.ascontiguousarray(actions, dtype=np.float32)
+        if state.shape != (m.state_dim,):
+            raise ValueError(f"plan: expected state [{m.state_dim}], got {list(state.shape)}")
+        if actions.ndim != 3 or actions.shape[1:] != (m.plan_horizon, m.act_dim):
+            raise ValueError(f"plan: expected actions [P,{m.plan_horizon},{m.act_dim}] "
+                             f"(plan_horizon={m.plan_horizon}), got {list(actions.shape)}")
+        if actions.shape[0] == 0 or actions.shape[0] % m.num_elites:
+            raise ValueError(f"plan: P={actions.shape[0]} must be a positive multiple of num_elites={m.num_elites}")
+        return self._run("plan", {"state": state, "actions": actions})[0]
+
+    def warm_up(self, calls: int = 3) -> None:
+        """Run every graph a few times so the first control step does not pay allocation/first-run costs."""
+        m = self.manifest
+        rng = np.random.default_rng(0)
+        s = rng.standard_normal((1, m.state_dim)).astype(np.float32)
+        a = np.zeros((1, m.act_dim), np.float32)
+        plan_actions = np.zeros((m.num_elites, m.plan_horizon, m.act_dim), np.float32)
+        for _ in range(calls):
+            self.policy(s, a)
+            self.ensemble(s, a)
+            self.q(s, a)
+            self.plan(s[0], plan_actions)
+
+    def describe(self) -> str:
+        """The manifest (without the config) and every graph's input/output signature, for humans."""
+        lines = [f"artifacts: {self.path}"]
+        for key, value in self.manifest.model_dump(exclude={"config", "files", "versions"}).items():
+            lines.append(f"  {key}: {value}")
+        lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in self.manifest.versions.items()))
+        lines.append("  files:")
+        lines += [f"    {name}  sha256 {digest}" for name, digest in self.manifest.files.items()]
+        lines.append("  config: " + json.dumps(self.manifest.config, sort_keys=True))
+        for graph, sess in self.sessions.items():
+            lines.append(f"graph {graph}.onnx (opset {self.manifest.opset}):")
+            for kind, args in (("input ", sess.get_inputs()), ("output", sess.get_outputs())):
+                lines += [f"  {kind} {arg.name:18s} {arg.type:16s} {_fmt_shape(arg.shape)}" for arg in args]
+        return "\n".join(lines)
+
+
+def _check_session(file: Path, graph: str, sess: Any, manifest: Manifest,
+                   expected: dict[str, dict[str, tuple[Dim, ...]]]) -> None:
+    for kind, args in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
+        actual = {arg.name: list(arg.shape) for arg in args}
+        want = expected[kind]
+        if list(actual) != list(want):
+            raise ArtifactError(f"{file}: graph {kind} are {list(actual)}, the manifest implies {list(want)}")
+        for arg in args:
+            if arg.type != "tensor(float)":
+                raise ArtifactError(f"{file}: {kind[:-1]} {arg.name!r} is {arg.type}, expected tensor(float)")
+            if not _dims_agree(actual[arg.name], want[arg.name]):
+                raise ArtifactError(
+                    f"{file}: {kind[:-1]} {arg.name!r} has shape {_fmt_shape(actual[arg.name])}, the manifest "
+                    f"implies {_fmt_shape(want[arg.name])} (state_dim={manifest.state_dim}, "
+                    f"act_dim={manifest.act_dim}, num_models={manifest.num_models}, "
+                    f"plan_horizon={manifest.plan_horizon}; names are dynamic axes)")
+    meta = sess.get_modelmeta().custom_metadata_map
+    for key, value in manifest.metadata(graph).items():
+        if meta.get(key) != value:
+            raise ArtifactError(f"{file}: metadata_props {key}={meta.get(key)!r} disagrees with the manifest "
+                                f"({value!r}); the graph comes from a different export")
+
+
+def load_artifacts(path: str | Path, expected_env_id: str | None = None,
+                   intra_op_threads: int = DEFAULT_INTRA_OP_THREADS, *,
+                   allow_spinning: bool = DEFAULT_ALLOW_SPINNING, warm_up: bool = True) -> Artifacts:
+    """Load an artifact directory, verify everything, and return warmed-up sessions.
+
+    Refuses (ArtifactError, naming the file and the disagreement) on: a missing directory or
+    file, a manifest of another format version or failing its schema, an env id other than
+    `expected_env_id`, a SHA-256 mismatch (tampered or truncated file), graphs whose input/output
+    names, types or shapes disagree with the manifest, and metadata_props from another export.
+    Each session is created from the very bytes that were hashed (no check-then-reload race).
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if expected_env_id is not None and manifest.env_id != expected_env_id:
+        raise ArtifactError(f"{path}: artifacts are for env {manifest.env_id!r}, expected {expected_env_id!r}")
+    signatures = graph_signatures(manifest)
+    options = session_options(intra_op_threads, allow_spinning)
+    sessions = {}
+    for graph in GRAPH_NAMES:
+        file = path / f"{graph}.onnx"
+        if not file.is_file():
+            raise ArtifactError(f"missing file: {file} (listed in {path / MANIFEST_NAME})")
+        data = file.read_bytes()
+        digest = sha256_bytes(data)
+        if digest != manifest.files[file.name]:
+            raise ArtifactError(f"{file}: SHA-256 mismatch (file {digest[:16]}…, manifest "
+                                f"{manifest.files[file.name][:16]}…, {len(data)} bytes): the file was "
+                                f"modified or truncated after export")
+        try:
+            sess = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises several private exception types
+            raise ArtifactError(f"{file}: onnxruntime cannot load it: {err}") from None
+        _check_session(file, graph, sess, manifest, signatures[graph])
+        sessions[graph] = sess
+    artifacts = Artifacts(path, manifest, sessions)
+    if warm_up:
+        artifacts.warm_up()
+    return artifacts
+
+
+def inspect_from_cli(artifacts: Path) -> int:
+    """`maac-robot inspect DIR`: verify the artifacts and print the manifest and graph signatures."""
+    loaded = load_artifacts(artifacts, warm_up=False)
+    sys.stdout.write(loaded.describe() + "\n")
+    return 0
