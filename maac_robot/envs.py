@@ -1,0 +1,106 @@
+"""Gymnasium envs under the project's state convention (torch-free: the sim process imports this).
+
+Gymnasium v5 locomotion rewards are x-velocity computed from root *positions* that the default
+observation drops. We build the built-in envs with `exclude_current_positions_from_observation=False`,
+so the robot's state carries root x (x, y for Ant) and the closed-form reward in `tasks.py` can be
+evaluated from (state, action, next_state) alone. Networks must not see absolute position (it is
+unbounded and irrelevant to the dynamics): `EnvInfo.net_obs_idx` lists the dims they may use.
+
+Any other Gymnasium env with a 1-D Box observation and a Box action space works too: its state is
+the default observation, networks see all of it, the ensemble learns its reward, and imagined
+rollouts assume it never terminates (`terminates=False`) because nothing tells us its rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import gymnasium as gym
+import numpy as np
+
+from maac_robot.errors import UserError
+
+
+class EnvError(UserError, ValueError):
+    """An env id that does not exist or that this project cannot control (non-Box spaces, no dt)."""
+
+
+_KEEP_POSITIONS = {"exclude_current_positions_from_observation": False}
+
+# env id -> (gym.make kwargs, leading root-position dims hidden from networks, env has early termination)
+_BUILTIN: dict[str, tuple[dict, int, bool]] = {
+    "InvertedPendulum-v5": ({}, 0, True),  # cart position is part of the default observation and matters
+    "Hopper-v5": (_KEEP_POSITIONS, 1, True),
+    "HalfCheetah-v5": (_KEEP_POSITIONS, 1, False),
+    "Walker2d-v5": (_KEEP_POSITIONS, 1, True),
+    "Ant-v5": (_KEEP_POSITIONS, 2, True),
+}
+
+ENV_KWARGS: dict[str, dict] = {env_id: dict(spec[0]) for env_id, spec in _BUILTIN.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class EnvInfo:
+    """Static facts about an env that the learner, exporter, sim and controller agree on."""
+
+    env_id: str
+    state_dim: int
+    act_dim: int
+    act_low: np.ndarray
+    act_high: np.ndarray
+    dt: float
+    net_obs_idx: tuple[int, ...]
+    terminates: bool
+
+
+def make_env(env_id: str, seed: int | None = None, max_episode_steps: int | None = None,
+             render_mode: str | None = None) -> gym.Env:
+    """Build `env_id` under the state convention.
+
+    A seed resets the env once and seeds its action space, so later `reset()` calls without a seed
+    continue one reproducible stream (episodes differ, runs repeat).
+    """
+    if env_id not in gym.registry:
+        raise EnvError(f"unknown Gymnasium env id {env_id!r}")
+    env = gym.make(env_id, max_episode_steps=max_episode_steps, render_mode=render_mode,
+                   **ENV_KWARGS.get(env_id, {}))
+    if not isinstance(env.action_space, gym.spaces.Box):
+        env.close()
+        raise EnvError(f"{env_id}: action space must be a Box, got {type(env.action_space).__name__}")
+    if not (np.isfinite(env.action_space.low).all() and np.isfinite(env.action_space.high).all()):
+        env.close()
+        raise EnvError(f"{env_id}: action bounds must be finite (the policy squashes into them)")
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        env.close()
+        raise EnvError(f"{env_id}: observation space must be a 1-D Box, got {env.observation_space}")
+    if seed is not None:
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+    return env
+
+
+def _control_period(env: gym.Env) -> float:
+    """Seconds per env step: MuJoCo envs expose `dt`; others may only state a render fps."""
+    dt = getattr(env.unwrapped, "dt", None)
+    if dt is None and env.metadata.get("render_fps"):
+        dt = 1.0 / env.metadata["render_fps"]
+    if dt is None:
+        raise EnvError(f"{env.spec.id}: cannot determine the control period (no env.unwrapped.dt, no render_fps)")
+    return float(dt)
+
+
+@lru_cache(maxsize=None)
+def env_info(env_id: str) -> EnvInfo:
+    """Dims, bounds, dt and the network-visible dims of `env_id` (built once, then cached)."""
+    env = make_env(env_id)
+    try:
+        state_dim = int(env.observation_space.shape[0])
+        low, high = (np.array(b, dtype=np.float64) for b in (env.action_space.low, env.action_space.high))
+        for bound in (low, high):
+            bound.setflags(write=False)  # cached and shared: nobody may mutate it
+        hidden, terminates = _BUILTIN.get(env_id, ({}, 0, False))[1:]
+        return EnvInfo(env_id=env_id, state_dim=state_dim, act_dim=int(low.shape[0]), act_low=low, act_high=high,
+                       dt=_control_period(env), net_obs_idx=tuple(range(hidden, state_dim)), terminates=terminates)
+    finally:
+        env.close()

@@ -1,0 +1,144 @@
+"""Closed-form rewards/terminations against the envs' own, on real transitions; the state convention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from maac_robot.envs import EnvError, env_info, make_env
+from maac_robot.tasks import get_task
+
+BUILTIN = ["InvertedPendulum-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5"]
+ROOT_DIMS = {"InvertedPendulum-v5": 0, "Hopper-v5": 1, "HalfCheetah-v5": 1, "Walker2d-v5": 1, "Ant-v5": 2}
+
+
+def rollout(env_id: str, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random-action transitions with the env's reward, termination and reported x-velocity."""
+    env = make_env(env_id, seed=seed)
+    state, _ = env.reset(seed=seed)
+    keys = ("state", "action", "next_state", "reward", "terminated", "x_velocity")
+    data: dict[str, list] = {k: [] for k in keys}
+    for _ in range(steps):
+        action = env.action_space.sample()
+        next_state, reward, terminated, truncated, info = env.step(action)
+        for k, v in zip(keys, (state, action, next_state, reward, terminated, info.get("x_velocity", np.nan))):
+            data[k].append(v)
+        state = env.reset()[0] if terminated or truncated else next_state
+    env.close()
+    return {k: np.asarray(v) for k, v in data.items()}
+
+
+@pytest.fixture(scope="module", params=BUILTIN)
+def transitions(request) -> tuple[str, dict[str, np.ndarray]]:
+    return request.param, rollout(request.param, steps=400)
+
+
+def _apply(env_id: str, d: dict[str, np.ndarray], dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    task = get_task(env_id)
+    s, a, s2 = (torch.as_tensor(d[k], dtype=dtype) for k in ("state", "action", "next_state"))
+    return task.reward_fn(s, a, s2).double().numpy(), task.termination_fn(s, a, s2).numpy()
+
+
+def test_termination_matches_env(transitions):
+    env_id, d = transitions
+    _, done = _apply(env_id, d, torch.float64)
+    assert done.dtype == np.bool_ and done.shape == d["terminated"].shape
+    np.testing.assert_array_equal(done, d["terminated"])
+    if env_id in ("InvertedPendulum-v5", "Hopper-v5", "Walker2d-v5"):
+        assert d["terminated"].any(), "random actions should end some episodes, so both outcomes are checked"
+
+
+def test_reward_matches_env(transitions):
+    env_id, d = transitions
+    reward, _ = _apply(env_id, d, torch.float64)
+    err = np.abs(reward - d["reward"])
+    # The env squares the float32 action in float32, so its ctrl cost carries ~1e-7 rounding; hence 1e-6.
+    if env_id == "Ant-v5":
+        # Ant's env reward lags by one physics substep (torso xpos, see tasks.py); every other term is exact,
+        # so our error must be exactly the difference of the two x-velocities, which itself stays small.
+        vx = (d["next_state"][:, 0] - d["state"][:, 0]) / env_info(env_id).dt
+        np.testing.assert_allclose(reward - d["reward"], vx - d["x_velocity"], atol=1e-6)
+        assert err.mean() < 0.02 and err.max() < 0.5
+    else:
+        assert err.max() < 1e-6
+    # float32 (what training uses): root x differences lose a little precision, nothing more
+    reward32, _ = _apply(env_id, d, torch.float32)
+    assert np.abs(reward32 - reward).max() < 1e-3
+
+
+def test_reward_is_differentiable_in_action_and_next_state():
+    for env_id in BUILTIN[1:]:  # InvertedPendulum's reward is 1 per surviving step: piecewise constant
+        info = env_info(env_id)
+        s = torch.zeros(5, info.state_dim, dtype=torch.float64)
+        s2 = torch.zeros(5, info.state_dim, dtype=torch.float64, requires_grad=True)
+        a = torch.full((5, info.act_dim), 0.3, dtype=torch.float64, requires_grad=True)
+        get_task(env_id).reward_fn(s, a, s2).sum().backward()
+        assert a.grad.abs().sum() > 0 and s2.grad[:, 0].abs().sum() > 0
+
+
+def test_halfcheetah_never_terminates():
+    task = get_task("HalfCheetah-v5")
+    s = torch.randn(64, task.info.state_dim) * 1e3
+    s[0] = float("nan")
+    assert not task.termination_fn(s, torch.zeros(64, task.info.act_dim), s).any()
+    assert not task.info.terminates
+    assert all(get_task(e).info.terminates for e in BUILTIN if e != "HalfCheetah-v5")
+
+
+def test_ant_termination_rule():
+    task = get_task("Ant-v5")
+    s = torch.zeros(4, task.info.state_dim)
+    s[:, 2] = torch.tensor([0.5, 0.1, 1.2, 0.5])
+    s[3, 20] = float("inf")  # a non-finite velocity ends the episode; the contact dims are not checked
+    assert task.termination_fn(s, torch.zeros(4, 8), s).tolist() == [False, True, True, True]
+
+
+@pytest.mark.parametrize("env_id", BUILTIN)
+def test_state_holds_root_position_and_networks_do_not_see_it(env_id):
+    env = make_env(env_id, seed=1)
+    state, _ = env.reset(seed=1)
+    for _ in range(5):
+        state = env.step(env.action_space.sample())[0]
+    info = env_info(env_id)
+    k = ROOT_DIMS[env_id]
+    np.testing.assert_array_equal(state[:k], env.unwrapped.data.qpos[:k])
+    assert info.net_obs_idx == tuple(range(k, info.state_dim))
+    assert state.shape == (info.state_dim,) and info.dt == env.unwrapped.dt
+    env.close()
+
+
+def test_unknown_env_learns_reward_and_never_terminates():
+    task = get_task("Pendulum-v1")
+    assert task.reward_fn is None and not task.info.terminates
+    assert task.info.net_obs_idx == (0, 1, 2) and task.info.dt == pytest.approx(0.05)
+    s = torch.zeros(3, 3)
+    assert not task.termination_fn(s, torch.zeros(3, 1), s).any()
+
+
+@pytest.mark.parametrize("env_id,match", [("NoSuchEnv-v0", "unknown"), ("CartPole-v1", "Box")])
+def test_bad_env_ids_fail_clearly(env_id, match):
+    with pytest.raises(EnvError, match=match):
+        make_env(env_id)
+
+
+def test_reward_and_termination_export_to_onnx(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    task = get_task("Ant-v5")  # the richest one: healthy, ctrl and contact terms, isfinite
+
+    class RewardDone(torch.nn.Module):
+        def forward(self, s, a, s2):
+            return task.reward_fn(s, a, s2), task.termination_fn(s, a, s2)
+
+    d = rollout("Ant-v5", steps=20)
+    s, a, s2 = (torch.as_tensor(d[k], dtype=torch.float32) for k in ("state", "action", "next_state"))
+    path = tmp_path / "reward.onnx"
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(RewardDone().eval(), (s, a, s2), path, dynamo=True,
+                      dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+    sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: x[:7].numpy() for i, x in zip(sess.get_inputs(), (s, a, s2))}
+    reward, done = sess.run(None, feeds)
+    ref_reward, ref_done = RewardDone()(s[:7], a[:7], s2[:7])
+    np.testing.assert_allclose(reward, ref_reward.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(done, ref_done.numpy())
