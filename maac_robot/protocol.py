@@ -1,0 +1,627 @@
+"""The robot protocol: the only contract between the controller and a robot (or the sim).
+
+Light on purpose (numpy, pyzmq, pydantic; no torch, no gymnasium): a robot computer imports it.
+
+Design decisions, and why
+-------------------------
+Sockets. The robot side (sim or a real driver) *binds* a ZeroMQ ROUTER socket; a controller
+*connects* a DEALER. Neither is REQ/REP, whose strict send/recv alternation wedges forever when
+one message is lost. ROUTER knows each peer by identity and silently drops replies to peers that
+vanished, so a dead controller never blocks the robot; the DEALER can send and receive in any
+order, so the client can drain stale observations. Every receive on both sides goes through a
+poller with a timeout (never a busy-poll: on 2 shared cores spinning raises p99 tenfold).
+
+Frames. A message is a multipart frame list ``[header, array_0, array_1, ...]``. The header is
+the JSON of a pydantic model: protocol version ``v``, ``type``, the sender's sequence number
+``seq``, the sender's wall clock ``t`` (``time.time()`` at send), ``ack`` (the ``seq`` of the
+message it answers, if any) and ``arrays``, the dtype and shape of each following frame. Arrays
+travel as raw little-endian float32/float64 bytes (no JSON lists, no pickle): decoding is a
+``np.frombuffer`` view, and the dtype/shape/byte count in the header are checked against the
+frame, so a truncated frame is an error, never a misread.
+
+Limits. A message (all frames) may carry at most ``max_message_bytes`` (default 64 KiB; an Ant
+state is 840 B) and at most ``MAX_FRAMES`` frames; larger ones get a ``too_large`` error reply.
+The robot additionally sets ZMQ_MAXMSGSIZE to 4x that limit, where ZeroMQ drops the connection
+instead of buffering the message: a hard cap on memory a hostile peer can make it allocate.
+
+Versions. Every header carries ``v``; a message from another protocol version is answered with a
+``version`` error naming both versions (the client sees it at ``hello()``), never half-parsed.
+
+Sequence numbers and timestamps, both ways. Each side numbers its own messages. Replies carry
+``ack``; an observation also carries ``action_seq`` (the action message it is the result of), the
+robot's ``session`` (random per robot process) and ``episode``/``step``. With them the client
+matches lockstep replies, drops observations older than one it has already returned (counting
+them), and notices a robot restart (new session). An action carries ``obs_seq``, the observation
+it was computed from, so the robot can count late actions (computed from a stale observation).
+
+Freshness over completeness. Control wants the newest observation and the newest action, never a
+queue. ZMQ_CONFLATE does not work with multipart messages, so both sides drain instead: the client
+(``latest_observation``) reads everything pending and keeps the newest observation; the real-time
+robot reads everything pending before a tick and applies only the newest valid action. What is
+skipped is counted (``ClientStats.dropped_observations``, observation ``info["dropped_actions"]``).
+
+Modes. ``lockstep``: each action advances exactly one control period and is answered with one
+observation; deterministic given the reset seed (for evaluation and tests). Sim time does not pass
+between actions, so the watchdog cannot fire in lockstep. ``realtime``: after a reset the robot
+ticks on the wall clock every ``dt``; before each tick it applies the freshest valid action that
+arrived since the previous tick, otherwise it holds the previous action (``info["held"]``,
+``missed_ticks`` counted), and once no valid action has arrived for ``watchdog_s`` it applies the
+safe action until commands resume (``info["watchdog"]``). Every tick publishes an observation.
+
+Safety (both modes). Out-of-bounds actions are clipped (``info["clipped"]``); NaN/inf or
+wrong-length actions get an ``bad_action`` error reply and the safe action (zero torque, clipped
+into the bounds) is applied instead (``info["rejected"]`` names why). Malformed input of any kind
+gets an error reply (codes in ``ERROR_CODES``) and the robot keeps serving.
+
+Heartbeat. ``heartbeat`` is answered at once in both modes, mid-episode too, with a small status;
+``python -m sim.health tcp://host:port`` exits 0/1 on it (a docker health check).
+
+Reconnects. Client sockets use ZMQ_LINGER 0 and a 100 ms reconnect interval. On any timeout the
+client closes its socket and opens a fresh one (a new identity, and none of the stale requests
+that were queued while the robot was down are delivered later), then raises ``RobotTimeout``;
+after a robot restart the next ``reset()`` simply works.
+
+Endpoints: ``tcp://127.0.0.1:5555`` (default, loopback only), ``ipc:///path`` or ``inproc://``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal
+
+import numpy as np
+import zmq
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from maac_robot.errors import UserError
+
+PROTOCOL_VERSION = 1
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 16
+MAX_FRAMES = 8
+MAX_ARRAY_DIMS = 4
+ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
+# dtype strings allowed on the wire; always little-endian whatever the host
+WIRE_DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8")}
+
+# error codes a robot may reply with
+ERROR_CODES = (
+    "malformed",  # not a decodable message (bad JSON, schema, array frames)
+    "version",  # another protocol version
+    "too_large",  # more than max_message_bytes or MAX_FRAMES
+    "unknown_type",  # a header type this protocol does not define
+    "unexpected",  # a valid message the robot does not accept (e.g. an observation)
+    "bad_action",  # NaN/inf or wrong length: the safe action was applied instead
+    "no_episode",  # an action before reset (or from a peer that does not own the episode)
+    "episode_over",  # an action after terminated/truncated (lockstep): reset first
+    "stale",  # an action whose seq is not newer than one already received
+)
+_SEQ = Field(ge=0, lt=2**63)
+_TIME = Field(allow_inf_nan=False, ge=0)
+
+
+class ProtocolError(UserError):
+    """A message that violates the protocol, or an error reply from the robot; `code` says which."""
+
+    def __init__(self, message: str, code: str = "malformed", seq: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        # seq of the offending message when it could still be read, so an error reply can ack it
+        self.seq = seq
+
+
+class RobotTimeout(UserError, TimeoutError):
+    """No reply within the timeout: the robot is down, unreachable, or not running this protocol."""
+
+
+class ArraySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    dtype: Literal["<f4", "<f8"]
+    shape: tuple[Annotated[int, Field(ge=0, le=1 << 24)], ...] = Field(max_length=MAX_ARRAY_DIMS)
+
+
+class _Message(BaseModel):
+    """Header fields common to every message; subclasses add a `type` literal and their fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+    # number of array frames that must follow the header
+    NUM_ARRAYS: ClassVar[int] = 0
+
+    v: Literal[1] = PROTOCOL_VERSION
+    seq: int = _SEQ
+    t: float = _TIME
+    ack: int | None = Field(default=None, ge=0, lt=2**63)
+    arrays: tuple[ArraySpec, ...] = Field(default=(), max_length=MAX_FRAMES - 1)
+
+
+# ---- controller -> robot ----
+class Hello(_Message):
+    type: Literal["hello"] = "hello"
+    client: str = Field(default="", max_length=200)
+
+
+class Reset(_Message):
+    type: Literal["reset"] = "reset"
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+
+class Action(_Message):
+    """Array 0: the action vector. `obs_seq`: the observation it was computed from."""
+
+    NUM_ARRAYS: ClassVar[int] = 1
+    type: Literal["action"] = "action"
+    obs_seq: int | None = Field(default=None, ge=0, lt=2**63)
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+
+
+class Shutdown(_Message):
+    """Ask the robot process to stop serving; the robot answers with a Shutdown whose ack is set."""
+
+    type: Literal["shutdown"] = "shutdown"
+
+
+# ---- robot -> controller ----
+class HelloReply(_Message):
+    """The robot describes itself. Arrays: act_low, act_high."""
+
+    NUM_ARRAYS: ClassVar[int] = 2
+    type: Literal["hello_reply"] = "hello_reply"
+    env_id: str = Field(max_length=200)
+    state_dim: int = Field(gt=0)
+    act_dim: int = Field(gt=0)
+    dt: float = Field(gt=0, allow_inf_nan=False)
+    mode: Literal["lockstep", "realtime"]
+    watchdog_s: float = Field(gt=0, allow_inf_nan=False)
+    max_message_bytes: int = Field(gt=0)
+    session: str = Field(max_length=64)
+
+
+class ObservationMsg(_Message):
+    """Array 0: the state. `info` holds the safety flags and counters, and the env's scalar info."""
+
+    NUM_ARRAYS: ClassVar[int] = 1
+    type: Literal["observation"] = "observation"
+    session: str = Field(max_length=64)
+    episode: int = Field(ge=0)
+    step: int = Field(ge=0)
+    action_seq: int | None = Field(default=None, ge=0, lt=2**63)
+    reward: float = 0.0
+    terminated: bool = False
+    truncated: bool = False
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorMsg(_Message):
+    type: Literal["error"] = "error"
+    code: str = Field(max_length=40)
+    message: str = Field(max_length=2000)
+
+
+class HeartbeatReply(_Message):
+    type: Literal["heartbeat_reply"] = "heartbeat_reply"
+    session: str = Field(max_length=64)
+    mode: Literal["lockstep", "realtime"]
+    env_id: str = Field(max_length=200)
+    episode: int = Field(ge=0)
+    step: int = Field(ge=0)
+    running: bool
+    uptime_s: float = _TIME
+
+
+Message = Annotated[
+    Hello | Reset | Action | Heartbeat | Shutdown | HelloReply | ObservationMsg | ErrorMsg | HeartbeatReply,
+    Field(discriminator="type"),
+]
+_MESSAGE = TypeAdapter(Message)
+MESSAGE_TYPES: dict[str, type[_Message]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (Hello, Reset, Action, Heartbeat, Shutdown, HelloReply, ObservationMsg, ErrorMsg, HeartbeatReply)
+}
+
+
+def encode(msg: _Message, arrays: Sequence[np.ndarray] = ()) -> list[bytes]:
+    """Frames for `msg` followed by `arrays` (float32/float64, sent as little-endian raw bytes)."""
+    if len(arrays) != msg.NUM_ARRAYS:
+        raise ProtocolError(f"{msg.type} carries {msg.NUM_ARRAYS} array(s), got {len(arrays)}")
+    specs = []
+    payload = []
+    for a in arrays:
+        a = np.asarray(a)
+        if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
+            raise ProtocolError(f"arrays must be float32 or float64, got {a.dtype}")
+        if a.ndim > MAX_ARRAY_DIMS:
+            raise ProtocolError(f"arrays may have at most {MAX_ARRAY_DIMS} dims, got shape {a.shape}")
+        wire = a.dtype.newbyteorder("<")
+        specs.append(ArraySpec.model_construct(dtype=wire.str, shape=a.shape))
+        payload.append(np.ascontiguousarray(a, dtype=wire).tobytes())
+    header = msg.model_copy(update={"arrays": tuple(specs)}) if specs else msg
+    return [header.model_dump_json().encode(), *payload]
+
+
+def _explain(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<header>"
+    return f"invalid header field {where}: {first['msg']}"
+
+
+def decode(frames: Sequence[Any], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[_Message, list[np.ndarray]]:
+    """Parse and check a multipart message; anything wrong raises `ProtocolError`, never another error.
+
+    Arrays are read-only views of the frames (zero copy).
+    """
+    try:
+        views = [memoryview(f) for f in frames]
+    except TypeError:
+        raise ProtocolError("frames must be bytes-like") from None
+    if not views:
+        raise ProtocolError("empty message")
+    if len(views) > MAX_FRAMES:
+        raise ProtocolError(f"{len(views)} frames exceed the limit of {MAX_FRAMES}", "too_large")
+    size = sum(v.nbytes for v in views)
+    if size > max_bytes:
+        raise ProtocolError(f"message of {size} bytes exceeds the limit of {max_bytes}", "too_large")
+    raw = views[0].tobytes()
+    try:
+        msg = _MESSAGE.validate_json(raw)
+    except ValidationError as err:
+        raise _header_error(raw, err) from None
+    if len(msg.arrays) != msg.NUM_ARRAYS or len(views) - 1 != msg.NUM_ARRAYS:
+        raise ProtocolError(f"{msg.type} must carry {msg.NUM_ARRAYS} array(s); header declares "
+                            f"{len(msg.arrays)}, {len(views) - 1} array frame(s) present", seq=msg.seq)
+    arrays = []
+    for i, (spec, view) in enumerate(zip(msg.arrays, views[1:])):
+        dtype = WIRE_DTYPES[spec.dtype]
+        count = int(np.prod(spec.shape, dtype=np.int64))
+        if count * dtype.itemsize != view.nbytes:
+            raise ProtocolError(f"array {i}: header says {spec.dtype}{list(spec.shape)} "
+                                f"({count * dtype.itemsize} bytes), frame has {view.nbytes} bytes", seq=msg.seq)
+        arrays.append(np.frombuffer(view, dtype=dtype).reshape(spec.shape))
+    return msg, arrays
+
+
+def _header_error(raw: bytes, err: ValidationError) -> ProtocolError:
+    """Turn a failed header validation into the most useful error code (version, type, or schema)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return ProtocolError("header is not valid UTF-8 JSON")
+    if not isinstance(data, dict):
+        return ProtocolError("header must be a JSON object")
+    seq = data.get("seq")
+    seq = seq if type(seq) is int and 0 <= seq < 2**63 else None
+    version = data.get("v")
+    if version != PROTOCOL_VERSION:
+        return ProtocolError(f"protocol version mismatch: this side speaks {PROTOCOL_VERSION}, "
+                             f"message has {str(version)[:40]}", "version", seq)
+    kind = data.get("type")
+    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
+        return ProtocolError(f"unknown message type {str(kind)[:40]!r}", "unknown_type", seq)
+    return ProtocolError(f"{kind}: {_explain(err)}", seq=seq)
+
+
+# ---- client side ----
+@dataclass(frozen=True, eq=False)
+class RobotInfo:
+    """What the robot said about itself in the handshake."""
+
+    env_id: str
+    state_dim: int
+    act_dim: int
+    act_low: np.ndarray
+    act_high: np.ndarray
+    dt: float
+    mode: str
+    protocol_version: int
+    watchdog_s: float
+    max_message_bytes: int
+    session: str
+
+
+@dataclass(frozen=True, eq=False)
+class Observation:
+    """One published robot state. `state` is a read-only view of the received bytes.
+
+    `t_robot` is the robot's wall clock at send, `t_received` the client's at decode.
+    `info` carries the safety flags (clipped, rejected, watchdog, held, late) and counters.
+    """
+
+    seq: int
+    t_robot: float
+    state: np.ndarray
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: dict[str, Any]
+    session: str
+    episode: int
+    step: int
+    action_seq: int | None
+    t_received: float
+
+    @property
+    def done(self) -> bool:
+        return self.terminated or self.truncated
+
+
+@dataclass
+class ClientStats:
+    """What the client skipped or survived; freshness is measurable, not assumed."""
+
+    sent: int = 0
+    received: int = 0
+    dropped_observations: int = 0  # newer one arrived before this one was returned, or already-seen seq
+    unmatched_replies: int = 0  # replies to requests this client had given up on
+    malformed: int = 0  # frames from the robot that did not decode
+    errors: int = 0  # error replies
+    timeouts: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+    recent_errors: list[str] = field(default_factory=list)
+
+    def note_error(self, msg: ErrorMsg) -> None:
+        self.errors += 1
+        self.last_error = f"[{msg.code}] {msg.message}"
+        self.recent_errors = [*self.recent_errors[-9:], self.last_error]
+
+
+def check_endpoint(endpoint: str) -> str:
+    if not isinstance(endpoint, str) or not endpoint.startswith(ENDPOINT_SCHEMES):
+        raise ProtocolError(f"endpoint {endpoint!r} must start with one of {', '.join(ENDPOINT_SCHEMES)}",
+                            "endpoint")
+    return endpoint
+
+
+class RobotClient:
+    """Controller-side connection to a robot (or the sim). Not thread-safe; never blocks past its timeout.
+
+    Typical lockstep use: ``info = c.hello(); obs = c.reset(seed=0); obs = c.step(action)``.
+    Real-time use: ``c.reset()``, then every period ``obs = c.latest_observation(dt)`` and
+    ``c.send_action(action)``.
+    """
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 1.0, *, name: str = "",
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, context: zmq.Context | None = None) -> None:
+        if not timeout_s > 0:
+            raise ProtocolError(f"timeout_s must be positive, got {timeout_s}", "config")
+        self.endpoint = check_endpoint(endpoint)
+        self.timeout_s = float(timeout_s)
+        self.name = name
+        self.max_message_bytes = max_message_bytes
+        self.info: RobotInfo | None = None
+        self.stats = ClientStats()
+        self._ctx = context or zmq.Context.instance()
+        self._seq = 0
+        self._last_obs: tuple[str, int] | None = None  # (session, seq) of the newest observation returned
+        self._pending_obs: Observation | None = None  # newest observation seen while waiting for a reply
+        self._sock: zmq.Socket | None = None
+        self._poller = zmq.Poller()
+        self._open()
+
+    # -- socket lifecycle --
+    def _open(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.SNDHWM, 64)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _reopen(self) -> None:
+        """Fresh socket: stale queued requests die with the old one, a restarted robot is reached anew."""
+        self._close_socket()
+        self._pending_obs = None
+        self._open()
+        self.stats.reconnects += 1
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._poller.unregister(self._sock)
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def close(self) -> None:
+        self._close_socket()
+
+    def __enter__(self) -> RobotClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- low level --
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _send(self, msg: _Message, arrays: Sequence[np.ndarray] = ()) -> None:
+        if self._sock is None:
+            raise ProtocolError("client is closed", "closed")
+        try:
+            self._sock.send_multipart(encode(msg, arrays), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._timeout(f"cannot send to {self.endpoint}: send queue full (robot not reading or not running)")
+        self.stats.sent += 1
+
+    def _timeout(self, why: str) -> None:
+        self.stats.timeouts += 1
+        self._reopen()
+        raise RobotTimeout(why)
+
+    def _recv(self, deadline: float) -> tuple[_Message, list[np.ndarray]] | None:
+        """Next decodable message before `deadline` (monotonic), or None. Malformed frames are counted and skipped."""
+        while True:
+            remaining_ms = (deadline - time.monotonic()) * 1000
+            # whole milliseconds, rounded down: never wait past the deadline
+            if not self._poller.poll(max(0, int(remaining_ms))):
+                if remaining_ms < 1:
+                    return None
+                continue
+            frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            try:
+                msg, arrays = decode(frames, self.max_message_bytes)
+            except ProtocolError:
+                self.stats.malformed += 1
+                continue
+            self.stats.received += 1
+            return msg, arrays
+
+    def _observation(self, msg: ObservationMsg, arrays: list[np.ndarray]) -> Observation:
+        return Observation(seq=msg.seq, t_robot=msg.t, state=arrays[0], reward=msg.reward,
+                           terminated=msg.terminated, truncated=msg.truncated, info=msg.info,
+                           session=msg.session, episode=msg.episode, step=msg.step,
+                           action_seq=msg.action_seq, t_received=time.time())
+
+    def _is_new(self, obs: Observation) -> bool:
+        last = self._last_obs
+        return last is None or obs.session != last[0] or obs.seq > last[1]
+
+    def _offer(self, obs: Observation) -> None:
+        """Keep `obs` as the pending newest observation if it is newer than what we hold."""
+        if not self._is_new(obs):
+            self.stats.dropped_observations += 1
+            return
+        if self._pending_obs is not None:
+            self.stats.dropped_observations += 1
+            if self._pending_obs.session == obs.session and self._pending_obs.seq > obs.seq:
+                return
+        self._pending_obs = obs
+
+    def _take(self, obs: Observation) -> Observation:
+        self._last_obs = (obs.session, obs.seq)
+        return obs
+
+    def _await(self, seq: int, want: type[_Message], *, what: str) -> tuple[_Message, list[np.ndarray]]:
+        """Wait for the reply to request `seq`. Errors for it raise; other traffic is kept or counted."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            got = self._recv(deadline)
+            if got is None:
+                self._timeout(f"no {what} reply from {self.endpoint} within {self.timeout_s:g} s "
+                              f"(is the robot/sim running?)")
+            msg, arrays = got
+            if isinstance(msg, ErrorMsg):
+                self.stats.note_error(msg)
+                if msg.ack == seq:
+                    raise ProtocolError(f"robot refused {what}: {msg.message}", msg.code)
+                continue
+            if isinstance(msg, want) and msg.ack == seq:
+                return msg, arrays
+            if isinstance(msg, ObservationMsg):
+                self._offer(self._observation(msg, arrays))
+            else:
+                self.stats.unmatched_replies += 1
+
+    # -- API --
+    def hello(self) -> RobotInfo:
+        """Handshake: check the protocol version and learn the robot's spaces, dt and mode."""
+        seq = self._next_seq()
+        self._send(Hello(seq=seq, t=time.time(), client=self.name))
+        msg, (low, high) = self._await(seq, HelloReply, what="hello")
+        if low.shape != (msg.act_dim,) or high.shape != (msg.act_dim,):
+            raise ProtocolError(f"robot sent action bounds of shape {low.shape}/{high.shape} for act_dim {msg.act_dim}")
+        self.info = RobotInfo(env_id=msg.env_id, state_dim=msg.state_dim, act_dim=msg.act_dim,
+                              act_low=low.astype(np.float64), act_high=high.astype(np.float64), dt=msg.dt,
+                              mode=msg.mode, protocol_version=msg.v, watchdog_s=msg.watchdog_s,
+                              max_message_bytes=msg.max_message_bytes, session=msg.session)
+        return self.info
+
+    def reset(self, seed: int | None = None) -> Observation:
+        """Start a new episode (this client owns it) and return its first observation."""
+        seq = self._next_seq()
+        self._send(Reset(seq=seq, t=time.time(), seed=seed))
+        msg, arrays = self._await(seq, ObservationMsg, what="reset")
+        self._pending_obs = None
+        return self._take(self._observation(msg, arrays))
+
+    def send_action(self, action: Any, obs_seq: int | None = None) -> int:
+        """Send an action without waiting; returns its seq. `obs_seq` defaults to the newest observation returned."""
+        seq = self._next_seq()
+        if obs_seq is None and self._last_obs is not None:
+            obs_seq = self._last_obs[1]
+        arr = np.asarray(action, dtype=np.float64)
+        self._send(Action(seq=seq, t=time.time(), obs_seq=obs_seq), [arr.reshape(-1) if arr.ndim == 0 else arr])
+        return seq
+
+    def step(self, action: Any) -> Observation:
+        """Send an action and wait for the observation that results from it (lockstep, or the next tick in realtime).
+
+        A rejected action (NaN/inf, wrong length) is not an exception: the robot applied the safe
+        action, the observation says so in ``info["rejected"]``, and ``stats.last_error`` has the reply.
+        """
+        seq = self.send_action(action)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            got = self._recv(deadline)
+            if got is None:
+                self._timeout(f"no observation for action {seq} from {self.endpoint} within {self.timeout_s:g} s")
+            msg, arrays = got
+            if isinstance(msg, ErrorMsg):
+                self.stats.note_error(msg)
+                if msg.ack == seq and msg.code != "bad_action":
+                    raise ProtocolError(f"robot refused action: {msg.message}", msg.code)
+                continue
+            if not isinstance(msg, ObservationMsg):
+                self.stats.unmatched_replies += 1
+                continue
+            obs = self._observation(msg, arrays)
+            if msg.action_seq == seq:
+                if self._pending_obs is not None:
+                    self.stats.dropped_observations += 1
+                    self._pending_obs = None
+                return self._take(obs)
+            self._offer(obs)
+
+    def latest_observation(self, timeout_s: float | None = None) -> Observation | None:
+        """The newest observation not returned before, waiting up to `timeout_s`; None if none came.
+
+        Everything already queued is drained first and only the newest kept (older ones are counted
+        in ``stats.dropped_observations``): a controller acts on the present, not on a backlog.
+        """
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        got = self._recv(time.monotonic())  # drain what is already there without waiting
+        while True:
+            while got is not None:
+                msg, arrays = got
+                if isinstance(msg, ObservationMsg):
+                    self._offer(self._observation(msg, arrays))
+                elif isinstance(msg, ErrorMsg):
+                    self.stats.note_error(msg)
+                else:
+                    self.stats.unmatched_replies += 1
+                got = self._recv(time.monotonic())
+            if self._pending_obs is not None:
+                obs, self._pending_obs = self._pending_obs, None
+                return self._take(obs)
+            got = self._recv(deadline)
+            if got is None:
+                return None
+
+    def heartbeat(self) -> float:
+        """Round trip of a heartbeat in seconds (raises RobotTimeout if the robot does not answer)."""
+        start = time.perf_counter()
+        self.status()
+        return time.perf_counter() - start
+
+    def status(self) -> HeartbeatReply:
+        """The robot's heartbeat status (mode, episode, step, running, uptime)."""
+        seq = self._next_seq()
+        self._send(Heartbeat(seq=seq, t=time.time()))
+        msg, _ = self._await(seq, HeartbeatReply, what="heartbeat")
+        return msg
+
+    def shutdown(self) -> None:
+        """Ask the robot process to stop serving, and wait for its acknowledgement."""
+        seq = self._next_seq()
+        self._send(Shutdown(seq=seq, t=time.time()))
+        self._await(seq, Shutdown, what="shutdown")
