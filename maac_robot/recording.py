@@ -1,0 +1,154 @@
+"""Recorded episodes: the path back from deployment (sim or robot) to training. Torch-free.
+
+One episode per `.npz` file, plain arrays only (loads with ``allow_pickle=False``):
+
+    states [T, S] float64        the state s_t each action was applied in
+    actions [T, A] float64       the action actually applied (after clipping, or the safe action)
+    rewards [T] float64
+    next_states [T, S] float64
+    terminated [T] bool          true terminal (no bootstrapping)
+    truncated [T] bool           time limit, or the recording was cut short (reset/disconnect/stop)
+    flag_<name> [T] bool         robot-side safety flags per step (clipped, rejected, watchdog, held)
+    meta                         0-d unicode array holding a JSON object (env_id, dt, mode, ...)
+
+The actions stored are the ones the robot applied, not the ones the controller asked for: a
+replay buffer must hold the transitions that happened. An episode that did not end on its own
+gets ``truncated[-1] = True`` so a learner bootstraps its last transition instead of treating the
+cut as a terminal state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maac_robot.errors import UserError
+
+TRANSITION_KEYS = ("states", "actions", "rewards", "next_states", "terminated", "truncated")
+FLAG_PREFIX = "flag_"
+
+
+class RecordingError(UserError, ValueError):
+    """A recording file that is missing, unreadable or inconsistent; the message names the file and the problem."""
+
+
+@dataclass(frozen=True, eq=False)
+class Episode:
+    states: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_states: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    flags: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+    def __len__(self) -> int:
+        return int(self.rewards.shape[0])
+
+    @property
+    def episode_return(self) -> float:
+        return float(self.rewards.sum())
+
+
+class EpisodeRecorder:
+    """Accumulates one episode's transitions and writes them to `directory` when the episode finishes."""
+
+    def __init__(self, directory: str | Path, meta: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.meta = dict(meta)
+        self._rows: list[tuple[np.ndarray, np.ndarray, float, np.ndarray, bool, bool]] = []
+        self._flags: dict[str, list[bool]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, state: np.ndarray, action: np.ndarray, reward: float, next_state: np.ndarray,
+            terminated: bool, truncated: bool, flags: dict[str, bool]) -> None:
+        if self._rows and set(flags) != set(self._flags):
+            raise RecordingError(f"flag names changed mid-episode: {sorted(self._flags)} -> {sorted(flags)}")
+        self._rows.append((np.array(state, dtype=np.float64), np.array(action, dtype=np.float64), float(reward),
+                           np.array(next_state, dtype=np.float64), bool(terminated), bool(truncated)))
+        for name, value in flags.items():
+            self._flags.setdefault(name, []).append(bool(value))
+
+    def finish(self, name: str, extra_meta: dict[str, Any] | None = None) -> Path | None:
+        """Write the episode as `<directory>/<name>.npz` (None if it has no transitions) and start afresh."""
+        if not self._rows:
+            return None
+        states, actions, rewards, next_states, terminated, truncated = (list(col) for col in zip(*self._rows))
+        complete = terminated[-1] or truncated[-1]
+        truncated[-1] = truncated[-1] or not terminated[-1]
+        episode = Episode(states=np.stack(states), actions=np.stack(actions), rewards=np.array(rewards),
+                          next_states=np.stack(next_states), terminated=np.array(terminated, dtype=bool),
+                          truncated=np.array(truncated, dtype=bool),
+                          flags={k: np.array(v, dtype=bool) for k, v in self._flags.items()},
+                          meta={**self.meta, **(extra_meta or {}), "complete": bool(complete)})
+        self._rows, self._flags = [], {}
+        return save_episode(self.directory / f"{name}.npz", episode)
+
+
+def save_episode(path: str | Path, episode: Episode) -> Path:
+    """Write atomically (temp file + rename) so a reader never sees half an episode."""
+    path = Path(path)
+    arrays = {key: getattr(episode, key) for key in TRANSITION_KEYS}
+    arrays.update({FLAG_PREFIX + name: value for name, value in episode.flags.items()})
+    arrays["meta"] = np.array(json.dumps(episode.meta))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_episode(path: str | Path) -> Episode:
+    """Read and check one episode file (shapes agree, dtypes as documented)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            contents = {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise RecordingError(f"recording not found: {path}") from None
+    except (OSError, ValueError) as err:
+        raise RecordingError(f"{path}: not a readable .npz episode ({err})") from None
+    missing = [key for key in (*TRANSITION_KEYS, "meta") if key not in contents]
+    if missing:
+        raise RecordingError(f"{path}: missing arrays {missing}")
+    try:
+        meta = json.loads(str(contents["meta"]))
+    except ValueError:
+        raise RecordingError(f"{path}: meta is not JSON") from None
+    steps = contents["rewards"].shape[0] if contents["rewards"].ndim == 1 else -1
+    expected_ndim = {"states": 2, "actions": 2, "rewards": 1, "next_states": 2, "terminated": 1, "truncated": 1}
+    for key, ndim in expected_ndim.items():
+        value = contents[key]
+        if value.ndim != ndim or value.shape[0] != steps:
+            raise RecordingError(f"{path}: {key} has shape {value.shape}, expected {ndim}-D with {steps} rows")
+    if contents["states"].shape != contents["next_states"].shape:
+        raise RecordingError(f"{path}: states {contents['states'].shape} and next_states "
+                             f"{contents['next_states'].shape} differ")
+    flags = {key[len(FLAG_PREFIX):]: contents[key].astype(bool) for key in contents if key.startswith(FLAG_PREFIX)}
+    return Episode(states=contents["states"].astype(np.float64), actions=contents["actions"].astype(np.float64),
+                   rewards=contents["rewards"].astype(np.float64),
+                   next_states=contents["next_states"].astype(np.float64),
+                   terminated=contents["terminated"].astype(bool), truncated=contents["truncated"].astype(bool),
+                   flags=flags, meta=meta)
+
+
+def load_episodes(directory: str | Path) -> list[Episode]:
+    """Every `*.npz` episode in `directory`, in file-name order."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise RecordingError(f"recording directory not found: {directory}")
+    return [load_episode(p) for p in sorted(directory.glob("*.npz"))]

@@ -1,0 +1,500 @@
+"""The sim process: serves a Gymnasium MuJoCo env over the robot protocol, exactly as a robot driver would.
+
+The controller cannot tell it from a robot: it speaks only `maac_robot.protocol` (ROUTER socket,
+bound; see that module's docstring for the protocol decisions). What this file adds is the
+robot side's behaviour:
+
+* lockstep: an action advances exactly one control period and is answered with its observation
+  (deterministic given the reset seed, so evaluations through the protocol equal in-process
+  Gymnasium rollouts);
+* realtime: ticks on the wall clock every dt, applying the freshest valid action received since
+  the previous tick, holding the previous action when none came (counted as a missed tick),
+  and the safe action once none has come for `watchdog_periods * dt`;
+* safety in both modes (`ActionGate`): clip and report, reject NaN/inf and wrong-length actions
+  with an error reply and apply the safe action;
+* robustness: every malformed message gets an error reply and is counted; replies go out
+  non-blocking (a vanished or slow client never stalls the sim); the poll always has a timeout;
+* optional recording of every transition (`maac_robot.recording`) and an mp4 of the episodes.
+
+The sim serves one controller at a time: the peer that sent the last `reset` owns the episode,
+and actions from any other peer are refused (`no_episode`). A client that vanishes mid-episode
+therefore costs nothing: the next client's reset starts a fresh episode (the cut one is recorded
+as truncated).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zmq
+
+from maac_robot.errors import UserError
+from maac_robot.protocol import (
+    DEFAULT_ENDPOINT,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    Action,
+    ErrorMsg,
+    Heartbeat,
+    HeartbeatReply,
+    Hello,
+    HelloReply,
+    ObservationMsg,
+    ProtocolError,
+    Reset,
+    RobotClient,
+    RobotTimeout,
+    Shutdown,
+    _Message,
+    check_endpoint,
+    decode,
+    encode,
+)
+from maac_robot.recording import EpisodeRecorder
+
+log = logging.getLogger("sim")
+
+Mode = Literal["lockstep", "realtime"]
+# a peer that floods the sim is served in slices, so real-time ticks stay on time
+_MAX_MESSAGES_PER_WAKEUP = 256
+# ZeroMQ drops the connection of a peer sending a frame above this multiple of the message limit
+_HARD_CAP_FACTOR = 4
+
+
+class SimError(UserError):
+    """The sim cannot start as asked (bad endpoint, address in use, missing video support)."""
+
+
+@dataclass
+class SafetyCounters:
+    """Cumulative over the sim process; every observation carries them so the controller can see them."""
+
+    clipped_actions: int = 0
+    rejected_actions: int = 0
+    late_actions: int = 0  # computed from an observation older than the newest published
+    dropped_actions: int = 0  # superseded before a tick, or not newer than one already received
+    missed_ticks: int = 0  # real-time ticks without a new action (held or safe action applied)
+    watchdog_ticks: int = 0  # ticks that applied the safe action because the watchdog expired
+    overruns: int = 0  # real-time periods skipped because the sim fell behind the wall clock
+    bad_messages: int = 0  # malformed, oversized, wrong version, unknown or unexpected messages
+
+
+class ActionGate:
+    """Robot-side action checks: the last line of defence between a controller and the motors."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray) -> None:
+        self.low = np.asarray(low, dtype=np.float64)
+        self.high = np.asarray(high, dtype=np.float64)
+        # zero torque, moved into the bounds for an env whose box excludes zero
+        self.safe_action = np.clip(np.zeros_like(self.low), self.low, self.high)
+        self.safe_action.setflags(write=False)
+
+    def check(self, action: np.ndarray) -> tuple[np.ndarray, str | None, bool]:
+        """(action to apply, rejection reason or None, whether it was clipped)."""
+        if action.shape != self.low.shape:
+            return self.safe_action, f"wrong length: expected shape {self.low.shape}, got {action.shape}", False
+        action = action.astype(np.float64)
+        if not np.isfinite(action).all():
+            return self.safe_action, "non-finite values (NaN/inf)", False
+        clipped = np.clip(action, self.low, self.high)
+        return clipped, None, bool((clipped != action).any())
+
+
+@dataclass
+class _Pending:
+    """The freshest action received in real-time mode, waiting for the next tick."""
+
+    action: np.ndarray
+    seq: int
+    rejected: str | None
+    clipped: bool
+    late: bool
+    t_received: float
+
+
+class SimServer:
+    """Serves `env_id` on `bind` until `stop()` is called (any thread) or a client sends shutdown."""
+
+    def __init__(self, env_id: str, *, bind: str = DEFAULT_ENDPOINT, mode: Mode = "lockstep", seed: int | None = 0,
+                 watchdog_periods: float = 3.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_episode_steps: int | None = None, record_dir: str | Path | None = None,
+                 render_path: str | Path | None = None, context: zmq.Context | None = None) -> None:
+        from maac_robot.envs import make_env
+
+        if mode not in ("lockstep", "realtime"):
+            raise SimError(f"mode must be 'lockstep' or 'realtime', got {mode!r}")
+        if not watchdog_periods > 0:
+            raise SimError(f"watchdog_periods must be positive, got {watchdog_periods}")
+        try:
+            check_endpoint(bind)
+        except ProtocolError as err:
+            raise SimError(str(err)) from None
+        self.env_id = env_id
+        self.mode: Mode = mode
+        self.max_message_bytes = int(max_message_bytes)
+        self.session = secrets.token_hex(8)
+        if render_path is not None:
+            _check_video_support()
+        self.env = make_env(env_id, seed=seed, max_episode_steps=max_episode_steps,
+                            render_mode="rgb_array" if render_path else None)
+        self.dt = float(self.env.unwrapped.dt)
+        self._video = _Video(render_path, fps=1.0 / self.dt) if render_path is not None else None
+        self.state_dim = int(self.env.observation_space.shape[0])
+        self.gate = ActionGate(self.env.action_space.low, self.env.action_space.high)
+        self.watchdog_s = watchdog_periods * self.dt
+        self.counters = SafetyCounters()
+        self._recorder = (EpisodeRecorder(record_dir, {"env_id": env_id, "dt": self.dt, "mode": mode,
+                                                       "session": self.session,
+                                                       "protocol_version": PROTOCOL_VERSION})
+                          if record_dir is not None else None)
+        self._started = time.monotonic()
+        self._seq = 0
+        # episode state
+        self._owner: bytes | None = None
+        self._episode = 0  # number of resets served
+        self._step = 0
+        self._running = False  # an episode is in progress (not yet terminated/truncated)
+        self._state: np.ndarray | None = None
+        self._last_action_seq = -1
+        self._latest_obs_seq = -1
+        # real-time state
+        self._pending: _Pending | None = None
+        self._applied = self.gate.safe_action
+        self._applied_seq: int | None = None
+        self._last_valid_t = 0.0
+        self._next_tick = 0.0
+        self._stopping = threading.Event()
+
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._bind(bind)
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._wake_endpoint = f"inproc://sim-wake-{self.session}"
+        self._wake = self._ctx.socket(zmq.PULL)
+        self._wake.setsockopt(zmq.LINGER, 0)
+        self._wake.bind(self._wake_endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._wake, zmq.POLLIN)
+
+    # ---- setup / teardown ----
+    def _bind(self, bind: str) -> zmq.Socket:
+        if bind.startswith("ipc://"):
+            _remove_stale_ipc(bind, self._ctx)
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 64)  # a client that stops reading loses new observations, never blocks us
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, _HARD_CAP_FACTOR * self.max_message_bytes)
+        try:
+            sock.bind(bind)
+        except zmq.ZMQError as err:
+            sock.close(linger=0)
+            raise SimError(f"cannot bind {bind}: {err}") from None
+        return sock
+
+    def stop(self) -> None:
+        """Ask `serve()` to return; safe from any thread and from a signal handler."""
+        self._stopping.set()
+        wake = self._ctx.socket(zmq.PUSH)
+        wake.setsockopt(zmq.LINGER, 0)
+        try:
+            wake.connect(self._wake_endpoint)
+            wake.send(b"", flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # already closed or the wake queue is full: the flag alone stops the loop at the next poll
+        finally:
+            wake.close(linger=0)
+
+    def close(self) -> None:
+        """Release the sockets, env and video (call after `serve()` returned)."""
+        self._sock.close(linger=0)
+        self._wake.close(linger=0)
+        self.env.close()
+        if self._video is not None:
+            self._video.close()
+            self._video = None
+
+    def __enter__(self) -> SimServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- main loop ----
+    def serve(self) -> None:
+        """Serve until stopped. Never busy-waits: one poll per wake-up, always with a timeout."""
+        try:
+            while not self._stopping.is_set():
+                events = dict(self._poller.poll(self._poll_timeout_ms()))
+                if self._wake in events:
+                    self._wake.recv(zmq.NOBLOCK)
+                    continue
+                if self._sock in events:
+                    self._drain()
+                if self.mode == "realtime" and self._running and time.monotonic() >= self._next_tick:
+                    self._tick()
+        finally:
+            self._finish_recording()
+
+    def _poll_timeout_ms(self) -> int:
+        if self.mode != "realtime" or not self._running:
+            return 1000  # only a safety net: stop() wakes the poll at once
+        remaining = self._next_tick - time.monotonic()
+        if remaining < 1e-3:
+            # poll has millisecond resolution: sleep the last fraction instead of spinning on poll(0)
+            if remaining > 0:
+                time.sleep(remaining)
+            return 0
+        return int(remaining * 1000)
+
+    def _drain(self) -> None:
+        for _ in range(_MAX_MESSAGES_PER_WAKEUP):
+            try:
+                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(frames[0], frames[1:])
+
+    def _handle(self, peer: bytes, frames: list[bytes]) -> None:
+        try:
+            msg, arrays = decode(frames, self.max_message_bytes)
+        except ProtocolError as err:
+            self._refuse(peer, err.code, str(err), err.seq)
+            return
+        if isinstance(msg, Action):
+            self._on_action(peer, msg, arrays[0])
+        elif isinstance(msg, Reset):
+            self._reset(peer, msg)
+        elif isinstance(msg, Heartbeat):
+            self._send(peer, HeartbeatReply(seq=self._next_seq(), t=time.time(), ack=msg.seq, session=self.session,
+                                            mode=self.mode, env_id=self.env_id, episode=self._episode,
+                                            step=self._step, running=self._running,
+                                            uptime_s=time.monotonic() - self._started))
+        elif isinstance(msg, Hello):
+            log.info("hello from %r (%s)", msg.client, peer.hex())
+            self._send(peer, HelloReply(seq=self._next_seq(), t=time.time(), ack=msg.seq, env_id=self.env_id,
+                                        state_dim=self.state_dim, act_dim=int(self.gate.low.shape[0]), dt=self.dt,
+                                        mode=self.mode, watchdog_s=self.watchdog_s,
+                                        max_message_bytes=self.max_message_bytes, session=self.session),
+                       [self.gate.low, self.gate.high])
+        elif isinstance(msg, Shutdown):
+            log.info("shutdown requested by %s", peer.hex())
+            self._send(peer, Shutdown(seq=self._next_seq(), t=time.time(), ack=msg.seq))
+            self._stopping.set()
+        else:
+            self._refuse(peer, "unexpected", f"a robot does not accept {msg.type!r} messages", msg.seq)
+
+    # ---- episode ----
+    def _reset(self, peer: bytes, msg: Reset) -> None:
+        self._finish_recording()
+        state, _ = self.env.reset(seed=msg.seed)
+        self._owner = peer
+        self._episode += 1
+        self._step = 0
+        self._state = state
+        self._running = True
+        self._last_action_seq = -1
+        self._pending = None
+        self._applied, self._applied_seq = self.gate.safe_action, None
+        now = time.monotonic()
+        self._last_valid_t = now  # the controller gets one watchdog period for its first action
+        self._next_tick = now + self.dt
+        self._publish(state, reward=0.0, terminated=False, truncated=False, ack=msg.seq, action_seq=None,
+                      flags=_flags(), env_info={}, step_s=0.0)
+
+    def _on_action(self, peer: bytes, msg: Action, action: np.ndarray) -> None:
+        if peer != self._owner or not self._running:
+            over = peer == self._owner and self._state is not None and self.mode == "lockstep"
+            code, why = (("episode_over", "the episode has ended: send reset") if over else
+                         ("no_episode", "no episode for this client: send reset first"))
+            self._refuse(peer, code, why, msg.seq)
+            return
+        if msg.seq <= self._last_action_seq:
+            self.counters.dropped_actions += 1
+            self._refuse(peer, "stale", f"action seq {msg.seq} is not newer than {self._last_action_seq}", msg.seq)
+            return
+        self._last_action_seq = msg.seq
+        applied, rejected, clipped = self.gate.check(action)
+        if rejected is not None:
+            self.counters.rejected_actions += 1
+            self._refuse(peer, "bad_action", f"action rejected ({rejected}); the safe action is applied", msg.seq)
+        self.counters.clipped_actions += clipped
+        late = msg.obs_seq is not None and msg.obs_seq < self._latest_obs_seq
+        self.counters.late_actions += late
+        if self.mode == "lockstep":
+            self._advance(applied, action_seq=msg.seq, ack=msg.seq,
+                          flags=_flags(clipped=clipped, rejected=rejected, late=late))
+            return
+        if self._pending is not None:
+            self.counters.dropped_actions += 1
+        self._pending = _Pending(applied, msg.seq, rejected, clipped, late, time.monotonic())
+
+    def _tick(self) -> None:
+        """One real-time control period: choose the action (fresh, held or safe), step, publish, reschedule."""
+        pending, self._pending = self._pending, None
+        now = time.monotonic()
+        if pending is not None:
+            if pending.rejected is None:
+                self._last_valid_t = pending.t_received
+            action, action_seq = pending.action, pending.seq
+            flags = _flags(clipped=pending.clipped, rejected=pending.rejected, late=pending.late)
+        else:
+            self.counters.missed_ticks += 1
+            if now - self._last_valid_t > self.watchdog_s:
+                self.counters.watchdog_ticks += 1
+                action, action_seq = self.gate.safe_action, None
+                flags = _flags(watchdog=True)
+            else:
+                action, action_seq = self._applied, self._applied_seq
+                flags = _flags(held=True)
+        self._applied, self._applied_seq = action, action_seq
+        self._advance(action, action_seq=action_seq, ack=None, flags=flags)
+        self._next_tick += self.dt
+        behind = time.monotonic() - self._next_tick
+        if behind > 0:  # whole periods were missed: skip them rather than burst to catch up
+            skipped = int(behind // self.dt) + 1
+            self.counters.overruns += skipped
+            self._next_tick += skipped * self.dt
+
+    def _advance(self, action: np.ndarray, *, action_seq: int | None, ack: int | None, flags: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        next_state, reward, terminated, truncated, env_info = self.env.step(action)
+        step_s = time.perf_counter() - start
+        if self._recorder is not None:
+            self._recorder.add(self._state, action, float(reward), next_state, terminated, truncated,
+                               {k: bool(v) for k, v in flags.items()})
+        if self._video is not None:
+            self._video.add(self.env.render())
+        self._step += 1
+        self._state = next_state
+        if terminated or truncated:
+            self._running = False
+            self._finish_recording()
+        self._publish(next_state, reward=float(reward), terminated=bool(terminated), truncated=bool(truncated),
+                      ack=ack, action_seq=action_seq, flags=flags, env_info=env_info, step_s=step_s)
+
+    def _publish(self, state: np.ndarray, *, reward: float, terminated: bool, truncated: bool, ack: int | None,
+                 action_seq: int | None, flags: dict[str, Any], env_info: dict[str, Any], step_s: float) -> None:
+        info = {**flags, "sim_step_s": step_s, **asdict(self.counters),
+                "env": {k: _scalar(v) for k, v in env_info.items() if _scalar(v) is not None}}
+        seq = self._next_seq()
+        self._latest_obs_seq = seq
+        self._send(self._owner, ObservationMsg(seq=seq, t=time.time(), ack=ack, session=self.session,
+                                               episode=self._episode, step=self._step, action_seq=action_seq,
+                                               reward=reward, terminated=terminated, truncated=truncated, info=info),
+                   [state])
+
+    def _finish_recording(self) -> None:
+        if self._recorder is not None:
+            path = self._recorder.finish(f"episode-{self.session}-{self._episode:05d}", {"episode": self._episode})
+            if path is not None:
+                log.info("recorded %s", path)
+
+    # ---- replies ----
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _send(self, peer: bytes, msg: _Message, arrays: list[np.ndarray] | tuple = ()) -> None:
+        try:
+            self._sock.send_multipart([peer, *encode(msg, arrays)], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as err:  # never block on a peer: a lost reply is what the client's timeout is for
+            log.debug("reply to %s dropped: %s", peer.hex(), err)
+
+    def _refuse(self, peer: bytes, code: str, message: str, ack: int | None) -> None:
+        if code not in ("bad_action", "no_episode", "episode_over", "stale"):
+            self.counters.bad_messages += 1
+            count = self.counters.bad_messages
+            if count & (count - 1) == 0:  # log the 1st, 2nd, 4th, 8th, ... so a flood cannot flood the log
+                log.warning("bad message #%d from %s: [%s] %s", count, peer.hex(), code, message)
+        self._send(peer, ErrorMsg(seq=self._next_seq(), t=time.time(), ack=ack, code=code, message=message[:2000]))
+
+
+def _flags(*, clipped: bool = False, rejected: str | None = None, watchdog: bool = False, held: bool = False,
+           late: bool = False) -> dict[str, Any]:
+    """The per-observation safety flags; `rejected` names why the action was refused."""
+    return {"clipped": clipped, "rejected": rejected, "watchdog": watchdog, "held": held, "late": late}
+
+
+def _scalar(value: Any) -> float | int | bool | None:
+    """A JSON-safe scalar from an env info value, None for anything else (arrays stay on the robot)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return None
+
+
+def _remove_stale_ipc(bind: str, ctx: zmq.Context) -> None:
+    """ipc socket files outlive their process; remove one unless a live sim still answers on it."""
+    path = Path(bind[len("ipc://"):])
+    if not path.exists():
+        return
+    client = RobotClient(bind, timeout_s=0.2, context=ctx)
+    try:
+        client.heartbeat()
+    except (RobotTimeout, ProtocolError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        client.close()
+    raise SimError(f"another sim is already serving {bind}")
+
+
+def _check_video_support() -> None:
+    """Fail before serving, not after the first episode; rendering is headless (EGL) unless MUJOCO_GL says otherwise."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    try:
+        import imageio  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401  - imageio's mp4 backend
+    except ImportError as err:
+        raise SimError(f"--render needs imageio and imageio-ffmpeg ({err}); "
+                       f"install them with `pip install 'maac-robot[render]'` or drop --render") from None
+
+
+class _Video:
+    """All served episodes, one frame per control period, into one mp4."""
+
+    def __init__(self, path: str | Path, fps: float) -> None:
+        import imageio.v2 as imageio
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = imageio.get_writer(path, fps=fps, macro_block_size=1)
+
+    def add(self, frame: np.ndarray) -> None:
+        self._writer.append_data(frame)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def sim_from_cli(*, config: Path, bind: str | None, mode: str | None, render: Path | None, seed: int | None,
+                 record: Path | None) -> int:
+    """`maac-robot sim`: serve the config's env until SIGINT/SIGTERM or a shutdown message."""
+    from maac_robot.config import load_config
+
+    cfg = load_config(config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = SimServer(cfg.env.id, bind=bind or cfg.sim.bind, mode=mode or cfg.sim.mode,
+                       seed=cfg.sim.seed if seed is None else seed, watchdog_periods=cfg.sim.watchdog_periods,
+                       max_message_bytes=cfg.sim.max_message_bytes, max_episode_steps=cfg.env.max_episode_steps,
+                       record_dir=record, render_path=render)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    print(f"sim: serving {server.env_id} ({server.mode}, dt={server.dt:g} s) on {server.endpoint}", flush=True)
+    try:
+        server.serve()
+    finally:
+        server.close()
+    return 0
