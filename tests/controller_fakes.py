@@ -101,6 +101,11 @@ class FakeObservation:
     terminated: bool
     truncated: bool
     info: dict = field(default_factory=dict)
+    t_received: float = field(default_factory=time.time)
+
+    @property
+    def done(self) -> bool:
+        return self.terminated or self.truncated
 
 
 class FakeRobot:
@@ -109,13 +114,17 @@ class FakeRobot:
     def __init__(self, model: PointMass, episode_steps: int = 20, mode: str = "lockstep") -> None:
         self.model, self.episode_steps, self.mode = model, episode_steps, mode
         self.actions: list[np.ndarray] = []
+        self.info: SimpleNamespace | None = None
+        self.stats = SimpleNamespace(dropped_observations=0)
+        self.endpoint = "fake://"
         self._x = np.zeros(len(model.goal))
         self._t = 0
 
     def hello(self) -> SimpleNamespace:
         m = self.model.manifest
-        return SimpleNamespace(env_id=m.env_id, state_dim=m.state_dim, act_dim=m.act_dim, act_low=np.asarray(m.act_low),
+        self.info = SimpleNamespace(env_id=m.env_id, state_dim=m.state_dim, act_dim=m.act_dim, act_low=np.asarray(m.act_low),
                                act_high=np.asarray(m.act_high), dt=m.dt, mode=self.mode, protocol_version=1)
+        return self.info
 
     def reset(self, seed: int | None = None) -> FakeObservation:
         self._x = np.random.default_rng(seed).uniform(-1, 1, len(self.model.goal))

@@ -1,0 +1,185 @@
+"""`maac-robot control`: connect to a robot (or the sim), run episodes, print returns and telemetry.
+
+`--compare` runs policy-only and CEM-MPC on the same reset seeds against a lockstep sim and
+prints the paper's Table 1 analogue. Imports no torch and no gymnasium: a robot computer runs
+this with onnxruntime, numpy, pyzmq and pydantic only.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from maac_robot.config import ConfigError, ControllerConfig
+from maac_robot.errors import UserError
+from maac_robot.protocol import RobotClient, RobotInfo, RobotTimeout
+from pydantic import ValidationError
+
+from controller.loop import Controller, Telemetry
+
+
+def load_controller_config(path: Path | None) -> ControllerConfig:
+    """The `controller` section of a task YAML (other sections are ignored: they need the learner)."""
+    if path is None:
+        return ControllerConfig()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return ControllerConfig.model_validate(data.get("controller") or {})
+    except ValidationError as err:
+        lines = [f"invalid config {path}:"]
+        lines += [f"  controller.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def check_robot(info: RobotInfo, manifest: Any) -> None:
+    """Refuse a robot whose env, spaces, bounds or period disagree with the artifacts (one clear line)."""
+    problems = []
+    if info.env_id != manifest.env_id:
+        problems.append(f"env {info.env_id!r} vs artifacts {manifest.env_id!r}")
+    if (info.state_dim, info.act_dim) != (manifest.state_dim, manifest.act_dim):
+        problems.append(f"state/action dims {info.state_dim}/{info.act_dim} vs {manifest.state_dim}/{manifest.act_dim}")
+    elif not (np.allclose(info.act_low, manifest.act_low) and np.allclose(info.act_high, manifest.act_high)):
+        problems.append(f"action bounds {info.act_low}..{info.act_high} vs {manifest.act_low}..{manifest.act_high}")
+    if not np.isclose(info.dt, manifest.dt):
+        problems.append(f"dt {info.dt} vs {manifest.dt}")
+    if problems:
+        raise UserError("robot and artifacts disagree: " + "; ".join(problems))
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    ret: float
+    steps: int
+    telemetry: Telemetry = field(default_factory=Telemetry)
+
+
+def run_episode(client: RobotClient, controller: Controller, seed: int,
+                clock: Any = time.perf_counter) -> EpisodeResult:
+    """One episode. Lockstep: every step plans without a deadline. Realtime: the planning deadline is
+    `budget_frac`·dt after the observation arrived; the next observation is the robot's next tick."""
+    info = client.info
+    if info is None:
+        raise UserError("call client.hello() before running episodes")
+    realtime = info.mode == "realtime"
+    budget = controller.cfg.budget_frac * info.dt
+    timeout = controller.cfg.timeout_periods * info.dt
+    tel = Telemetry()
+    dropped_before = client.stats.dropped_observations
+    controller.reset()
+    obs = client.reset(seed)
+    ret, steps = 0.0, 0
+    while not obs.done:
+        received = clock() - max(0.0, time.time() - obs.t_received)  # the observation's arrival, on `clock`
+        action, record = controller.act(obs.state, received + budget if realtime else None, received)
+        if realtime:
+            client.send_action(action, obs_seq=obs.seq)
+            record.missed = clock() - received > info.dt
+            nxt = client.latest_observation(timeout)
+            if nxt is None:
+                raise RobotTimeout(f"no observation from {client.endpoint} within {timeout:.3g} s "
+                                   f"({controller.cfg.timeout_periods:g} periods) during episode seed {seed}")
+            tel.held_ticks += int(bool(nxt.info.get("held", False)))
+        else:
+            nxt = client.step(action)
+        tel.records.append(record)
+        ret += float(nxt.reward)
+        steps += 1
+        obs = nxt
+    tel.dropped_observations = client.stats.dropped_observations - dropped_before
+    return EpisodeResult(seed=seed, ret=ret, steps=steps, telemetry=tel)
+
+
+def run_episodes(client: RobotClient, controller: Controller, seeds: list[int], label: str,
+                 out: Any = sys.stdout) -> list[EpisodeResult]:
+    results = []
+    for seed in seeds:
+        res = run_episode(client, controller, seed)
+        results.append(res)
+        s = res.telemetry.summary()
+        print(f"[{label}] seed {seed}: return {res.ret:.1f} over {res.steps} steps | latency median "
+              f"{s['latency_ms_median']:.2f} ms p99 {s['latency_ms_p99']:.2f} ms | iterations "
+              f"{s['iterations_mean']:.2f} | misses {s['deadline_misses']} held {s['held_ticks']}", file=out)
+    total = Telemetry()
+    for res in results:
+        total.records += res.telemetry.records
+        total.held_ticks += res.telemetry.held_ticks
+        total.dropped_observations += res.telemetry.dropped_observations
+    print(f"[{label}] {total.format()}", file=out)
+    if controller.last_error:
+        print(f"[{label}] last planning error: {controller.last_error}", file=out)
+    return results
+
+
+def compare_table(rows: dict[str, list[EpisodeResult]]) -> str:
+    """Markdown table: return mean ± std per planner on the same seeds, with latency and iterations."""
+    lines = ["| planner | episodes | return mean ± std | min | max | latency median / p99 (ms) | CEM iterations |",
+             "|---|---|---|---|---|---|---|"]
+    for name, results in rows.items():
+        rets = np.array([r.ret for r in results])
+        tel = Telemetry(records=[rec for r in results for rec in r.telemetry.records]).summary()
+        lines.append(f"| {name} | {len(rets)} | {rets.mean():.1f} ± {rets.std():.1f} | {rets.min():.1f} | "
+                     f"{rets.max():.1f} | {tel['latency_ms_median']:.2f} / {tel['latency_ms_p99']:.2f} | "
+                     f"{tel['iterations_mean']:.2f} |")
+    return "\n".join(lines)
+
+
+def make_controller(artifacts: Any, cfg: ControllerConfig, planner: Literal["cem", "policy"], seed: int) -> Controller:
+    controller = Controller(artifacts, cfg, planner, np.random.default_rng(seed))
+    controller.warm_up(np.zeros(artifacts.manifest.state_dim, np.float32))
+    return controller
+
+
+def control_from_cli(*, artifacts: Path, connect: str, planner: str | None, episodes: int, config: Path | None,
+                     seed: int, compare: bool) -> int:
+    """`maac-robot control`: run `episodes` episodes (reset seeds seed, seed+1, ...) and print the results."""
+    from maac_robot.artifacts import load_artifacts
+
+    if episodes < 1:
+        raise UserError(f"--episodes must be at least 1, got {episodes}")
+    cfg = load_controller_config(config)
+    arts = load_artifacts(artifacts)
+    client = RobotClient(connect, timeout_s=max(1.0, cfg.timeout_periods * arts.manifest.dt), name="controller")
+    try:
+        info = client.hello()
+        check_robot(info, arts.manifest)
+        seeds = [seed + i for i in range(episodes)]
+        print(f"[control] {arts.manifest.env_id} at {connect} ({info.mode}, dt {info.dt * 1e3:.1f} ms); "
+              f"artifacts {artifacts} (train steps {arts.manifest.train_steps}, plan horizon "
+              f"{arts.manifest.plan_horizon}); CEM population {cfg.population}, iterations <= {cfg.iterations}, "
+              f"budget {cfg.budget_frac:g}·dt")
+        if compare:
+            if info.mode != "lockstep":
+                raise UserError("--compare evaluates planners on identical seeds and needs a lockstep sim "
+                                "(maac-robot sim --mode lockstep)")
+            rows = {}
+            for name in ("policy", "cem"):
+                controller = make_controller(arts, cfg, name, cfg.seed)  # type: ignore[arg-type]
+                try:
+                    rows[name] = run_episodes(client, controller, seeds, name)
+                finally:
+                    controller.close()
+            print(compare_table(rows))
+            return 0
+        controller = make_controller(arts, cfg, planner or cfg.planner, cfg.seed)  # type: ignore[arg-type]
+        try:
+            results = run_episodes(client, controller, seeds, planner or cfg.planner)
+        finally:
+            controller.close()
+        rets = np.array([r.ret for r in results])
+        print(f"[control] return over {len(rets)} episode(s): {rets.mean():.1f} ± {rets.std():.1f}")
+        return 0
+    finally:
+        client.close()
