@@ -7,7 +7,7 @@ directory (written by `maac_robot.export`) holds four ONNX graphs and `manifest.
 - `ensemble.onnx` (state [B,S], action [B,A]) -> every member's next-state mean/logvar [M,B,S]
                   and reward [M,B] (+ reward_logvar [M,B] when the reward is learned)
 - `q.onnx`        (state [B,S], action [B,A]) -> q1 [B], q2 [B]
-- `plan.onnx`     (state [S], actions [P,H,A]) -> returns [P]  (P a multiple of num_elites)
+- `plan.onnx`     (state [S], actions [P,H,A]) -> returns [P]  (graph: P a multiple of num_elites)
 
 All normalisation lives inside the graphs: callers pass raw env-unit states and actions.
 Nothing is trusted on load: every file is hashed, the format version, env id and every graph's
@@ -252,7 +252,8 @@ class Artifacts:
 
         One onnxruntime call: particle i rolls through elite member elites[i % num_elites] with mean
         predictions, rewards, termination masks and a γ^H·min(Q1,Q2) terminal value at the
-        deterministic policy action. P must be a positive multiple of num_elites; H = plan_horizon.
+        deterministic policy action. H = plan_horizon. The graph takes P as a multiple of num_elites;
+        any other P > 0 is padded here to the next multiple (particle i still uses i % num_elites).
         """
         m = self.manifest
         state = np.ascontiguousarray(state, dtype=np.float32).reshape(-1)
@@ -262,9 +263,13 @@ class Artifacts:
         if actions.ndim != 3 or actions.shape[1:] != (m.plan_horizon, m.act_dim):
             raise ValueError(f"plan: expected actions [P,{m.plan_horizon},{m.act_dim}] "
                              f"(plan_horizon={m.plan_horizon}), got {list(actions.shape)}")
-        if actions.shape[0] == 0 or actions.shape[0] % m.num_elites:
-            raise ValueError(f"plan: P={actions.shape[0]} must be a positive multiple of num_elites={m.num_elites}")
-        return self._run("plan", {"state": state, "actions": actions})[0]
+        particles = actions.shape[0]
+        if particles == 0:
+            raise ValueError("plan: actions holds no sequences (P=0)")
+        pad = -particles % m.num_elites
+        if pad:  # the graph needs a multiple of num_elites; padded rows are scored, then dropped
+            actions = np.concatenate([actions, np.zeros((pad, *actions.shape[1:]), np.float32)])
+        return self._run("plan", {"state": state, "actions": actions})[0][:particles]
 
     def warm_up(self, calls: int = 3) -> None:
         """Run every graph a few times so the first control step does not pay allocation/first-run costs."""
@@ -295,7 +300,7 @@ class Artifacts:
         return "\n".join(lines)
 
 
-def _check_session(file: Path, graph: str, sess: Any, manifest: Manifest,
+def _check_signature(file: Path, sess: Any, manifest: Manifest,
                    expected: dict[str, dict[str, tuple[Dim, ...]]]) -> None:
     for kind, args in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
         actual = {arg.name: list(arg.shape) for arg in args}
@@ -311,6 +316,9 @@ def _check_session(file: Path, graph: str, sess: Any, manifest: Manifest,
                     f"implies {_fmt_shape(want[arg.name])} (state_dim={manifest.state_dim}, "
                     f"act_dim={manifest.act_dim}, num_models={manifest.num_models}, "
                     f"plan_horizon={manifest.plan_horizon}; names are dynamic axes)")
+
+
+def _check_metadata(file: Path, graph: str, sess: Any, manifest: Manifest) -> None:
     meta = sess.get_modelmeta().custom_metadata_map
     for key, value in manifest.metadata(graph).items():
         if meta.get(key) != value:
@@ -352,8 +360,11 @@ def load_artifacts(path: str | Path, expected_env_id: str | None = None,
             sess = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - onnxruntime raises several private exception types
             raise ArtifactError(f"{file}: onnxruntime cannot load it: {err}") from None
-        _check_session(file, graph, sess, manifest, signatures[graph])
+        _check_signature(file, sess, manifest, signatures[graph])
         sessions[graph] = sess
+    # after every signature passed, so a wrong manifest field is reported as the shape it breaks
+    for graph, sess in sessions.items():
+        _check_metadata(path / f"{graph}.onnx", graph, sess, manifest)
     artifacts = Artifacts(path, manifest, sessions)
     if warm_up:
         artifacts.warm_up()

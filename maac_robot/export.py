@@ -1,0 +1,303 @@
+"""Export a trained run to ONNX deployment artifacts (policy, ensemble, Q, fused plan) + manifest.
+
+The graphs are built from small wrapper modules around the trained actor, critic and ensemble,
+exported with the dynamo exporter (`torch.onnx.export(..., dynamo=True)`) at a pinned opset with
+`dynamic_shapes`, and checked three ways before the directory is published: the exported
+input/output shapes must equal `artifacts.graph_signatures` (the batch / particle axis dynamic, and
+only that axis), `load_artifacts` must accept the result, and every graph's onnxruntime output
+must match PyTorch on random inputs within `PARITY_RTOL`/`PARITY_ATOL`. No graph contains a random
+op: the policy takes its standard-normal noise as an input, the plan graph uses mean predictions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt_
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from maac_robot.artifacts import (
+    FORMAT_VERSION,
+    GRAPH_NAMES,
+    MANIFEST_NAME,
+    Artifacts,
+    ArtifactError,
+    Manifest,
+    graph_signatures,
+    load_artifacts,
+    sha256_bytes,
+)
+from maac_robot.errors import UserError
+from maac_robot.tasks import Task
+
+OPSET = 20  # pinned: onnxruntime 1.32 implements it fully; bump deliberately together with FORMAT_VERSION
+# float32 parity between onnxruntime and PyTorch, |ort - torch| <= ATOL + RTOL·|torch| per element.
+# Kernels differ in summation order (GEMM blocking, fused ops), so errors are ~1e-6 relative per
+# layer and accumulate over the H model steps of the plan graph; these bounds leave ~10x headroom
+# over what tests/test_export.py measures (see its report).
+PARITY_RTOL = 1e-4
+PARITY_ATOL = 1e-4
+
+
+class ExportError(UserError):
+    """A run that cannot be exported as asked (bad option, unusable output directory, parity failure)."""
+
+
+class PolicyGraph(nn.Module):
+    """(state [B,S], noise [B,A]) -> (mean, log_std, action): the actor's pre-tanh Gaussian and its
+    tanh-squashed env-unit action for the given standard-normal noise (noise 0: deterministic)."""
+
+    def __init__(self, actor: nn.Module) -> None:
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, state: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean, log_std = self.actor(state)
+        action, _ = self.actor.sample(state, noise)
+        return mean, log_std, action
+
+
+class EnsembleGraph(nn.Module):
+    """(state [B,S], action [B,A]) -> every member's next-state mean/logvar [M,B,S], reward [M,B]
+    (+ reward_logvar when learned; a closed-form reward is the task's r(s, a, member mean))."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.reward_fn = task.reward_fn
+
+    def forward(self, state: Tensor, action: Tensor) -> tuple[Tensor, ...]:
+        mean, logvar, reward, reward_logvar = self.model.predict_all(state, action)
+        if self.reward_fn is not None:
+            return mean, logvar, self.reward_fn(state.unsqueeze(0), action.unsqueeze(0), mean)
+        return mean, logvar, reward, reward_logvar
+
+
+class QGraph(nn.Module):
+    """(state [B,S], action [B,A]) -> (q1 [B], q2 [B])."""
+
+    def __init__(self, critic: nn.Module) -> None:
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, state: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        q1, q2 = self.critic(state, action)
+        return q1.reshape(-1), q2.reshape(-1)
+
+
+class PlanGraph(nn.Module):
+    """(state [S], actions [P,H,A]) -> predicted discounted return [P] of each action sequence.
+
+    Particle i rolls through elite member elites[i % E] (E = num_elites): the particles are
+    reshaped [P] -> [P/E, E] -> transposed to [E, P/E], so each elite member runs once on its
+    own P/E rows with the batched [E,in,out] weights (no per-particle gather, no loop over members).
+    Each step uses the member's mean prediction, the task's reward (or the learned reward mean) and
+    termination mask; the return adds γ^H·min(Q1,Q2)(s_H, deterministic policy action) for
+    particles still alive.
+    """
+
+    def __init__(self, actor: nn.Module, critic: nn.Module, model: nn.Module, task: Task, *,
+                 gamma: float, plan_horizon: int) -> None:
+        super().__init__()
+        self.actor, self.critic, self.model = actor, critic, model
+        self.reward_fn, self.termination_fn = task.reward_fn, task.termination_fn
+        self.gamma, self.plan_horizon = float(gamma), int(plan_horizon)
+        self.register_buffer("elites", model.elites.detach().clone().long())
+
+    def forward(self, state: Tensor, actions: Tensor) -> Tensor:
+        num_elites = self.elites.shape[0]
+        particles, _, act_dim = actions.shape
+        # [P,H,A] -> [P/E, E, H, A] -> [E, P/E, H, A]: row e holds particles e, e+E, e+2E, ...
+        acts = actions.reshape(-1, num_elites, self.plan_horizon, act_dim).transpose(0, 1)
+        s = state.reshape(1, 1, -1).expand(num_elites, acts.shape[1], -1)
+        returns = torch.zeros_like(s[..., 0])
+        alive = torch.ones_like(returns)
+        for t in range(self.plan_horizon):
+            a = acts[:, :, t]
+            next_s, _, reward, _ = self.model.predict_members(s, a, self.elites)
+            if self.reward_fn is not None:
+                reward = self.reward_fn(s, a, next_s)
+            returns = returns + (self.gamma ** t) * alive * reward
+            alive = alive * (~self.termination_fn(s, a, next_s)).to(alive.dtype)
+            s = next_s
+        flat = s.reshape(-1, s.shape[-1])
+        q1, q2 = self.critic(flat, self.actor.deterministic(flat))
+        terminal = torch.minimum(q1, q2).reshape(returns.shape)
+        returns = returns + (self.gamma ** self.plan_horizon) * alive * terminal
+        return returns.transpose(0, 1).reshape(particles)
+
+
+def _example_inputs(m: Manifest, graph: str, generator: torch.Generator, batch: int) -> tuple[Tensor, ...]:
+    """Random float32 inputs of the graph's signature, dynamic axes sized `batch` (particles: batch·E)."""
+    sizes = {"batch": batch, "particles": batch * m.num_elites}
+    shapes = graph_signatures(m)[graph]["inputs"].values()
+    return tuple(torch.randn(*(sizes[d] if isinstance(d, str) else d for d in shape), generator=generator)
+                 for shape in shapes)
+
+
+def _dynamic_shapes(m: Manifest, graph: str) -> dict[str, dict[int, Any]]:
+    """torch.export dims for the graph's inputs: `batch` free, `particles` a multiple of num_elites."""
+    dims = {"batch": Dim("batch", min=1, max=1 << 20),
+            "particles": m.num_elites * Dim("particles_per_elite", min=1, max=1 << 16)}
+    return {name: {i: dims[d] for i, d in enumerate(shape) if isinstance(d, str)}
+            for name, shape in graph_signatures(m)[graph]["inputs"].items()}
+
+
+def _proto_shape(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+
+
+def assert_exported_shapes(proto: onnx.ModelProto, m: Manifest, graph: str) -> None:
+    """Refuse a graph whose inputs/outputs differ from the signature: fixed dims equal, the dynamic
+    axes symbolic and every other axis fixed (the dynamo exporter has put dynamic axes on the wrong
+    input before; see FIELD-NOTES)."""
+    want = graph_signatures(m)[graph]
+    for kind, values in (("inputs", proto.graph.input), ("outputs", proto.graph.output)):
+        got = {v.name: _proto_shape(v) for v in values}
+        if list(got) != list(want[kind]):
+            raise ExportError(f"{graph}.onnx: exported {kind} {list(got)}, expected {list(want[kind])}")
+        for name, shape in want[kind].items():
+            ok = len(got[name]) == len(shape) and all(
+                (g == w) if isinstance(w, int) else (isinstance(g, str) and g != "")
+                for g, w in zip(got[name], shape, strict=True))
+            if not ok:
+                raise ExportError(f"{graph}.onnx: exported {kind[:-1]} {name!r} has shape {got[name]}, "
+                                  f"expected {list(shape)} (str = dynamic axis)")
+
+
+def _versions() -> dict[str, str]:
+    names = ("maac-robot", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "pydantic")
+    return {"python": platform.python_version(), **{n: importlib.metadata.version(n) for n in names}}
+
+
+def _export_graph(module: nn.Module, m: Manifest, graph: str, generator: torch.Generator) -> bytes:
+    signature = graph_signatures(m)[graph]
+    program = torch.onnx.export(
+        module, _example_inputs(m, graph, generator, batch=3), dynamo=True, opset_version=OPSET,
+        input_names=list(signature["inputs"]), output_names=list(signature["outputs"]),
+        dynamic_shapes=_dynamic_shapes(m, graph), optimize=True, verbose=False)
+    proto = program.model_proto
+    assert_exported_shapes(proto, m, graph)
+    proto.doc_string = (module.__doc__ or "").strip()
+    for key, value in m.metadata(graph).items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def build_graphs(task: Task, actor: nn.Module, critic: nn.Module, model: nn.Module, *, gamma: float,
+                 plan_horizon: int) -> dict[str, nn.Module]:
+    """The four wrapper modules, in eval mode on CPU (what gets exported and what parity compares to)."""
+    graphs = {"policy": PolicyGraph(actor), "ensemble": EnsembleGraph(model, task), "q": QGraph(critic),
+              "plan": PlanGraph(actor, critic, model, task, gamma=gamma, plan_horizon=plan_horizon)}
+    return {name: g.to("cpu").eval() for name, g in graphs.items()}
+
+
+def parity_errors(artifacts: Artifacts, graphs: dict[str, nn.Module], *, batch: int = 8,
+                  seed: int = 0) -> dict[str, float]:
+    """Largest |ort − torch| / (ATOL + RTOL·|torch|) per graph output on random inputs (≤ 1 passes)."""
+    generator = torch.Generator().manual_seed(seed)
+    ratios = {}
+    for graph in GRAPH_NAMES:
+        inputs = _example_inputs(artifacts.manifest, graph, generator, batch)
+        names = list(graph_signatures(artifacts.manifest)[graph]["inputs"])
+        ort_out = artifacts.sessions[graph].run(None, {n: x.numpy() for n, x in zip(names, inputs, strict=True)})
+        with torch.inference_mode():
+            torch_out = graphs[graph](*inputs)
+        torch_out = torch_out if isinstance(torch_out, tuple) else (torch_out,)
+        out_names = list(graph_signatures(artifacts.manifest)[graph]["outputs"])
+        for name, got, want in zip(out_names, ort_out, torch_out, strict=True):
+            want = want.numpy()
+            ratios[f"{graph}.{name}"] = float(np.max(np.abs(got - want) / (PARITY_ATOL + PARITY_RTOL * np.abs(want))))
+    return ratios
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the verified directory into place; only ever replaces an earlier artifact directory."""
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
+            raise ExportError(f"refusing to overwrite {out}: it exists and is not an artifact directory")
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: nn.Module, model: nn.Module,
+                     gamma: float, horizon: int, plan_horizon: int | None = None, train_steps: int,
+                     config: dict[str, Any], seed: int = 0) -> Manifest:
+    """Write policy/ensemble/q/plan.onnx + manifest.json to `out`, verified, and return the manifest.
+
+    `plan_horizon` (the fused graph's H) defaults to the trained `horizon`. The directory is built
+    beside `out` and moved into place only after shapes, loading and parity all pass, so `out`
+    never holds a half-written or unverified export.
+    """
+    plan_horizon = horizon if plan_horizon is None else plan_horizon
+    if plan_horizon < 1:
+        raise ExportError(f"plan_horizon must be >= 1 (the trained horizon is {horizon}); pass --plan-horizon")
+    info = task.info
+    elites = [int(e) for e in model.elites]
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, env_id=info.env_id, state_dim=info.state_dim, act_dim=info.act_dim,
+        act_low=[float(x) for x in info.act_low], act_high=[float(x) for x in info.act_high], dt=info.dt,
+        gamma=gamma, horizon=horizon, plan_horizon=plan_horizon, num_models=int(model.num_models),
+        num_elites=len(elites), elites=elites, reward="learned" if task.reward_fn is None else "closed_form",
+        terminates=info.terminates, opset=OPSET, files={f"{g}.onnx": "" for g in GRAPH_NAMES},
+        train_steps=train_steps, config=config, versions=_versions(),
+        created_utc=dt_.datetime.now(dt_.UTC).isoformat(timespec="seconds"))
+    graphs = build_graphs(task, actor, critic, model, gamma=gamma, plan_horizon=plan_horizon)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        files = {}
+        for name, module in graphs.items():
+            data = _export_graph(module, manifest, name, generator)
+            (tmp / f"{name}.onnx").write_bytes(data)
+            files[f"{name}.onnx"] = sha256_bytes(data)
+        manifest = manifest.model_copy(update={"files": files})
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+        try:
+            loaded = load_artifacts(tmp, expected_env_id=info.env_id, warm_up=False)
+        except ArtifactError as err:
+            raise ExportError(f"the export does not verify: {err}") from None
+        failed = {k: v for k, v in parity_errors(loaded, graphs, seed=seed).items() if not v <= 1.0}
+        if failed:
+            raise ExportError(f"onnxruntime and PyTorch disagree beyond rtol={PARITY_RTOL}, atol={PARITY_ATOL} "
+                              f"(error / tolerance): {failed}")
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def export_from_run(run_dir: str | Path, out: str | Path, plan_horizon: int | None = None) -> Manifest:
+    """Export the latest checkpoint of a training run (see `trainer.load_run`)."""
+    from maac_robot.trainer import load_run
+
+    run = load_run(run_dir)
+    cfg = run.config
+    return export_artifacts(
+        out, task=run.task, actor=run.agent.actor, critic=run.agent.critic, model=run.model,
+        gamma=cfg.agent.gamma, horizon=cfg.agent.horizon,
+        plan_horizon=plan_horizon if plan_horizon is not None else cfg.controller.horizon,
+        train_steps=run.env_step, config=cfg.model_dump(mode="json"), seed=cfg.train.seed)
+
+
+def export_from_cli(run_dir: Path, out: Path, plan_horizon: int | None = None) -> int:
+    """`maac-robot export RUN --out DIR [--plan-horizon H]`."""
+    manifest = export_from_run(run_dir, out, plan_horizon)
+    print(f"exported {manifest.env_id} run {run_dir} (step {manifest.train_steps}, H={manifest.horizon}, "
+          f"plan H={manifest.plan_horizon}, {manifest.num_models} models / {manifest.num_elites} elites, "
+          f"opset {manifest.opset}) to {out}: " + ", ".join(manifest.files))
+    return 0
