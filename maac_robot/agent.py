@@ -1,0 +1,398 @@
+"""MAAC's actor, twin critics and the two model-based objectives (paper §4.1, §4.3).
+
+`horizon` (AgentConfig.horizon) is the paper's H, counted in *model transitions*:
+
+    J_π = E[ Σ_{t<H} γ^t m_t r(ŝ_t, a_t, ŝ_{t+1})  +  γ^H m_H · mean_k min(Q1, Q2)(ŝ_H, a_H^k) ]  −  α·E[log π(a_0 | ŝ_0)]
+
+with H model steps, H rewards and the terminal value discounted by γ^H; m_t is the alive mask (1 until a
+predicted termination, 0 after it). horizon: 0 uses no model and is exactly SAC's actor loss
+α·log π(a|s) − min Q(s, a). The authors' TF loop with their "T = 3" imagines T+1 = 4 model steps before
+γ^{T+1}·Q, i.e. their setting is horizon: 4 here (Walker: 2). Entropy is charged on the first action
+only, as in their code (with horizon: 0 the first action is the one the Q is evaluated at).
+
+Dynamics, rewards, terminations and the critic are passed to the objectives as plain callables, so the
+tests can plug the true dynamics of a linear system and check the pathwise gradient exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maac_robot.buffer import Batch
+
+if TYPE_CHECKING:
+    from maac_robot.config import AgentConfig
+    from maac_robot.ensemble import GaussianEnsemble
+    from maac_robot.tasks import Task
+
+Policy = Callable[[Tensor], tuple[Tensor, Tensor]]  # state [..., S] -> (action [..., A], log_prob [...])
+Dynamics = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]  # (s, a) -> (s', reward or None)
+Critic = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (s, a) -> (q1, q2)
+TransitionFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (s, a, s') -> reward or termination
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+BATCH_KEYS = ("state", "action", "reward", "next_state", "done")
+
+
+def mlp(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
+    """`layers` hidden ReLU layers of width `hidden`, then a linear output."""
+    dims = [in_dim] + [hidden] * layers
+    blocks: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        blocks += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*blocks, nn.Linear(dims[-1], out_dim))
+
+
+def _index_buffer(net_obs_idx: Sequence[int]) -> Tensor:
+    return torch.as_tensor(list(net_obs_idx), dtype=torch.long)
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy over env-unit actions; sees only `net_obs_idx` of the full state."""
+
+    def __init__(
+        self,
+        state_dim: int,
+        act_dim: int,
+        hidden: int,
+        layers: int,
+        net_obs_idx: Sequence[int],
+        act_low: np.ndarray,
+        act_high: np.ndarray,
+    ) -> None:
+        super().__init__()
+        self.state_dim, self.act_dim = state_dim, act_dim
+        self.register_buffer("net_obs_idx", _index_buffer(net_obs_idx))
+        low = torch.as_tensor(np.asarray(act_low), dtype=torch.float32)
+        high = torch.as_tensor(np.asarray(act_high), dtype=torch.float32)
+        self.register_buffer("act_scale", (high - low) / 2)
+        self.register_buffer("act_bias", (high + low) / 2)
+        self.net = mlp(len(net_obs_idx), 2 * act_dim, hidden, layers)
+
+    def forward(self, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Pre-tanh mean and log-std; log-std softly squashed into [LOG_STD_MIN, LOG_STD_MAX] (keeps a gradient)."""
+        mean, raw = self.net(state.index_select(-1, self.net_obs_idx)).chunk(2, dim=-1)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(raw) + 1)
+        return mean, log_std
+
+    def sample(self, state: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Reparameterised action a = scale·tanh(μ + σ·ε) + bias and its log-density in env units."""
+        mean, log_std = self(state)
+        if noise is None:
+            noise = torch.randn_like(mean)
+        u = mean + log_std.exp() * noise
+        action = torch.tanh(u) * self.act_scale + self.act_bias
+        # log N(u; μ, σ) − log|da/du|, with log(1 − tanh²u) = 2(log 2 − u − softplus(−2u)) (exact, no ε needed).
+        log_det = torch.log(self.act_scale) + 2 * (math.log(2) - u - F.softplus(-2 * u))
+        log_prob = (-0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi) - log_det).sum(-1)
+        return action, log_prob
+
+    def deterministic(self, state: Tensor) -> Tensor:
+        return torch.tanh(self(state)[0]) * self.act_scale + self.act_bias
+
+
+class TwinQ(nn.Module):
+    """Two independent Q-networks (clipped double Q); actions in env units."""
+
+    def __init__(self, state_dim: int, act_dim: int, hidden: int, layers: int, net_obs_idx: Sequence[int]) -> None:
+        super().__init__()
+        self.register_buffer("net_obs_idx", _index_buffer(net_obs_idx))
+        self.q1 = mlp(len(net_obs_idx) + act_dim, 1, hidden, layers)
+        self.q2 = mlp(len(net_obs_idx) + act_dim, 1, hidden, layers)
+
+    def forward(self, state: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.cat([state.index_select(-1, self.net_obs_idx), action], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+def _reward(reward: Tensor | None, reward_fn: TransitionFn | None, s: Tensor, a: Tensor, s2: Tensor) -> Tensor:
+    """The model's learned reward if it predicts one, else the task's closed-form reward."""
+    if reward is not None:
+        return reward
+    if reward_fn is None:
+        raise ValueError("the dynamics predicts no reward and the task has no reward_fn")
+    return reward_fn(s, a, s2)
+
+
+def _survive(alive: Tensor, termination_fn: TransitionFn | None, s: Tensor, a: Tensor, s2: Tensor) -> Tensor:
+    """Alive mask after the transition s -> s2: zero from a predicted termination on."""
+    if termination_fn is None:
+        return alive
+    return alive * (~termination_fn(s, a, s2)).to(alive.dtype)
+
+
+class PolicyLoss(NamedTuple):
+    loss: Tensor  # −J_π (minimise); differentiable w.r.t. the policy's parameters
+    log_prob: Tensor  # log π of the entropy-charged (first) actions, detached: feeds the α loss
+    model_return: Tensor  # mean discounted imagined reward Σ γ^t m_t r_t, detached (diagnostic)
+
+
+def maac_policy_loss(
+    start_states: Tensor,
+    policy: Policy,
+    dynamics: Dynamics | None,
+    critic: Critic,
+    reward_fn: TransitionFn | None,
+    termination_fn: TransitionFn | None,
+    *,
+    horizon: int,
+    num_samples: int,
+    terminal_q_samples: int,
+    gamma: float,
+    alpha: float | Tensor,
+) -> PolicyLoss:
+    """The MAAC objective (paper §4.3), negated, with its pathwise gradient by backprop through time.
+
+    J_π = mean over start states s_0 (each repeated `num_samples` times) of
+        Σ_{t<H} γ^t m_t r(ŝ_t, a_t, ŝ_{t+1})  +  γ^H m_H · mean_{k<terminal_q_samples} min(Q1, Q2)(ŝ_H, a_H^k)
+      − α · log π(a_0 | s_0)
+    with a_t = policy(ŝ_t) reparameterised, ŝ_{t+1} = dynamics(ŝ_t, a_t) reparameterised, m_0 = 1 and
+    m_{t+1} = m_t·(1 − termination(ŝ_t, a_t, ŝ_{t+1})). With H = 0 the first actions are the a_0^k the Q is
+    evaluated at, so the loss is SAC's mean(α·log π(a|s) − min Q(s, a)).
+    """
+    if horizon > 0 and dynamics is None:
+        raise ValueError(f"horizon {horizon} > 0 needs a dynamics model")
+    state = start_states.repeat_interleave(num_samples, dim=0)
+    alive = state.new_ones(state.shape[0])
+    model_return = state.new_zeros(state.shape[0])
+    first_log_prob = None
+    for t in range(horizon):
+        action, log_prob = policy(state)
+        if t == 0:
+            first_log_prob = log_prob
+        next_state, reward = dynamics(state, action)  # type: ignore[misc]
+        model_return = model_return + gamma**t * alive * _reward(reward, reward_fn, state, action, next_state)
+        alive = _survive(alive, termination_fn, state, action, next_state)
+        state = next_state
+    terminal_states = state.repeat_interleave(terminal_q_samples, dim=0)
+    terminal_actions, terminal_log_prob = policy(terminal_states)
+    q1, q2 = critic(terminal_states, terminal_actions)
+    terminal_q = torch.min(q1, q2).view(-1, terminal_q_samples).mean(dim=1)
+    if first_log_prob is None:
+        first_log_prob = terminal_log_prob
+    objective = model_return + gamma**horizon * alive * terminal_q
+    loss = alpha * first_log_prob.mean() - objective.mean()
+    return PolicyLoss(loss, first_log_prob.detach(), model_return.detach().mean())
+
+
+@torch.no_grad()
+def soft_bellman_target(
+    reward: Tensor, done: Tensor, next_state: Tensor, policy: Policy, target_critic: Critic, *, gamma: float, alpha: float
+) -> Tensor:
+    """SAC's target r + γ(1 − d)(min Q_targ(s', a') − α log π(a'|s')), a' ~ π(s')."""
+    next_action, log_prob = policy(next_state)
+    soft_value = torch.min(*target_critic(next_state, next_action)) - alpha * log_prob
+    return reward + gamma * (1 - done) * soft_value
+
+
+def inverse_variance_combine(candidates: Tensor, eps: float = 1e-6) -> Tensor:
+    """STEVE's combination: candidates [I, K, B] (I horizons, K ensemble estimates each) -> [B].
+
+    Each horizon's mean is weighted by the inverse of its variance across the K estimates, so a
+    horizon the ensemble disagrees on contributes little. `eps` keeps zero-variance candidates finite.
+    """
+    weights = 1.0 / (candidates.var(dim=1, unbiased=False) + eps)
+    return (weights * candidates.mean(dim=1)).sum(0) / weights.sum(0)
+
+
+@torch.no_grad()
+def steve_targets(
+    reward: Tensor,
+    done: Tensor,
+    next_state: Tensor,
+    policy: Policy,
+    member_dynamics: Dynamics,
+    target_critic: Critic,
+    reward_fn: TransitionFn | None,
+    termination_fn: TransitionFn | None,
+    *,
+    horizon: int,
+    num_members: int,
+    gamma: float,
+    alpha: float,
+) -> Tensor:
+    """Model-expanded critic targets in the spirit of STEVE (Buckman et al. 2018), soft and clipped-double-Q.
+
+    From s'_0 = s', K = `num_members` imagined trajectories per row follow the policy through the model
+    (`member_dynamics` maps [K, B, S], [K, B, A] -> [K, B, S]). Candidate i = 0..H:
+        T^i = r + γ(1 − d)[ Σ_{j<i} γ^j m_j (r'_j − α log π(a'_j|s'_j)) + γ^i m_i (min Q_targ(s'_i, a'_i) − α log π(a'_i|s'_i)) ]
+    T^0 is SAC's one-step target. The intermediate entropy terms keep every T^i an unbiased unrolling
+    of the same soft Q (unlike the actor's, the critic's fixed point has entropy at every step). The K
+    estimates of each T^i give its mean and variance, combined by inverse-variance weighting.
+    """
+    state = next_state.expand(num_members, *next_state.shape)
+    alive = state.new_ones(state.shape[:-1])
+    partial = state.new_zeros(state.shape[:-1])
+    states, actions, log_probs, partials, alives = [], [], [], [], []
+    for i in range(horizon + 1):
+        action, log_prob = policy(state)
+        states.append(state), actions.append(action), log_probs.append(log_prob)
+        partials.append(partial), alives.append(alive)
+        if i == horizon:
+            break
+        nxt, r = member_dynamics(state, action)
+        partial = partial + gamma**i * alive * (_reward(r, reward_fn, state, action, nxt) - alpha * log_prob)
+        alive = _survive(alive, termination_fn, state, action, nxt)
+        state = nxt
+    # One critic call for all horizons: [I, K, B].
+    soft_value = torch.min(*target_critic(torch.stack(states), torch.stack(actions))) - alpha * torch.stack(log_probs)
+    discount = gamma ** torch.arange(horizon + 1, dtype=soft_value.dtype, device=soft_value.device).view(-1, 1, 1)
+    candidates = reward + gamma * (1 - done) * (torch.stack(partials) + discount * torch.stack(alives) * soft_value)
+    return inverse_variance_combine(candidates)
+
+
+def _member_dynamics(model: GaussianEnsemble) -> Dynamics:
+    """[K, B, S], [K, B, A] -> [K, B, S]: K imagined trajectories per row, each step through a random elite."""
+
+    def dynamics(state: Tensor, action: Tensor) -> tuple[Tensor, Tensor | None]:
+        next_state, reward = model.step(state.flatten(0, 1), action.flatten(0, 1), sample=True)
+        return next_state.view_as(state), None if reward is None else reward.view(state.shape[:-1])
+
+    return dynamics
+
+
+def _steve_members(model: GaussianEnsemble) -> int:
+    """STEVE's spread is measured over half the elites (at least two), as the authors used half the ensemble."""
+    return max(2, len(model.elites) // 2)
+
+
+@contextmanager
+def frozen(*modules: nn.Module | None) -> Iterator[None]:
+    """Stop weight gradients of `modules` while the actor loss backpropagates through them (saves the work)."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class MAACAgent:
+    """Actor, twin critics with Polyak targets, temperature α and their optimisers: one G2 step per `update`."""
+
+    def __init__(self, task: Task, cfg: AgentConfig, device: torch.device | str = "cpu") -> None:
+        info = task.info
+        self.task, self.cfg, self.device = task, cfg, torch.device(device)
+        self.actor = Actor(
+            info.state_dim, info.act_dim, cfg.hidden, cfg.layers, info.net_obs_idx, info.act_low, info.act_high
+        ).to(self.device)
+        self.critic = TwinQ(info.state_dim, info.act_dim, cfg.hidden, cfg.layers, info.net_obs_idx).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        # entropy: false is the "no max-entropy" ablation: α is 0 and never tuned.
+        init_log_alpha = math.log(cfg.init_alpha) if cfg.entropy else -math.inf
+        self.log_alpha = torch.tensor(init_log_alpha, device=self.device, requires_grad=cfg.entropy)
+        self.target_entropy = -float(info.act_dim) if cfg.target_entropy is None else cfg.target_entropy
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr) if cfg.entropy else None
+        # Non-terminating tasks skip the (all-False) termination function in the hot loops.
+        self.termination_fn = task.termination_fn if info.terminates else None
+
+    @property
+    def alpha(self) -> float:
+        return float(self.log_alpha.detach().exp())
+
+    def batch_split(self, model_data: bool = True) -> tuple[int, int]:
+        """(real rows, model rows) of one G2 batch: real_ratio of it from D_env, the rest from D_model."""
+        batch = self.cfg.batch_size
+        if self.cfg.real_data_only or not model_data:
+            return batch, 0
+        n_real = max(1, round(self.cfg.real_ratio * batch))
+        return n_real, batch - n_real
+
+    @torch.no_grad()
+    def act(self, state: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        """Action in env units for one state [S] or a batch [B, S]."""
+        s = torch.as_tensor(state, dtype=torch.float32, device=self.device)
+        action = self.actor.deterministic(s) if deterministic else self.actor.sample(s)[0]
+        return action.cpu().numpy()
+
+    def update(self, real_batch: Batch, model_batch: Batch | None, model: GaussianEnsemble | None) -> dict[str, float]:
+        """One G2 step on D_env ∪ D_model: critic, then actor (MAAC objective), then α, then the targets."""
+        cfg = self.cfg
+        if model_batch is not None and len(model_batch) > 0 and not cfg.real_data_only:
+            batch = Batch.cat([real_batch, model_batch])
+        else:
+            batch = real_batch
+        s, a, r, s2 = (x.to(self.device) for x in (batch.state, batch.action, batch.reward, batch.next_state))
+        done = batch.terminated.to(self.device, s.dtype)
+        alpha = self.alpha
+        reward_fn, termination_fn = self.task.reward_fn, self.termination_fn
+
+        if cfg.steve and cfg.steve_horizon > 0 and model is not None:
+            target = steve_targets(
+                r, done, s2, self.actor.sample, _member_dynamics(model), self.critic_target, reward_fn, termination_fn,
+                horizon=cfg.steve_horizon, num_members=_steve_members(model), gamma=cfg.gamma, alpha=alpha,
+            )
+        else:
+            target = soft_bellman_target(r, done, s2, self.actor.sample, self.critic_target, gamma=cfg.gamma, alpha=alpha)
+        q1, q2 = self.critic(s, a)
+        q_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        self.critic_opt.zero_grad(set_to_none=True)
+        q_loss.backward()
+        self.critic_opt.step()
+
+        dynamics = (lambda st, ac: model.step(st, ac, sample=True)) if model is not None else None
+        with frozen(self.critic, model):
+            pl = maac_policy_loss(
+                s, self.actor.sample, dynamics, self.critic, reward_fn, termination_fn,
+                horizon=cfg.horizon, num_samples=cfg.num_samples, terminal_q_samples=cfg.terminal_q_samples,
+                gamma=cfg.gamma, alpha=alpha,
+            )
+            self.actor_opt.zero_grad(set_to_none=True)
+            pl.loss.backward()
+        self.actor_opt.step()
+
+        if self.alpha_opt is not None:
+            alpha_loss = -(self.log_alpha * (pl.log_prob + self.target_entropy)).mean()
+            self.alpha_opt.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_opt.step()
+
+        with torch.no_grad():
+            for p_targ, p in zip(self.critic_target.parameters(), self.critic.parameters()):
+                p_targ.lerp_(p, cfg.tau)
+        return {
+            "q_loss": q_loss.item(),
+            "q_mean": q1.detach().mean().item(),
+            "target_mean": target.mean().item(),
+            "policy_loss": pl.loss.item(),
+            "model_return": pl.model_return.item(),
+            "alpha": self.alpha,
+            "entropy": -pl.log_prob.mean().item(),
+        }
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "alpha_opt": None if self.alpha_opt is None else self.alpha_opt.state_dict(),
+        }
+
+    def load_state_dict(self, sd: Mapping[str, object]) -> None:
+        self.actor.load_state_dict(sd["actor"])  # type: ignore[arg-type]
+        self.critic.load_state_dict(sd["critic"])  # type: ignore[arg-type]
+        self.critic_target.load_state_dict(sd["critic_target"])  # type: ignore[arg-type]
+        self.actor_opt.load_state_dict(sd["actor_opt"])  # type: ignore[arg-type]
+        self.critic_opt.load_state_dict(sd["critic_opt"])  # type: ignore[arg-type]
+        if (sd["alpha_opt"] is None) != (self.alpha_opt is None):
+            raise ValueError(f"checkpoint's agent.entropy differs from this config's entropy: {self.cfg.entropy}")
+        if self.alpha_opt is not None:
+            self.alpha_opt.load_state_dict(sd["alpha_opt"])  # type: ignore[arg-type]
+        with torch.no_grad():
+            self.log_alpha.copy_(sd["log_alpha"])  # type: ignore[arg-type]
