@@ -33,7 +33,7 @@ def test_shipped_configs_validate(name: str) -> None:
     assert (cfg.model.holdout_ratio, cfg.model.patience) == (0.2, 5)
     assert (cfg.agent.hidden, cfg.agent.layers, cfg.agent.lr, cfg.agent.tau) == (256, 2, 3e-4, 5e-3)
     assert cfg.agent.terminal_q_samples == 5 and cfg.agent.steve and cfg.agent.steve_horizon == 2
-    assert cfg.agent.horizon == (1 if name == "walker2d.yaml" else 3)
+    assert cfg.agent.horizon == (2 if name == "walker2d.yaml" else 4)  # authors' T+1 model transitions
     assert 0.05 <= cfg.agent.real_ratio <= 0.1
     assert cfg.train.initial_random_steps < cfg.train.total_steps
 

@@ -1,0 +1,360 @@
+"""Sample efficiency of MAAC vs Stable-Baselines3 SAC, side by side; and where MAAC's time goes.
+
+    # one algorithm, one task, some seeds (long: run in the background with nohup, logs in benchmarks/logs/)
+    python benchmarks/sample_efficiency.py run --task inverted_pendulum --algo maac --seeds 0 1 2 --steps 10000
+    python benchmarks/sample_efficiency.py run --task inverted_pendulum --algo sac  --seeds 0 1 2 --steps 10000
+    # 1000 env steps of MAAC at the authors' settings after a full random phase, timed per phase
+    python benchmarks/sample_efficiency.py profile --task half_cheetah --steps 1000
+    # aggregate whatever has run (finished or not) into benchmarks/RESULTS.md + a PNG per task
+    python benchmarks/sample_efficiency.py report
+
+Both algorithms get the same env-step budget, the same number of uniformly random initial
+steps (the MAAC config's `train.initial_random_steps`), the same torch thread count, the same
+evaluation schedule and the same evaluation reset seeds (`maac_robot.trainer.eval_seeds`),
+deterministic policy. SAC uses SB3's SAC with the usual settings (256x256, lr 3e-4, batch 256,
+tau 5e-3, one gradient step per env step) on Gymnasium's default observation (SAC has no
+reason to see the root position). MAAC uses configs/<task>.yaml unchanged apart from seed and
+budget. Runs live under benchmarks/runs/ (git-ignored); `report` summarises them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "benchmarks" / "runs"
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+SECTION = "## Sample efficiency and training cost (issue 2)"
+PROFILE_JSON = ROOT / "benchmarks" / "profile_half_cheetah.json"
+TASKS = {"inverted_pendulum": "InvertedPendulum-v5", "hopper": "Hopper-v5", "half_cheetah": "HalfCheetah-v5",
+         "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+TARGETS = {"inverted_pendulum": (1000.0, 3000), "hopper": (2500.0, 20000), "half_cheetah": (5000.0, 20000)}
+NOT_TRAINING = ("eval", "checkpoint")  # phases that are bookkeeping, not the cost of learning
+
+
+def _config(task: str, seed: int, steps: int):  # -> maac_robot.config.Config
+    from maac_robot.config import load_config
+
+    return load_config(ROOT / "configs" / f"{task}.yaml", {"train.seed": seed, "train.total_steps": steps})
+
+
+def _machine() -> dict[str, Any]:
+    import gymnasium
+    import mujoco
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "mujoco": mujoco.__version__,
+                "gymnasium": gymnasium.__version__, "numpy": np.__version__}
+    try:
+        import stable_baselines3
+
+        versions["stable_baselines3"] = stable_baselines3.__version__
+    except ImportError:
+        pass
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "versions": versions,
+            "commit": commit.strip()}
+
+
+def _write_meta(run_dir: Path, algo: str, task: str, seed: int, steps: int, threads: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"algo": algo, "task": task, "env_id": TASKS[task], "seed": seed, "planned_steps": steps,
+            "threads": threads, "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_machine()}
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+# ---- MAAC ---------------------------------------------------------------------------------------
+
+
+def run_maac(task: str, seed: int, steps: int, run_dir: Path) -> None:
+    from maac_robot.trainer import train
+
+    cfg = _config(task, seed, steps)
+    _write_meta(run_dir, "maac", task, seed, steps, cfg.train.num_threads or os.cpu_count() or 1)
+    train(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest.pt").is_file(), progress=False)
+
+
+# ---- SAC (Stable-Baselines3) ----------------------------------------------------------------------
+
+
+def run_sac(task: str, seed: int, steps: int, run_dir: Path) -> None:
+    import gymnasium as gym
+    import torch
+    from maac_robot.trainer import eval_seeds
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    cfg = _config(task, seed, steps)
+    threads = cfg.train.num_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    _write_meta(run_dir, "sac", task, seed, steps, threads)
+    metrics = run_dir / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)  # SB3 runs are not resumable here: a rerun starts over
+    seeds = eval_seeds(seed, cfg.train.eval_episodes)
+    eval_env = gym.make(cfg.env.id, max_episode_steps=cfg.env.max_episode_steps)
+
+    def evaluate(model: SAC) -> np.ndarray:
+        returns = []
+        for s in seeds:
+            obs, _ = eval_env.reset(seed=s)
+            total, done = 0.0, False
+            while not done:
+                obs, reward, terminated, truncated, _ = eval_env.step(model.predict(obs, deterministic=True)[0])
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+        return np.asarray(returns)
+
+    class Evaluate(BaseCallback):
+        """Deterministic evaluation every `train.eval_every` env steps; time spent here is not training time."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.train_time = 0.0
+            self.eval_time = 0.0
+            self.mark = time.perf_counter()
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps % cfg.train.eval_every and self.num_timesteps != steps:
+                return True
+            now = time.perf_counter()
+            self.train_time += now - self.mark
+            returns = evaluate(self.model)
+            self.mark = time.perf_counter()
+            self.eval_time += self.mark - now
+            record = {"env_step": self.num_timesteps, "eval_return_mean": float(returns.mean()),
+                      "eval_return_std": float(returns.std()), "eval_returns": returns.tolist(),
+                      "wall_time_s": round(self.train_time + self.eval_time, 3),
+                      "phase_time_s": {"train": round(self.train_time, 3), "eval": round(self.eval_time, 3)}}
+            with metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            return True
+
+    env = gym.make(cfg.env.id, max_episode_steps=cfg.env.max_episode_steps)
+    a = cfg.agent
+    model = SAC("MlpPolicy", env, learning_rate=a.lr, buffer_size=cfg.train.buffer_size,
+                learning_starts=cfg.train.initial_random_steps, batch_size=a.batch_size, tau=a.tau, gamma=a.gamma,
+                train_freq=1, gradient_steps=1, policy_kwargs={"net_arch": [a.hidden] * a.layers}, seed=seed,
+                device="cpu", verbose=0)
+    model.learn(total_timesteps=steps, callback=Evaluate())
+
+
+# ---- profile --------------------------------------------------------------------------------------
+
+
+def profile(task: str, steps: int, out: Path) -> dict[str, Any]:
+    """Time `steps` env steps of MAAC right after the random phase, per phase of Algorithm 1.
+
+    The random phase (env steps only) is run first so D_env holds what the authors' schedule
+    holds when learning starts; the timers then cover exactly `steps` learning steps.
+    """
+    import tempfile
+
+    import torch
+    from maac_robot.trainer import Trainer
+
+    cfg = _config(task, 0, 10**9)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp))
+        while trainer.env_step < trainer.learning_starts - 1:
+            trainer._env_step()
+        cfg_run = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+            "total_steps": trainer.env_step + steps, "eval_every": 10**9, "checkpoint_every": 10**9})})
+        trainer.cfg = cfg_run
+        trainer.timers.clear()
+        start = time.perf_counter()
+        trainer.train(progress=False)
+        wall = time.perf_counter() - start
+        fits = trainer.fit_stats
+    phases = {k: round(v, 2) for k, v in sorted(trainer.timers.items(), key=lambda kv: -kv[1])}
+    result = {"task": task, "env_id": TASKS[task], "steps": steps, "wall_s": round(wall, 2),
+              "s_per_1000_steps": round(wall / steps * 1000, 1), "phase_s": phases,
+              "d_env": len(trainer.d_env), "last_model_fit": fits, "torch_threads": torch.get_num_threads(),
+              "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_machine()}
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _train_time(row: dict[str, Any]) -> float:
+    return sum(v for k, v in row["phase_time_s"].items() if k not in NOT_TRAINING)
+
+
+def _runs() -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """task -> algo -> [{meta, rows}] for every run directory that has metrics."""
+    found: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for meta_path in sorted(RUNS.glob("*/*/meta.json")):
+        meta = json.loads(meta_path.read_text())
+        rows = _read_jsonl(meta_path.parent / "metrics.jsonl")
+        if rows:
+            found.setdefault(meta["task"], {}).setdefault(meta["algo"], []).append({"meta": meta, "rows": rows})
+    return found
+
+
+def _curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float], list[float], list[int]]:
+    """Eval steps with mean and std over the seeds that reached them (and how many did)."""
+    by_step: dict[int, list[float]] = {}
+    for run in runs:
+        for row in run["rows"]:
+            by_step.setdefault(row["env_step"], []).append(row["eval_return_mean"])
+    steps = sorted(by_step)
+    return (steps, [float(np.mean(by_step[s])) for s in steps], [float(np.std(by_step[s])) for s in steps],
+            [len(by_step[s]) for s in steps])
+
+
+def _first_reaching(steps: list[int], means: list[float], level: float) -> int | None:
+    return next((s for s, m in zip(steps, means) if m >= level), None)
+
+
+def _cost(runs: list[dict[str, Any]]) -> str:
+    """Training seconds per 1000 env steps (eval excluded): overall, and over the last eval interval."""
+    overall, recent = [], []
+    for run in runs:
+        rows = run["rows"]
+        overall.append(_train_time(rows[-1]) / rows[-1]["env_step"] * 1000)
+        if len(rows) >= 2:
+            recent.append((_train_time(rows[-1]) - _train_time(rows[-2])) / (rows[-1]["env_step"] - rows[-2]["env_step"]) * 1000)
+    text = f"{np.mean(overall):.1f}"
+    if recent:
+        text += f" (last interval {np.mean(recent):.1f})"
+    return text
+
+
+def report() -> str:
+    from maac_robot.plotting import plot_learning_curves
+
+    found = _runs()
+    lines = [SECTION, "",
+             "Generated by `python benchmarks/sample_efficiency.py report` from the runs under `benchmarks/runs/`.",
+             "Returns are deterministic-policy evaluation returns (mean over the seeds that reached that step "
+             "± std across seeds; each seed's value is itself the mean of `train.eval_episodes` episodes).",
+             "Envs are Gymnasium v5 (mujoco 4.0), not the paper's MBBL variants, except HalfCheetah whose reward matches.",
+             ""]
+    if PROFILE_JSON.is_file():
+        p = json.loads(PROFILE_JSON.read_text())
+        lines += [f"### Profile: {p['steps']} env steps of MAAC at the authors' settings ({p['env_id']})", "",
+                  f"`{p['command']}` on {p['cpu']} ({p['cores']} cores, torch threads {p['torch_threads']}), "
+                  f"{p['date']}, commit {p['commit']}, D_env {p['d_env']} transitions:",
+                  f"**{p['s_per_1000_steps']} s per 1000 env steps** (target ≤ 150 s).", "",
+                  "| phase | seconds | share |", "|---|---|---|"]
+        total = sum(p["phase_s"].values())
+        lines += [f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in p["phase_s"].items()]
+        lines.append("")
+    for task, algos in sorted(found.items()):
+        curves, table = {}, {}
+        for algo, runs in sorted(algos.items()):
+            steps, means, stds, counts = _curve(runs)
+            curves[f"{algo.upper()} ({len(runs)} seeds)"] = (steps, means, stds)
+            table[algo] = {s: (m, sd, n) for s, m, sd, n in zip(steps, means, stds, counts)}
+        png = ROOT / "benchmarks" / f"{task}_learning_curve.png"
+        target = TARGETS.get(task)
+        plot_learning_curves(curves, png, title=f"{TASKS[task]}: MAAC vs SAC", target=target[0] if target else None)
+        env_id = TASKS[task]
+        lines += [f"### {env_id}", "", f"![{env_id}]({png.name})", ""]
+        for algo, runs in sorted(algos.items()):
+            seeds = ", ".join(f"seed {r['meta']['seed']}: {r['rows'][-1]['env_step']}/{r['meta']['planned_steps']} steps"
+                              for r in runs)
+            lines.append(f"- {algo.upper()}: {seeds}; training s / 1000 env steps: {_cost(runs)}; "
+                         f"command `{runs[0]['meta']['command']}`")
+        meta = next(iter(algos.values()))[0]["meta"]
+        lines += [f"- machine: {meta['cpu']}, {meta['cores']} cores shared with other jobs, torch threads "
+                  f"{meta['threads']}; versions {json.dumps(meta['versions'])}", ""]
+        algos_sorted = sorted(table)
+        lines += ["| env steps | " + " | ".join(a.upper() for a in algos_sorted) + " |",
+                  "|---|" + "---|" * len(algos_sorted)]
+        for s in sorted({s for t in table.values() for s in t}):
+            cells = [f"{table[a][s][0]:.1f} ± {table[a][s][1]:.1f} (n={table[a][s][2]})" if s in table[a] else ""
+                     for a in algos_sorted]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if target:
+            level, budget = target
+            for algo in algos_sorted:
+                steps = sorted(table[algo])
+                hit = _first_reaching(steps, [table[algo][s][0] for s in steps], level)
+                verdict = f"reached at {hit} env steps" if hit is not None else "not reached"
+                ok = "meets" if hit is not None and hit <= budget else "misses"
+                lines.append(f"- target {level:g} within {budget} env steps, {algo.upper()}: {verdict} ({ok} it)")
+        if "maac" in table and "sac" in table:
+            sac_steps = sorted(table["sac"])
+            sac_final = table["sac"][sac_steps[-1]][0]
+            sac_hit = _first_reaching(sac_steps, [table["sac"][s][0] for s in sac_steps], sac_final)
+            maac_steps = sorted(table["maac"])
+            maac_hit = _first_reaching(maac_steps, [table["maac"][s][0] for s in maac_steps], sac_final)
+            ratio = f"{maac_hit / sac_hit:.2f}" if maac_hit and sac_hit else "n/a (MAAC has not reached it)"
+            lines.append(f"- SAC's final return {sac_final:.1f} (at {sac_steps[-1]} steps, first reached at {sac_hit}): "
+                         f"MAAC first reached it at {maac_hit}; MAAC/SAC env-step ratio {ratio} (goal ≤ 0.25)")
+        lines.append("")
+    text = "\n".join(lines)
+    _replace_section(text)
+    return text
+
+
+def _replace_section(text: str) -> None:
+    """Rewrite only this benchmark's section of RESULTS.md; other sections belong to other benchmarks."""
+    current = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
+    start = current.find(SECTION)
+    if start < 0:
+        new = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    else:
+        end = current.find("\n## ", start + len(SECTION))
+        tail = current[end + 1:] if end >= 0 else ""
+        new = current[:start] + text.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
+    RESULTS_MD.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--algo", choices=["maac", "sac"], required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=int, required=True)
+    p = sub.add_parser("profile")
+    p.add_argument("--task", choices=sorted(TASKS), default="half_cheetah")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--out", type=Path, default=PROFILE_JSON)
+    sub.add_parser("report")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        for seed in args.seeds:
+            run_dir = RUNS / args.task / f"{args.algo}-s{seed}"
+            start = time.perf_counter()
+            (run_maac if args.algo == "maac" else run_sac)(args.task, seed, args.steps, run_dir)
+            print(f"{args.algo} {args.task} seed {seed}: {args.steps} steps in {time.perf_counter() - start:.0f} s",
+                  flush=True)
+    elif args.command == "profile":
+        profile(args.task, args.steps, args.out)
+    else:
+        print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

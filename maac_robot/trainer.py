@@ -1,0 +1,609 @@
+"""MAAC's training loop (paper §4.3, Algorithm 1) and everything a run leaves on disk.
+
+Per env step, after `train.initial_random_steps` uniformly random actions:
+  1. act with the stochastic policy in the real env, store the transition in D_env   (line 3)
+  2. every `model.train_every` steps: fit the ensemble on D_env (G1, early stopping) (lines 4-6)
+  3. every `rollout.every` steps: imagined `rollout.length`-step rollouts of the
+     current policy from D_env start states through the ensemble into D_model; a
+     branch stops at its predicted termination                                      (line 7)
+  4. `agent.updates_per_step` G2 steps on batches mixing D_env (`real_ratio`) and
+     D_model (`real_data_only`: D_env alone)                                        (lines 8-12)
+Learning (2-4) starts once D_env holds max(initial_random_steps, agent.batch_size)
+transitions: neither a model nor a minibatch can be formed from less.
+
+A run directory holds `config.yaml` (resolved, with CLI overrides), `metrics.jsonl` (one
+line per deterministic evaluation), `train.log`, `learning_curve.png` and
+`checkpoints/latest.pt`. The checkpoint has everything needed to continue: agent (with
+optimizers), ensemble (its fit starts a fresh Adam each time), D_env and D_model, every RNG,
+the env step and episode counters, and the cumulative phase timers. The episode that was in
+progress at the checkpoint is not resumed mid-way: its transitions up to the checkpoint are
+in D_env (a cut episode is an ordinary time-limit truncation for an off-policy learner), and
+the resumed run starts the next episode from a fresh reset with the next recorded seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from maac_robot.agent import MAACAgent
+from maac_robot.buffer import Batch, ReplayBuffer
+from maac_robot.config import Config, config_from_dict, load_config, save_config
+from maac_robot.ensemble import GaussianEnsemble
+from maac_robot.envs import make_env
+from maac_robot.errors import UserError
+from maac_robot.plotting import plot_learning_curves
+from maac_robot.tasks import Task, get_task
+
+CHECKPOINT_FORMAT = 1
+# Independent seed streams derived from the run seed (numpy SeedSequence spawn keys).
+_STREAM_SAMPLING, _STREAM_TORCH, _STREAM_TRAIN_RESETS, _STREAM_EVAL_RESETS = range(4)
+
+log = logging.getLogger("maac_robot.trainer")
+
+
+class RunError(UserError):
+    """A run directory that cannot be used the way it was asked for."""
+
+
+# --------------------------------------------------------------------------------------------
+# run directory layout
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def curve(self) -> Path:
+        return self.root / "learning_curve.png"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoints" / "latest.pt"
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    """A 31-bit seed for one purpose, independent of the others, reproducible from the run seed."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0] & 0x7FFF_FFFF)
+
+
+def eval_seeds(seed: int, episodes: int) -> list[int]:
+    """Reset seeds of a run's evaluation episodes: the same at every evaluation point (common random
+    numbers, so the curve shows the policy changing rather than the start states), never the training
+    env's, and shared with the SAC baseline in benchmarks/ so both face the same start states."""
+    base = _stream_seed(seed, _STREAM_EVAL_RESETS)
+    return [base + i for i in range(episodes)]
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def build_components(cfg: Config, device: torch.device) -> tuple[Task, MAACAgent, GaussianEnsemble]:
+    """Task, agent and ensemble exactly as a run with `cfg` builds them (also used by `load_run`)."""
+    task = get_task(cfg.env.id)
+    info = task.info
+    agent = MAACAgent(task, cfg.agent, device)
+    model = GaussianEnsemble(
+        info.state_dim, info.act_dim, num_models=cfg.model.num_models, num_elites=cfg.model.num_elites,
+        hidden=cfg.model.hidden, layers=cfg.model.layers, learn_reward=task.reward_fn is None,
+        net_obs_idx=info.net_obs_idx, min_logvar=cfg.model.min_logvar, max_logvar=cfg.model.max_logvar,
+    ).to(device)
+    return task, agent, model
+
+
+def uses_model(cfg: Config) -> bool:
+    """Whether any part of the configured algorithm needs the ensemble.
+
+    Only the combination horizon 0 + no STEVE + real data only is model-free (SAC); then
+    G1 and the imagined rollouts are skipped rather than computed and ignored.
+    """
+    a = cfg.agent
+    return a.horizon > 0 or (a.steve and a.steve_horizon > 0) or not a.real_data_only
+
+
+def evaluate_policy(agent: MAACAgent, env_id: str, seeds: list[int], max_episode_steps: int | None = None
+                    ) -> np.ndarray:
+    """Returns of the deterministic policy, one episode per reset seed, on a fresh env."""
+    env = make_env(env_id, max_episode_steps=max_episode_steps)
+    returns = []
+    try:
+        for seed in seeds:
+            state, _ = env.reset(seed=seed)
+            total, done = 0.0, False
+            while not done:
+                state, reward, terminated, truncated, _ = env.step(agent.act(state, deterministic=True))
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+    finally:
+        env.close()
+    return np.asarray(returns)
+
+
+# --------------------------------------------------------------------------------------------
+# Algorithm 1
+
+
+class Trainer:
+    """One MAAC run: owns the envs, agent, ensemble, D_env, D_model, RNGs and the run directory."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.paths = RunPaths(run_dir)
+        self.device = _resolve_device(cfg.train.device)
+        torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+        seed = cfg.train.seed
+        torch.manual_seed(seed)  # network initialisation and the policy's action noise
+        self.rng = np.random.default_rng(_stream_seed(seed, _STREAM_SAMPLING))  # random actions, minibatches
+        # CPU generator for the ensemble's bootstrap/holdout draws and imagined-rollout noise (fit wants CPU).
+        self.torch_gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_TORCH))
+        self.train_reset_seed = _stream_seed(seed, _STREAM_TRAIN_RESETS)
+        self.eval_seeds = eval_seeds(seed, cfg.train.eval_episodes)
+
+        self.task, self.agent, self.model = build_components(cfg, self.device)
+        info = self.task.info
+        self.act_low, self.act_high = info.act_low.astype(np.float32), info.act_high.astype(np.float32)
+        self.env = make_env(cfg.env.id, max_episode_steps=cfg.env.max_episode_steps)
+        self.d_env = ReplayBuffer(info.state_dim, info.act_dim, cfg.train.buffer_size)
+        r = cfg.rollout
+        self.d_model = ReplayBuffer(info.state_dim, info.act_dim, r.retain_rounds * r.batch_size * r.length)
+        self.uses_model = uses_model(cfg)
+        self.model_fitted = False
+        self.learning_starts = max(cfg.train.initial_random_steps, cfg.agent.batch_size)
+
+        self.env_step = 0
+        self.episode_index = 0  # index of the episode in progress; its reset seed is train_reset_seed + index
+        self.last_return = math.nan
+        self.episode_return = 0.0
+        self.timers: dict[str, float] = defaultdict(float)  # cumulative seconds per phase, across resumes
+        self.fit_stats: dict[str, float] = {}
+        self.update_sums: dict[str, float] = defaultdict(float)  # G2 loss sums since the last evaluation
+        self.update_count = 0
+        self.episode_returns_since_eval: list[float] = []
+        self.state = self._reset_episode()
+
+    # ---- env interaction -------------------------------------------------------------------
+
+    def _reset_episode(self) -> np.ndarray:
+        state, _ = self.env.reset(seed=self.train_reset_seed + self.episode_index)
+        self.episode_return = 0.0
+        return state
+
+    def _act(self) -> np.ndarray:
+        if self.env_step < self.cfg.train.initial_random_steps:
+            return self.rng.uniform(self.act_low, self.act_high).astype(np.float32)
+        return self.agent.act(self.state, deterministic=False)
+
+    def _env_step(self) -> None:
+        action = self._act()
+        next_state, reward, terminated, truncated, _ = self.env.step(action)
+        self.d_env.add(self.state, action, float(reward), next_state, bool(terminated))
+        self.episode_return += float(reward)
+        self.env_step += 1
+        if terminated or truncated:
+            self.last_return = self.episode_return
+            self.episode_returns_since_eval.append(self.episode_return)
+            self.episode_index += 1
+            self.state = self._reset_episode()
+        else:
+            self.state = next_state
+
+    # ---- G1: model learning ------------------------------------------------------------------
+
+    def _due(self, every: int) -> bool:
+        return self.env_step >= self.learning_starts and (self.env_step - self.learning_starts) % every == 0
+
+    def fit_model(self) -> None:
+        data = {k: torch.from_numpy(v).to(self.device) for k, v in self.d_env.arrays().items()}
+        reward = data["reward"] if self.model.learn_reward else None
+        self.fit_stats = self.model.fit(data["state"], data["action"], data["next_state"], reward,
+                                        self.cfg.model, self.torch_gen)
+        self.model_fitted = True
+        log.info("step %d: model fit on %d transitions: %s", self.env_step, len(self.d_env),
+                 json.dumps({k: round(v, 5) for k, v in self.fit_stats.items()}))
+
+    # ---- imagined rollouts into D_model ------------------------------------------------------
+
+    @torch.no_grad()
+    def imagine(self) -> None:
+        """`rollout.length`-step branches of the current stochastic policy from D_env states."""
+        r = self.cfg.rollout
+        idx = self.d_env.sample_indices(r.batch_size, self.rng)
+        state = torch.from_numpy(self.d_env.state[idx]).to(self.device)
+        for _ in range(r.length):
+            action, _ = self.agent.actor.sample(state)
+            next_state, reward = self.model.step(state, action, sample=True, generator=self.torch_gen)
+            if reward is None:
+                reward = self.task.reward_fn(state, action, next_state)
+            terminated = self.task.termination_fn(state, action, next_state)
+            self.d_model.add_batch(*(t.cpu().numpy() for t in (state, action, reward, next_state, terminated)))
+            alive = ~terminated
+            if not bool(alive.any()):
+                break
+            state = next_state[alive]
+
+    # ---- G2: policy and Q updates ------------------------------------------------------------
+
+    def _batches(self) -> list[tuple[Batch, Batch | None]]:
+        """`updates_per_step` (real, imagined) batch pairs, gathered with one index draw per buffer."""
+        n = self.cfg.agent.updates_per_step
+        n_real, n_model = self.agent.batch_split(model_data=len(self.d_model) > 0)
+        real = self.d_env.sample(n_real * n, self.rng, self.device).split(n_real)
+        imagined = self.d_model.sample(n_model * n, self.rng, self.device).split(n_model) if n_model else [None] * n
+        return list(zip(real, imagined, strict=True))
+
+    def update(self) -> None:
+        model = self.model if self.model_fitted else None
+        for real, imagined in self._batches():
+            stats = self.agent.update(real, imagined, model)
+            for k, v in stats.items():
+                self.update_sums[k] += float(v)
+            self.update_count += 1
+
+    # ---- evaluation, metrics, plots ----------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        returns = evaluate_policy(self.agent, self.cfg.env.id, self.eval_seeds, self.cfg.env.max_episode_steps)
+        losses = {k: v / self.update_count for k, v in self.update_sums.items()} if self.update_count else {}
+        record = {
+            "env_step": self.env_step,
+            "eval_return_mean": float(returns.mean()),
+            "eval_return_std": float(returns.std()),
+            "eval_returns": [float(x) for x in returns],
+            "train_return_mean": (float(np.mean(self.episode_returns_since_eval))
+                                  if self.episode_returns_since_eval else None),
+            "losses": losses,
+            "model": dict(self.fit_stats),
+            "buffer_env": len(self.d_env),
+            "buffer_model": len(self.d_model),
+            "wall_time_s": round(sum(self.timers.values()), 3),
+            "phase_time_s": {k: round(v, 3) for k, v in self.timers.items()},
+        }
+        self.update_sums.clear()
+        self.update_count = 0
+        self.episode_returns_since_eval.clear()
+        with self.paths.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._plot()
+        log.info("step %d: eval return %.2f ± %.2f  losses %s", self.env_step, record["eval_return_mean"],
+                 record["eval_return_std"], json.dumps({k: round(v, 5) for k, v in losses.items()}))
+        return record
+
+    def _plot(self) -> None:
+        rows = read_metrics(self.paths.metrics)
+        steps = [r["env_step"] for r in rows]
+        curve = ([r["eval_return_mean"] for r in rows], [r["eval_return_std"] for r in rows])
+        plot_learning_curves({f"MAAC seed {self.cfg.train.seed}": (steps, *curve)}, self.paths.curve,
+                             title=f"{self.cfg.env.id} ({self.paths.root.name})")
+
+    # ---- checkpointing -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
+               "torch_gen": self.torch_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "env_id": self.cfg.env.id,
+            "env_step": self.env_step,
+            "episode_index": self.episode_index,
+            "last_return": self.last_return,
+            "model_fitted": self.model_fitted,
+            "agent": self.agent.state_dict(),
+            "model": self.model.state_dict(),
+            "d_env": self.d_env.state_dict(),
+            "d_model": self.d_model.state_dict(),
+            "rng": rng,
+            "timers": dict(self.timers),
+            "fit_stats": dict(self.fit_stats),
+            "update_sums": dict(self.update_sums),
+            "update_count": self.update_count,
+            "episode_returns_since_eval": list(self.episode_returns_since_eval),
+        }
+
+    def save_checkpoint(self) -> None:
+        save_atomic(self.state_dict(), self.paths.checkpoint)
+
+    def load_checkpoint(self) -> None:
+        ckpt = load_checkpoint(self.paths.checkpoint, self.cfg.env.id)
+        self.agent.load_state_dict(ckpt["agent"])
+        self.model.load_state_dict(ckpt["model"])
+        self.d_env.load_state_dict(ckpt["d_env"])
+        self.d_model.load_state_dict(ckpt["d_model"])
+        self.rng.bit_generator.state = ckpt["rng"]["numpy"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.torch_gen.set_state(ckpt["rng"]["torch_gen"])
+        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        self.env_step = int(ckpt["env_step"])
+        self.last_return = float(ckpt["last_return"])
+        self.model_fitted = bool(ckpt["model_fitted"])
+        self.timers = defaultdict(float, ckpt["timers"])
+        self.fit_stats = dict(ckpt["fit_stats"])
+        self.update_sums = defaultdict(float, ckpt["update_sums"])
+        self.update_count = int(ckpt["update_count"])
+        self.episode_returns_since_eval = list(ckpt["episode_returns_since_eval"])
+        # The interrupted episode is not continued (see the module docstring): next seed, fresh reset.
+        self.episode_index = int(ckpt["episode_index"]) + 1
+        self.state = self._reset_episode()
+        truncate_metrics(self.paths.metrics, self.env_step)
+        log.info("resumed from %s at env step %d (D_env %d, D_model %d)", self.paths.checkpoint, self.env_step,
+                 len(self.d_env), len(self.d_model))
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def train(self, progress: bool = True) -> list[dict[str, Any]]:
+        """Run Algorithm 1 up to `train.total_steps`; returns the evaluation records of this call."""
+        t = self.cfg.train
+        records = []
+        bar = tqdm(total=t.total_steps, initial=self.env_step, disable=not progress, unit="step",
+                   dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+        last_mark = time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal last_mark
+            now = time.perf_counter()
+            self.timers[name] += now - last_mark
+            last_mark = now
+
+        try:
+            while self.env_step < t.total_steps:
+                self._env_step()
+                phase("env")
+                if self.env_step >= self.learning_starts:
+                    if self.uses_model and self._due(self.cfg.model.train_every):
+                        self.fit_model()
+                        phase("model_fit")
+                    if self.uses_model and not self.cfg.agent.real_data_only and self._due(self.cfg.rollout.every):
+                        self.imagine()
+                        phase("rollout")
+                    self.update()
+                    phase("update")
+                if self.env_step % t.eval_every == 0 or self.env_step == t.total_steps:
+                    records.append(self.evaluate())
+                    phase("eval")
+                if self.env_step % t.checkpoint_every == 0 or self.env_step == t.total_steps:
+                    self.save_checkpoint()
+                    phase("checkpoint")
+                bar.update(1)
+                if progress and self.env_step % 50 == 0:
+                    bar.set_postfix_str(self._postfix(records), refresh=False)
+        finally:
+            bar.close()
+        return records
+
+    def _postfix(self, records: list[dict[str, Any]]) -> str:
+        parts = [f"ret {self.last_return:.1f}"]
+        if records:
+            parts.append(f"eval {records[-1]['eval_return_mean']:.1f}")
+        model_loss = next((v for k, v in self.fit_stats.items() if "loss" in k or "mse" in k), None)
+        if model_loss is not None:
+            parts.append(f"model {model_loss:.4f}")
+        if self.update_count:
+            pi = next((v for k, v in self.update_sums.items() if "policy" in k or "actor" in k), None)
+            if pi is not None:
+                parts.append(f"pi {pi / self.update_count:.3f}")
+        return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file, fsync, then rename: a kill -9 leaves the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, env_id: str | None = None) -> dict[str, Any]:
+    """A trainer checkpoint, loaded without unpickling arbitrary objects (weights_only)."""
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user problem
+        raise RunError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"checkpoint {path} has format {ckpt.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
+    if env_id is not None and ckpt["env_id"] != env_id:
+        raise RunError(f"checkpoint {path} was trained on {ckpt['env_id']}, the run config says {env_id}")
+    return ckpt
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, env_step: int) -> None:
+    """Drop evaluations after `env_step` (written after the checkpoint a resumed run restarts from)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["env_step"] <= env_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _read_run_config(run_dir: Path) -> Config:
+    paths = RunPaths(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run directory not found: {run_dir}")
+    if not paths.config.is_file():
+        raise RunError(f"{run_dir} is not a run directory (no config.yaml)")
+    return load_config(paths.config)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run, ready for export or evaluation (CPU, eval mode)."""
+
+    config: Config
+    task: Task
+    agent: MAACAgent
+    model: GaussianEnsemble
+    env_step: int
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild a run's agent and ensemble from its `config.yaml` and latest checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = _read_run_config(run_dir)
+    path = RunPaths(run_dir).checkpoint
+    if not path.is_file():
+        raise RunError(f"{run_dir} has no checkpoint yet ({path}); train longer or wait for train.checkpoint_every")
+    ckpt = load_checkpoint(path, cfg.env.id)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cpu"})})
+    task, agent, model = build_components(cfg, torch.device("cpu"))
+    agent.load_state_dict(ckpt["agent"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return LoadedRun(config=cfg, task=task, agent=agent, model=model, env_step=int(ckpt["env_step"]))
+
+
+# --------------------------------------------------------------------------------------------
+# CLI entry points
+
+
+def _default_run_dir(cfg: Config) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.env.id.split('-')[0].lower()}-s{cfg.train.seed}-{stamp}"
+
+
+class _LogToFile:
+    """Attach train.log to the trainer's logger for the duration of a run (tests run several)."""
+
+    def __init__(self, path: Path) -> None:
+        self.handler = logging.FileHandler(path)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def __enter__(self) -> None:
+        log.addHandler(self.handler)
+        log.setLevel(logging.INFO)
+
+    def __exit__(self, *exc: object) -> None:
+        log.removeHandler(self.handler)
+        self.handler.close()
+
+
+def prepare_run(config: str | Path | None = None, resume: str | Path | None = None, seed: int | None = None,
+                steps: int | None = None, out: str | Path | None = None, device: str | None = None
+                ) -> tuple[Config, Path, bool]:
+    """Validate the CLI's choices before anything heavy starts; returns (config, run_dir, resuming)."""
+    if (config is None) == (resume is None):
+        raise UserError("give exactly one of --config (start a new run) or --resume RUN_DIR (continue one)")
+    overrides: dict[str, Any] = {}
+    if steps is not None:
+        overrides["train.total_steps"] = steps
+    if device is not None:
+        overrides["train.device"] = device
+    if resume is not None:
+        if seed is not None:
+            raise UserError("--seed cannot change a run being resumed; start a new run with --config")
+        if out is not None:
+            raise UserError("--out cannot be combined with --resume; the run continues in its own directory")
+        run_dir = Path(resume)
+        cfg = _read_run_config(run_dir)
+        if not RunPaths(run_dir).checkpoint.is_file():
+            raise RunError(f"cannot resume {run_dir}: it has no checkpoint yet (checkpoints/latest.pt)")
+        data = cfg.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            data[section][key] = value
+        return config_from_dict(data, str(RunPaths(run_dir).config)), run_dir, True
+    if seed is not None:
+        overrides["train.seed"] = seed
+    cfg = load_config(config, overrides)  # type: ignore[arg-type]
+    run_dir = Path(out) if out is not None else _default_run_dir(cfg)
+    if RunPaths(run_dir).checkpoint.exists() or RunPaths(run_dir).metrics.exists():
+        raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+    return cfg, run_dir, False
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Trainer:
+    """Run (or continue) training into `run_dir`; the programmatic twin of `maac-robot train`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, RunPaths(run_dir).config)
+    with _LogToFile(RunPaths(run_dir).log):
+        trainer = Trainer(cfg, run_dir)
+        if resume:
+            trainer.load_checkpoint()
+        else:
+            log.info("new run %s: %s, seed %d, %d steps, device %s, %d torch threads", run_dir, cfg.env.id,
+                     cfg.train.seed, cfg.train.total_steps, trainer.device, torch.get_num_threads())
+        trainer.train(progress=progress)
+        log.info("finished at env step %d", trainer.env_step)
+    return trainer
+
+
+def train_from_cli(config: Path | None = None, resume: Path | None = None, seed: int | None = None,
+                   steps: int | None = None, out: Path | None = None, device: str | None = None) -> int:
+    """`maac-robot train`: new run from --config, or --resume an interrupted one."""
+    cfg, run_dir, resuming = prepare_run(config, resume, seed, steps, out, device)
+    if resuming:
+        done = int(load_checkpoint(RunPaths(run_dir).checkpoint, cfg.env.id)["env_step"])
+        if done >= cfg.train.total_steps:
+            print(f"{run_dir} already trained {done} of {cfg.train.total_steps} env steps; "
+                  f"raise the budget with --steps N to continue")
+            return 0
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    trainer = train(cfg, run_dir, resume=resuming)
+    rows = read_metrics(RunPaths(run_dir).metrics)
+    if rows:
+        last = rows[-1]
+        print(f"{cfg.env.id}: {trainer.env_step} env steps, last evaluation "
+              f"{last['eval_return_mean']:.1f} ± {last['eval_return_std']:.1f}; run saved in {run_dir}")
+    return 0
+
+
+def evaluate_from_cli(run_dir: Path, episodes: int = 10, seed: int = 10_000) -> int:
+    """`maac-robot evaluate`: mean ± std return of the run's deterministic policy."""
+    if episodes <= 0:
+        raise UserError(f"--episodes must be positive, got {episodes}")
+    run = load_run(run_dir)
+    returns = evaluate_policy(run.agent, run.config.env.id, [seed + i for i in range(episodes)],
+                              run.config.env.max_episode_steps)
+    print(f"{run.config.env.id} after {run.env_step} env steps: return {returns.mean():.1f} ± {returns.std():.1f} "
+          f"over {episodes} episodes (deterministic policy, reset seeds {seed}..{seed + episodes - 1})")
+    return 0
+
+
+__all__ = ["LoadedRun", "Trainer", "eval_seeds", "evaluate_from_cli", "evaluate_policy", "load_run",
+           "train", "train_from_cli"]

@@ -1,0 +1,230 @@
+"""End-to-end training (Algorithm 1) on a tiny InvertedPendulum config: files, resume, seeding, errors.
+
+Sizes are tiny so the whole file stays fast on 2 shared cores; what is checked is the loop's
+bookkeeping (run files, buffers, counters, RNG streams, checkpoints), not learning progress,
+which benchmarks/sample_efficiency.py measures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from maac_robot import cli
+from maac_robot.buffer import ReplayBuffer
+from maac_robot.config import config_from_dict, load_config
+from maac_robot.trainer import Trainer, load_checkpoint, load_run, read_metrics, train
+
+TINY = {
+    "env": {"id": "InvertedPendulum-v5", "max_episode_steps": 60},
+    "model": {"num_models": 3, "num_elites": 2, "hidden": 32, "layers": 2, "batch_size": 64, "max_epochs": 3,
+              "train_every": 100},
+    "agent": {"horizon": 2, "num_samples": 2, "terminal_q_samples": 2, "steve_horizon": 1, "hidden": 32,
+              "batch_size": 32, "updates_per_step": 1},
+    "rollout": {"length": 2, "batch_size": 64, "every": 50, "retain_rounds": 2},
+    "train": {"total_steps": 200, "initial_random_steps": 100, "eval_every": 100, "eval_episodes": 2,
+              "checkpoint_every": 100, "buffer_size": 5000, "num_threads": 1, "seed": 3},
+}
+
+
+def _tiny(**sections: dict) -> dict:
+    data = json.loads(json.dumps(TINY))
+    for section, values in sections.items():
+        data[section].update(values)
+    return data
+
+
+def _config_file(tmp_path: Path, data: dict | None = None) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data or TINY))
+    return path
+
+
+# ---- replay buffer -----------------------------------------------------------------------------
+
+
+def test_replay_buffer_ring_sampling_and_state_dict() -> None:
+    buf = ReplayBuffer(state_dim=2, act_dim=1, capacity=5)
+    for i in range(7):  # wraps: rows 0, 1 now hold transitions 5, 6
+        buf.add(np.full(2, i), np.full(1, -i), float(i), np.full(2, i + 1), i % 2 == 0)
+    assert (len(buf), buf.ptr, buf.total_added) == (5, 2, 7)
+    assert sorted(buf.reward.tolist()) == [2, 3, 4, 5, 6]
+    b1 = buf.sample(16, np.random.default_rng(0))
+    b2 = buf.sample(16, np.random.default_rng(0))
+    assert torch.equal(b1.reward, b2.reward) and len(b1) == 16
+    # every sampled row is a stored transition, fields stay aligned
+    assert torch.equal(b1.state[:, 0], b1.reward) and torch.equal(b1.action[:, 0], -b1.reward)
+    assert torch.equal(b1.terminated, b1.reward.long() % 2 == 0)
+
+    buf.add_batch(*(np.arange(3 * k, dtype=np.float32).reshape(3, k) if k else np.arange(3.0)
+                    for k in (2, 1, 0, 2)), np.ones(3, bool))
+    clone = ReplayBuffer(2, 1, 5)
+    clone.load_state_dict(buf.state_dict())
+    for f in ("state", "action", "reward", "next_state", "terminated"):
+        assert np.array_equal(getattr(clone, f), getattr(buf, f))
+    assert (clone.ptr, clone.size, clone.total_added) == (buf.ptr, buf.size, buf.total_added) == (0, 5, 10)
+    with pytest.raises(ValueError, match="empty"):
+        ReplayBuffer(2, 1, 5).sample(1, np.random.default_rng(0))
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+
+def test_tiny_training_writes_run_files_and_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(_config_file(tmp_path)), "--out", str(run), "--seed", "5"]) == 0
+    for name in ("config.yaml", "metrics.jsonl", "train.log", "learning_curve.png", "checkpoints/latest.pt"):
+        assert (run / name).is_file(), name
+    assert not list(run.rglob("*.tmp*")), "atomic writes left temporary files"
+    assert load_config(run / "config.yaml").train.seed == 5  # resolved config includes the override
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["env_step"] for r in rows] == [100, 200]
+    assert all(math.isfinite(x) for r in rows for x in r["eval_returns"])
+    trained = rows[-1]
+    assert trained["losses"]["q_loss"] > 0 and math.isfinite(trained["losses"]["policy_loss"])
+    assert trained["model"], "the ensemble was never fitted"
+    assert trained["buffer_env"] == 200 and trained["buffer_model"] > 0
+    assert set(trained["phase_time_s"]) >= {"env", "model_fit", "rollout", "update", "eval", "checkpoint"}
+    assert (run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+    loaded = load_run(run)
+    assert loaded.env_step == 200 and loaded.config.env.id == "InvertedPendulum-v5"
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run), "--episodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "InvertedPendulum-v5 after 200 env steps: return" in out and "±" in out
+
+
+def test_same_seed_same_first_evaluation(tmp_path: Path) -> None:
+    cfg = config_from_dict(_tiny(train={"total_steps": 100, "initial_random_steps": 60}))
+    first = [train(cfg, tmp_path / f"run{i}", progress=False) for i in range(2)]
+    rows = [read_metrics(tmp_path / f"run{i}" / "metrics.jsonl")[0] for i in range(2)]
+    assert rows[0]["eval_returns"] == rows[1]["eval_returns"]
+    assert rows[0]["losses"] == rows[1]["losses"]  # the G2 updates before it were identical too
+    for a, b in zip(first[0].agent.actor.parameters(), first[1].agent.actor.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resume_continues_buffers_counters_and_metrics(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = _config_file(tmp_path)
+    assert cli.main(["train", "--config", str(config), "--out", str(run), "--steps", "100"]) == 0
+    ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert ckpt["env_step"] == 100 and ckpt["d_env"]["size"] == 100
+    # An evaluation written after the checkpoint by a process that then died must not be duplicated.
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"env_step": 150, "eval_return_mean": 0.0, "eval_return_std": 0.0}) + "\n")
+
+    assert cli.main(["train", "--resume", str(run), "--steps", "200"]) == 0
+    ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert ckpt["env_step"] == 200
+    assert ckpt["d_env"]["size"] == ckpt["d_env"]["total_added"] == 200  # restored, then continued: not refilled
+    assert [r["env_step"] for r in read_metrics(run / "metrics.jsonl")] == [100, 200]
+    assert load_config(run / "config.yaml").train.total_steps == 200
+    assert "resumed from" in (run / "train.log").read_text()
+
+
+def test_kill_9_then_resume(tmp_path: Path) -> None:
+    """A real SIGKILL mid-run: the atomic checkpoint survives and the run continues from it."""
+    run = tmp_path / "run"
+    data = _tiny(train={"total_steps": 100_000, "checkpoint_every": 50, "eval_every": 50,
+                        "initial_random_steps": 100})
+    cmd = [sys.executable, "-m", "maac_robot.cli", "train", "--config", str(_config_file(tmp_path, data)),
+           "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            path = run / "checkpoints" / "latest.pt"
+            if path.is_file() and load_checkpoint(path)["env_step"] >= 150:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no checkpoint at step >= 150 within 90 s")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    step = load_checkpoint(run / "checkpoints" / "latest.pt")["env_step"]
+    target = step + 50
+    assert cli.main(["train", "--resume", str(run), "--steps", str(target)]) == 0
+    ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert ckpt["env_step"] == ckpt["d_env"]["total_added"] == target
+    steps = [r["env_step"] for r in read_metrics(run / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == target
+
+
+def test_model_free_ablation_skips_the_model(tmp_path: Path) -> None:
+    """horizon 0 + no STEVE + real data only is SAC: no ensemble fit, no imagined data."""
+    cfg = config_from_dict(_tiny(agent={"horizon": 0, "steve": False, "real_data_only": True},
+                                 train={"total_steps": 150}))
+    trainer = train(cfg, tmp_path / "run", progress=False)
+    assert not trainer.model_fitted and len(trainer.d_model) == 0
+    assert trainer.update_count == 0 and trainer.env_step == 150  # losses were reported at the last eval
+    row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert row["model"] == {} and math.isfinite(row["losses"]["policy_loss"])
+
+
+class _FallingPole:
+    """Stand-in dynamics: every step tips half of the surviving branches past the pendulum's 0.2 rad limit."""
+
+    learn_reward = False
+
+    def step(self, state: torch.Tensor, action: torch.Tensor, *, sample: bool = True,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, None]:
+        next_state = state.clone()
+        next_state[: len(state) // 2, 1] = 1.0  # pole angle
+        next_state[len(state) // 2:, 1] = 0.0
+        return next_state, None
+
+
+def test_imagined_rollouts_stop_terminated_branches(tmp_path: Path) -> None:
+    cfg = config_from_dict(_tiny(rollout={"length": 3, "batch_size": 64}))
+    trainer = Trainer(cfg, tmp_path)
+    for _ in range(100):
+        trainer._env_step()
+    trainer.model = _FallingPole()  # type: ignore[assignment]
+    trainer.imagine()
+    # 64 branches, then the 32 that survived step 1, then the 16 that survived step 2.
+    assert len(trainer.d_model) == 64 + 32 + 16
+    assert int(trainer.d_model.terminated[: len(trainer.d_model)].sum()) == 32 + 16 + 8
+    stored = trainer.d_model.arrays()
+    assert np.array_equal(stored["terminated"], np.abs(stored["next_state"][:, 1]) > 0.2)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train"], "exactly one of --config"),
+        (["train", "--config", "{cfg}", "--resume", "{tmp}"], "exactly one of --config"),
+        (["train", "--config", "{tmp}/missing.yaml"], "config file not found"),
+        (["train", "--resume", "{tmp}/nowhere"], "run directory not found"),
+        (["train", "--resume", "{tmp}"], "not a run directory"),
+        (["train", "--resume", "{tmp}/fresh"], "has no checkpoint yet"),
+        (["train", "--resume", "{tmp}/fresh", "--seed", "1"], "--seed cannot change a run being resumed"),
+        (["train", "--config", "{cfg}", "--out", "{tmp}/used"], "already holds a run"),
+        (["train", "--config", "{cfg}", "--device", "gpu"], "train.device"),
+        (["evaluate", "{tmp}/fresh"], "has no checkpoint yet"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str],
+                                       message: str) -> None:
+    cfg = _config_file(tmp_path)
+    for name in ("fresh", "used"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(cfg.read_text())
+    (tmp_path / "used" / "metrics.jsonl").write_text("")
+    argv = [a.format(cfg=cfg, tmp=tmp_path) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
