@@ -1,0 +1,212 @@
+"""Bootstrap ensemble of probabilistic dynamics models (MAAC §4.3 'Model learning', as in PETS/MBPO).
+
+M Gaussian MLPs with diagonal covariance predict the normalised Δstate (and reward, for envs without
+a closed-form reward). All members live in one module with weights shaped [M, in, out] and run as
+batched matmuls (`torch.baddbmm`): one kernel per layer for the whole ensemble, never a Python loop
+over members. Each member sees only the network dims of the state (`net_obs_idx`), so absolute root
+position never enters a network, yet Δx is predicted and the closed-form reward stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maac_robot.config import ModelConfig
+
+_LOGVAR_BOUND_REG = 0.01  # PETS: pulls the learnable log-variance bounds towards each other
+_HOLDOUT_CHUNK = 8192  # rows per holdout evaluation pass (bounds memory on large buffers)
+
+
+def holdout_split(n: int, ratio: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Random (train, holdout) row indices; `fit` draws this first from its generator."""
+    num_holdout = int(n * ratio)
+    if num_holdout < 1 or num_holdout >= n:
+        raise ValueError(f"cannot hold out {ratio:.0%} of {n} transitions: need at least one in each split")
+    perm = torch.randperm(n, generator=generator)
+    return perm[num_holdout:], perm[:num_holdout]
+
+
+def _set_moments(mean: Tensor, std: Tensor, data: Tensor) -> None:
+    """Per-dim mean/std of `data` into the buffers; constant dims get std 1 (no division by ~0)."""
+    mean.copy_(data.mean(0))
+    sd = data.std(0)
+    std.copy_(torch.where(sd < 1e-6, torch.ones_like(sd), sd))
+
+
+class GaussianEnsemble(nn.Module):
+    """M probabilistic MLPs over (state[net_obs_idx], action) -> N(Δstate [, reward]) in normalised units."""
+
+    def __init__(self, state_dim: int, act_dim: int, *, num_models: int, num_elites: int, hidden: int, layers: int,
+                 learn_reward: bool, net_obs_idx: tuple[int, ...] | list[int], min_logvar: float, max_logvar: float):
+        super().__init__()
+        if not 0 < num_elites <= num_models:
+            raise ValueError(f"num_elites must be in 1..num_models ({num_models}), got {num_elites}")
+        self.state_dim, self.act_dim, self.num_models, self.learn_reward = state_dim, act_dim, num_models, learn_reward
+        self.register_buffer("net_obs_idx", torch.as_tensor(list(net_obs_idx), dtype=torch.long))
+        in_dim, out_dim = len(net_obs_idx) + act_dim, state_dim + int(learn_reward)
+        dims = [in_dim] + [hidden] * layers + [2 * out_dim]
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_models, i, o)) for i, o in zip(dims, dims[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(num_models, 1, o)) for o in dims[1:])
+        for w in self.weights:  # PETS/MBPO init: truncated normal, std 1 / (2 sqrt(fan_in))
+            std = 1.0 / (2.0 * math.sqrt(w.shape[1]))
+            nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+        # per member, so a member's best snapshot during early stopping is self-contained
+        self.max_logvar = nn.Parameter(torch.full((num_models, 1, out_dim), float(max_logvar)))
+        self.min_logvar = nn.Parameter(torch.full((num_models, 1, out_dim), float(min_logvar)))
+        self.register_buffer("in_mean", torch.zeros(in_dim))
+        self.register_buffer("in_std", torch.ones(in_dim))
+        self.register_buffer("out_mean", torch.zeros(out_dim))
+        self.register_buffer("out_std", torch.ones(out_dim))
+        self.register_buffer("elites", torch.arange(num_elites))
+
+    def _member_params(self) -> list[nn.Parameter]:
+        return [*self.weights, *self.biases, self.max_logvar, self.min_logvar]
+
+    def _forward(self, state: Tensor, action: Tensor, members: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Members `members` (all if None) on inputs [len(members), B, ·]; normalised mean and log-variance."""
+        def pick(p: Tensor) -> Tensor:
+            return p if members is None else p.index_select(0, members)
+
+        x = (torch.cat([state.index_select(-1, self.net_obs_idx), action], -1) - self.in_mean) / self.in_std
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(pick(b), x, pick(w))
+            if i < len(self.weights) - 1:
+                x = F.silu(x)  # swish
+        mean, logvar = x.chunk(2, dim=-1)
+        max_logvar, min_logvar = pick(self.max_logvar), pick(self.min_logvar)
+        logvar = max_logvar - F.softplus(max_logvar - logvar)  # soft bounds (PETS), differentiable everywhere
+        logvar = min_logvar + F.softplus(logvar - min_logvar)
+        return mean, logvar
+
+    def forward(self, state: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        """All members: state [M, B, S], action [M, B, A] -> (mean, logvar) [M, B, out] in normalised units."""
+        return self._forward(state, action)
+
+    def predict_all(self, state: Tensor, action: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Every member's prediction in env units: next-state mean/logvar [M, B, S], reward mean/logvar [M, B]."""
+        m = self.num_models
+        return self.predict_members(state.unsqueeze(0).expand(m, -1, -1), action.unsqueeze(0).expand(m, -1, -1))
+
+    def predict_members(self, state: Tensor, action: Tensor, members: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Members `members` (all if None), each on its own rows [K, B, ·], in env units: next-state
+        mean/logvar [K, B, S], reward mean/logvar [K, B] (None unless learned). The export's fused plan
+        graph runs particle i through elite i % E with this, one batched pass over the elites."""
+        mean, logvar = self._forward(state, action, members)
+        mean = mean * self.out_std + self.out_mean
+        logvar = logvar + 2.0 * self.out_std.log()
+        s = self.state_dim
+        next_mean, next_logvar = state + mean[..., :s], logvar[..., :s]
+        if not self.learn_reward:
+            return next_mean, next_logvar, None, None
+        return next_mean, next_logvar, mean[..., s], logvar[..., s]
+
+    def step(self, state: Tensor, action: Tensor, *, sample: bool = True,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """One imagined transition per row, each through a uniformly random elite member.
+
+        A random permutation of the batch is cut into one chunk per elite (the last chunk padded by
+        wrapping around), and the chunk-to-elite assignment is itself shuffled, so every row's member is
+        uniform over the elites while the compute stays one batched pass over E members. Samples use
+        std = exp(logvar / 2) and are reparameterised, so gradients flow to state and action.
+        `generator` (if given) must live on the device its random numbers should be drawn on.
+        """
+        batch, num_elites = state.shape[0], self.elites.numel()
+        per_member = -(-batch // num_elites)
+        rng_device = generator.device if generator is not None else state.device
+        perm = torch.randperm(batch, generator=generator, device=rng_device).to(state.device)
+        members = self.elites[torch.randperm(num_elites, generator=generator, device=rng_device).to(state.device)]
+        slots = perm[torch.arange(num_elites * per_member, device=state.device) % batch]
+        mean, logvar = self._forward(state[slots].view(num_elites, per_member, -1),
+                                     action[slots].view(num_elites, per_member, -1), members)
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, device=rng_device, dtype=mean.dtype)
+            mean = mean + (0.5 * logvar).exp() * noise.to(mean.device)
+        out = mean.reshape(num_elites * per_member, -1)[:batch][torch.argsort(perm)]
+        out = out * self.out_std + self.out_mean
+        next_state = state + out[:, : self.state_dim]
+        return next_state, (out[:, self.state_dim] if self.learn_reward else None)
+
+    @torch.no_grad()
+    def _holdout_mse(self, state: Tensor, action: Tensor, target: Tensor) -> Tensor:
+        """Per-member MSE of the mean on normalised targets, averaged over rows and output dims: [M]."""
+        m, total = self.num_models, torch.zeros(self.num_models, device=state.device)
+        for i in range(0, state.shape[0], _HOLDOUT_CHUNK):
+            s, a, y = (t[i:i + _HOLDOUT_CHUNK] for t in (state, action, target))
+            mean, _ = self(s.expand(m, -1, -1), a.expand(m, -1, -1))
+            total += (mean - y).square().mean(-1).sum(-1)
+        return total / state.shape[0]
+
+    def fit(self, state: Tensor | np.ndarray, action: Tensor | np.ndarray, next_state: Tensor | np.ndarray,
+            reward: Tensor | np.ndarray | None, cfg: ModelConfig, generator: torch.Generator | None) -> dict[str, float]:
+        """Train all members on bootstrap resamples until the holdout error stops improving.
+
+        Holdout split (cfg.holdout_ratio), normaliser refit on the training split, one bootstrap resample
+        per member, Gaussian NLL + log-variance bound regulariser, Adam with L2 weight decay on weights.
+        A member's weights are snapshotted whenever its holdout MSE improves by >1 % (relative); training
+        stops after cfg.patience epochs in which no member improved (or at cfg.max_epochs), every member
+        returns to its best snapshot, and the num_elites members with the lowest holdout MSE become elites.
+        Adam is fresh per call so that everything fit depends on lives in state_dict (exact resume).
+        `generator` is a CPU generator; all index sampling draws from it.
+        """
+        if self.learn_reward and reward is None:
+            raise ValueError("this ensemble learns reward: fit needs rewards")
+        like = dict(dtype=self.in_mean.dtype, device=self.in_mean.device)
+        s, s2 = torch.as_tensor(state), torch.as_tensor(next_state)
+        targets = [(s2 - s).to(**like)]  # Δ before the cast: float64 positions keep their precision
+        if self.learn_reward:
+            targets.append(torch.as_tensor(reward).reshape(-1, 1).to(**like))
+        s, a, y = s.to(**like), torch.as_tensor(action).to(**like), torch.cat(targets, -1)
+
+        train_idx, hold_idx = holdout_split(s.shape[0], cfg.holdout_ratio, generator)
+        rows = train_idx.to(s.device)
+        _set_moments(self.in_mean, self.in_std, torch.cat([s.index_select(-1, self.net_obs_idx), a], -1)[rows])
+        _set_moments(self.out_mean, self.out_std, y[rows])
+        y = (y - self.out_mean) / self.out_std
+        hold = tuple(t[hold_idx.to(s.device)] for t in (s, a, y))
+
+        m, n_train = self.num_models, train_idx.numel()
+        boot = train_idx[torch.randint(n_train, (m, n_train), generator=generator)]  # [M, N] rows, with replacement
+        opt = torch.optim.Adam([{"params": list(self.weights), "weight_decay": cfg.weight_decay},
+                                {"params": [*self.biases, self.max_logvar, self.min_logvar], "weight_decay": 0.0}],
+                               lr=cfg.lr)
+        best = self._holdout_mse(*hold)
+        snapshot = [p.detach().clone() for p in self._member_params()]
+        epochs = since_improved = 0
+        while cfg.max_epochs is None or epochs < cfg.max_epochs:
+            order = boot.gather(1, torch.rand(m, n_train, generator=generator).argsort(1)).to(s.device)
+            nll_sum = 0.0
+            for i in range(0, n_train, cfg.batch_size):
+                rows = order[:, i:i + cfg.batch_size]
+                mean, logvar = self(s[rows], a[rows])
+                nll = ((mean - y[rows]).square() * (-logvar).exp() + logvar).mean((1, 2)).sum()
+                loss = nll + _LOGVAR_BOUND_REG * (self.max_logvar.sum() - self.min_logvar.sum())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                nll_sum += nll.item() * rows.shape[1]
+            epochs += 1
+            mse = self._holdout_mse(*hold)
+            improved = (best - mse) / best > 0.01
+            if improved.any():
+                for p, snap in zip(self._member_params(), snapshot):
+                    snap.copy_(torch.where(improved.view(-1, 1, 1), p.detach(), snap))
+                best = torch.where(improved, mse, best)
+                since_improved = 0
+            else:
+                since_improved += 1
+                if since_improved >= cfg.patience:
+                    break
+        with torch.no_grad():
+            for p, snap in zip(self._member_params(), snapshot):
+                p.copy_(snap)
+        self.elites.copy_(best.argsort()[: self.elites.numel()])
+        return {"epochs": float(epochs), "train_nll": nll_sum / (n_train * m),
+                "holdout_mse": best.mean().item(), "elite_holdout_mse": best[self.elites].mean().item(),
+                "last_epoch_holdout_mse": mse.mean().item(),
+                "num_train": float(n_train), "num_holdout": float(hold_idx.numel())}
