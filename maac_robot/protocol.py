@@ -67,6 +67,7 @@ Endpoints: ``tcp://127.0.0.1:5555`` (default, loopback only), ``ipc:///path`` or
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -277,7 +278,7 @@ def decode(frames: Sequence[Any], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
     arrays = []
     for i, (spec, view) in enumerate(zip(msg.arrays, views[1:])):
         dtype = WIRE_DTYPES[spec.dtype]
-        count = int(np.prod(spec.shape, dtype=np.int64))
+        count = math.prod(spec.shape)  # Python ints: a hostile shape cannot overflow into a match
         if count * dtype.itemsize != view.nbytes:
             raise ProtocolError(f"array {i}: header says {spec.dtype}{list(spec.shape)} "
                                 f"({count * dtype.itemsize} bytes), frame has {view.nbytes} bytes", seq=msg.seq)

@@ -217,6 +217,8 @@ class SimServer:
     def close(self) -> None:
         """Release the sockets, env and video (call after `serve()` returned)."""
         self._sock.close(linger=0)
+        if self.endpoint.startswith("ipc://"):  # ZeroMQ leaves the socket file behind
+            Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
         self._wake.close(linger=0)
         self.env.close()
         if self._video is not None:
