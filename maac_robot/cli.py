@@ -27,7 +27,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from maac_robot.export import export_from_cli
 
-    return export_from_cli(run_dir=args.run, out=args.out)
+    return export_from_cli(run_dir=args.run, out=args.out, plan_horizon=args.plan_horizon)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run's policy, ensemble and Q to ONNX + manifest")
     p.add_argument("run", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--plan-horizon", type=int, help="H of the fused plan graph (default: the trained agent.horizon)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("inspect", help="print an artifact's manifest and graph signatures")

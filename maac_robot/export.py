@@ -290,7 +290,7 @@ def export_from_run(run_dir: str | Path, out: str | Path, plan_horizon: int | No
     return export_artifacts(
         out, task=run.task, actor=run.agent.actor, critic=run.agent.critic, model=run.model,
         gamma=cfg.agent.gamma, horizon=cfg.agent.horizon,
-        plan_horizon=plan_horizon if plan_horizon is not None else cfg.controller.horizon,
+        plan_horizon=plan_horizon,
         train_steps=run.env_step, config=cfg.model_dump(mode="json"), seed=cfg.train.seed)
 
 
