@@ -132,6 +132,17 @@ class GaussianEnsemble(nn.Module):
         next_state = state + out[:, : self.state_dim]
         return next_state, (out[:, self.state_dim] if self.learn_reward else None)
 
+    def loss(self, state: Tensor, action: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(training loss, Gaussian NLL) on per-member minibatches [M, B, ·] with normalised targets.
+
+        The NLL (constant dropped) is averaged over rows and output dims per member and summed over
+        members, so each member's gradient does not depend on M; the PETS regulariser keeps the
+        learnable log-variance bounds from drifting apart.
+        """
+        mean, logvar = self(state, action)
+        nll = ((mean - target).square() * (-logvar).exp() + logvar).mean((1, 2)).sum()
+        return nll + _LOGVAR_BOUND_REG * (self.max_logvar.sum() - self.min_logvar.sum()), nll
+
     @torch.no_grad()
     def _holdout_mse(self, state: Tensor, action: Tensor, target: Tensor) -> Tensor:
         """Per-member MSE of the mean on normalised targets, averaged over rows and output dims: [M]."""
@@ -143,7 +154,8 @@ class GaussianEnsemble(nn.Module):
         return total / state.shape[0]
 
     def fit(self, state: Tensor | np.ndarray, action: Tensor | np.ndarray, next_state: Tensor | np.ndarray,
-            reward: Tensor | np.ndarray | None, cfg: ModelConfig, generator: torch.Generator | None) -> dict[str, float]:
+            reward: Tensor | np.ndarray | None, cfg: ModelConfig,
+            generator: torch.Generator | None) -> dict[str, float]:
         """Train all members on bootstrap resamples until the holdout error stops improving.
 
         Holdout split (cfg.holdout_ratio), normaliser refit on the training split, one bootstrap resample
@@ -164,9 +176,9 @@ class GaussianEnsemble(nn.Module):
         s, a, y = s.to(**like), torch.as_tensor(action).to(**like), torch.cat(targets, -1)
 
         train_idx, hold_idx = holdout_split(s.shape[0], cfg.holdout_ratio, generator)
-        rows = train_idx.to(s.device)
-        _set_moments(self.in_mean, self.in_std, torch.cat([s.index_select(-1, self.net_obs_idx), a], -1)[rows])
-        _set_moments(self.out_mean, self.out_std, y[rows])
+        train_rows = train_idx.to(s.device)
+        _set_moments(self.in_mean, self.in_std, torch.cat([s.index_select(-1, self.net_obs_idx), a], -1)[train_rows])
+        _set_moments(self.out_mean, self.out_std, y[train_rows])
         y = (y - self.out_mean) / self.out_std
         hold = tuple(t[hold_idx.to(s.device)] for t in (s, a, y))
 
@@ -180,16 +192,14 @@ class GaussianEnsemble(nn.Module):
         epochs = since_improved = 0
         while cfg.max_epochs is None or epochs < cfg.max_epochs:
             order = boot.gather(1, torch.rand(m, n_train, generator=generator).argsort(1)).to(s.device)
-            nll_sum = 0.0
+            nll_sum = torch.zeros((), device=s.device)  # accumulated on device: no sync per minibatch
             for i in range(0, n_train, cfg.batch_size):
                 rows = order[:, i:i + cfg.batch_size]
-                mean, logvar = self(s[rows], a[rows])
-                nll = ((mean - y[rows]).square() * (-logvar).exp() + logvar).mean((1, 2)).sum()
-                loss = nll + _LOGVAR_BOUND_REG * (self.max_logvar.sum() - self.min_logvar.sum())
+                loss, nll = self.loss(s[rows], a[rows], y[rows])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                nll_sum += nll.item() * rows.shape[1]
+                nll_sum += nll.detach() * rows.shape[1]
             epochs += 1
             mse = self._holdout_mse(*hold)
             improved = (best - mse) / best > 0.01
@@ -206,7 +216,7 @@ class GaussianEnsemble(nn.Module):
             for p, snap in zip(self._member_params(), snapshot):
                 p.copy_(snap)
         self.elites.copy_(best.argsort()[: self.elites.numel()])
-        return {"epochs": float(epochs), "train_nll": nll_sum / (n_train * m),
+        return {"epochs": float(epochs), "train_nll": nll_sum.item() / (n_train * m),
                 "holdout_mse": best.mean().item(), "elite_holdout_mse": best[self.elites].mean().item(),
                 "last_epoch_holdout_mse": mse.mean().item(),
                 "num_train": float(n_train), "num_holdout": float(hold_idx.numel())}

@@ -79,7 +79,8 @@ def _between(x: Tensor, low: float, high: float) -> Tensor:
 
 def _hopper_healthy(s: Tensor) -> Tensor:
     # state = qpos[x, z, angle, 3 joints] + clipped qvel[6]; gym bounds state_vector()[2:] in (-100, 100)
-    return _between(s[..., 2:], -100.0, 100.0).all(-1) & _between(s[..., 1], 0.7, float("inf")) & _between(s[..., 2], -0.2, 0.2)
+    healthy_state = _between(s[..., 2:], -100.0, 100.0).all(-1)
+    return healthy_state & _between(s[..., 1], 0.7, float("inf")) & _between(s[..., 2], -0.2, 0.2)
 
 
 def _walker_healthy(s: Tensor) -> Tensor:

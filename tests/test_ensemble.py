@@ -72,6 +72,15 @@ def test_position_dims_do_not_change_predictions():
     torch.testing.assert_close(b[1], a[1])
 
 
+def test_predict_members_matches_predict_all():
+    model = ensemble(learn_reward=True)
+    state, action = torch.randn(6, S), torch.randn(6, A)
+    members = torch.tensor([3, 0])
+    picked = model.predict_members(state.expand(2, -1, -1), action.expand(2, -1, -1), members)
+    for part, full in zip(picked, model.predict_all(state, action)):
+        torch.testing.assert_close(part, full[members])
+
+
 def test_fits_linear_system_to_noise_level():
     """Bound: the best possible predictor has held-out MSE sigma^2 (the noise); allowing 30 % estimation error
     on 1200 training points is tight next to the trivial 'no change' predictor (~57 sigma^2), and the learned
@@ -132,8 +141,9 @@ def test_early_stopping_keeps_each_members_best_weights():
     rises, training must stop well before max_epochs, and every member must be back at its best epoch."""
     model = ensemble(hidden=64, net_obs_idx=(0, 1, 2))
     g = torch.Generator().manual_seed(5)
-    state, action, noise = torch.randn(60, S, generator=g), torch.randn(60, A, generator=g), torch.randn(60, S, generator=g)
-    cfg = ModelConfig(num_models=4, num_elites=3, hidden=64, layers=2, lr=1e-2, batch_size=16, patience=3, max_epochs=200)
+    state, action, noise = (torch.randn(60, d, generator=g) for d in (S, A, S))
+    cfg = ModelConfig(num_models=4, num_elites=3, hidden=64, layers=2, lr=1e-2, batch_size=16, patience=3,
+                      max_epochs=200)
     stats = model.fit(state, action, state + noise, None, cfg, torch.Generator().manual_seed(9))
     assert stats["epochs"] < 50
     assert stats["holdout_mse"] < stats["last_epoch_holdout_mse"]  # the last epoch was worse than the kept one
