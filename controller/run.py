@@ -7,7 +7,6 @@ this with onnxruntime, numpy, pyzmq and pydantic only.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,8 +101,7 @@ def run_episode(client: RobotClient, controller: Controller, seed: int,
     return EpisodeResult(seed=seed, ret=ret, steps=steps, telemetry=tel)
 
 
-def run_episodes(client: RobotClient, controller: Controller, seeds: list[int], label: str,
-                 out: Any = sys.stdout) -> list[EpisodeResult]:
+def run_episodes(client: RobotClient, controller: Controller, seeds: list[int], label: str) -> list[EpisodeResult]:
     results = []
     for seed in seeds:
         res = run_episode(client, controller, seed)
@@ -111,15 +109,15 @@ def run_episodes(client: RobotClient, controller: Controller, seeds: list[int], 
         s = res.telemetry.summary()
         print(f"[{label}] seed {seed}: return {res.ret:.1f} over {res.steps} steps | latency median "
               f"{s['latency_ms_median']:.2f} ms p99 {s['latency_ms_p99']:.2f} ms | iterations "
-              f"{s['iterations_mean']:.2f} | misses {s['deadline_misses']} held {s['held_ticks']}", file=out)
+              f"{s['iterations_mean']:.2f} | misses {s['deadline_misses']} held {s['held_ticks']}")
     total = Telemetry()
     for res in results:
         total.records += res.telemetry.records
         total.held_ticks += res.telemetry.held_ticks
         total.dropped_observations += res.telemetry.dropped_observations
-    print(f"[{label}] {total.format()}", file=out)
+    print(f"[{label}] {total.format()}")
     if controller.last_error:
-        print(f"[{label}] last planning error: {controller.last_error}", file=out)
+        print(f"[{label}] last planning error: {controller.last_error}")
     return results
 
 
