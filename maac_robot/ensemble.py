@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from maac_robot.config import ModelConfig
 
-_LOGVAR_BOUND_REG = 0.01  # PETS: pulls the learnable log-variance bounds towards each other
+_LOGVAR_BOUND_REG = 0.01  # PETS: pulls max_logvar down and min_logvar up, keeping the learned bounds tight
 _HOLDOUT_CHUNK = 8192  # rows per holdout evaluation pass (bounds memory on large buffers)
 
 
@@ -113,7 +113,8 @@ class GaussianEnsemble(nn.Module):
         A random permutation of the batch is cut into one chunk per elite (the last chunk padded by
         wrapping around), and the chunk-to-elite assignment is itself shuffled, so every row's member is
         uniform over the elites while the compute stays one batched pass over E members. Samples use
-        std = exp(logvar / 2) and are reparameterised, so gradients flow to state and action.
+        std = exp(logvar / 2) (the authors' code used exp(logvar), a bug) and are reparameterised, so
+        gradients flow to state and action.
         `generator` (if given) must live on the device its random numbers should be drawn on.
         """
         batch, num_elites = state.shape[0], self.elites.numel()
@@ -122,12 +123,12 @@ class GaussianEnsemble(nn.Module):
         perm = torch.randperm(batch, generator=generator, device=rng_device).to(state.device)
         members = self.elites[torch.randperm(num_elites, generator=generator, device=rng_device).to(state.device)]
         slots = perm[torch.arange(num_elites * per_member, device=state.device) % batch]
-        mean, logvar = self._forward(state[slots].view(num_elites, per_member, -1),
-                                     action[slots].view(num_elites, per_member, -1), members)
+        mean, logvar = self._forward(state[slots].view(num_elites, per_member, self.state_dim),
+                                     action[slots].view(num_elites, per_member, self.act_dim), members)
         if sample:
             noise = torch.randn(mean.shape, generator=generator, device=rng_device, dtype=mean.dtype)
             mean = mean + (0.5 * logvar).exp() * noise.to(mean.device)
-        out = mean.reshape(num_elites * per_member, -1)[:batch][torch.argsort(perm)]
+        out = mean.reshape(num_elites * per_member, mean.shape[-1])[:batch][torch.argsort(perm)]
         out = out * self.out_std + self.out_mean
         next_state = state + out[:, : self.state_dim]
         return next_state, (out[:, self.state_dim] if self.learn_reward else None)
@@ -137,7 +138,7 @@ class GaussianEnsemble(nn.Module):
 
         The NLL (constant dropped) is averaged over rows and output dims per member and summed over
         members, so each member's gradient does not depend on M; the PETS regulariser keeps the
-        learnable log-variance bounds from drifting apart.
+        learnable log-variance bounds tight.
         """
         mean, logvar = self(state, action)
         nll = ((mean - target).square() * (-logvar).exp() + logvar).mean((1, 2)).sum()
@@ -184,6 +185,7 @@ class GaussianEnsemble(nn.Module):
 
         m, n_train = self.num_models, train_idx.numel()
         boot = train_idx[torch.randint(n_train, (m, n_train), generator=generator)]  # [M, N] rows, with replacement
+        # Adam's (coupled) weight_decay is the gradient of wd/2 * |W|^2: the authors' wd * tf.nn.l2_loss(W)
         opt = torch.optim.Adam([{"params": list(self.weights), "weight_decay": cfg.weight_decay},
                                 {"params": [*self.biases, self.max_logvar, self.min_logvar], "weight_decay": 0.0}],
                                lr=cfg.lr)

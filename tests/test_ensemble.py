@@ -119,6 +119,7 @@ def test_step_uses_only_elites_uniformly_and_is_differentiable():
     # a batch of one still reaches every elite: the chunk-to-elite assignment is shuffled too
     hits = {model.step(state[:1], action[:1], sample=False)[0].sum().item() for _ in range(40)}
     assert len(hits) == 2
+    assert model.step(state[:0], action[:0])[0].shape == (0, S)  # every imagined row terminated: still fine
 
 
 def test_step_samples_with_std_exp_half_logvar_and_is_reproducible():
