@@ -156,6 +156,26 @@ def test_actions_outside_an_owned_episode_are_refused_with_a_code():
         assert err.value.code == "episode_over"
 
 
+def test_a_failing_env_step_ends_the_episode_with_an_error_and_the_sim_keeps_serving(monkeypatch):
+    with running_sim() as server, RobotClient(server.endpoint, 2.0) as client:
+        client.reset(seed=0)
+        real_step = server.env.step
+
+        def broken(action):
+            raise RuntimeError("simulated MuJoCo instability")
+
+        monkeypatch.setattr(server.env, "step", broken)
+        with pytest.raises(ProtocolError, match="MuJoCo instability") as err:
+            client.step(np.zeros(6))
+        assert err.value.code == "internal" and server.counters.internal_errors == 1
+        monkeypatch.setattr(server.env, "step", real_step)
+        with pytest.raises(ProtocolError) as err:
+            client.step(np.zeros(6))
+        assert err.value.code == "episode_over"
+        client.reset(seed=0)
+        assert client.step(np.zeros(6)).step == 1
+
+
 def test_malformed_messages_get_error_replies_and_the_sim_keeps_serving():
     with running_sim(max_message_bytes=4096) as server, raw_socket(server.endpoint) as raw:
         header = json.loads(encode(Hello(seq=41, t=1.0))[0])
@@ -213,7 +233,7 @@ def test_fuzzed_frames_at_a_live_server_then_a_normal_episode_runs():
             for _ in range(20):
                 obs = client.step(np.full(6, 0.3))
             assert obs.step == 20 and client.stats.errors == 0
-        assert server.counters.bad_messages > 0
+        assert server.counters.bad_messages > 0 and server.counters.internal_errors == 0
 
 
 @pytest.mark.parametrize("mode", ["lockstep", "realtime"])
