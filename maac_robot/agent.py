@@ -34,7 +34,9 @@ if TYPE_CHECKING:
     from maac_robot.ensemble import GaussianEnsemble
     from maac_robot.tasks import Task
 
-Policy = Callable[[Tensor], tuple[Tensor, Tensor]]  # state [..., S] -> (action [..., A], log_prob [...])
+# policy(state [B, S], repeat) -> (action [B·repeat, A], log_prob [B·repeat]): `repeat` reparameterised draws
+# per state, rows in repeat_interleave order, so repeated states share one network pass.
+Policy = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 Dynamics = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]  # (s, a) -> (s', reward or None)
 Critic = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (s, a) -> (q1, q2)
 TransitionFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (s, a, s') -> reward or termination
@@ -72,8 +74,8 @@ class Actor(nn.Module):
         super().__init__()
         self.state_dim, self.act_dim = state_dim, act_dim
         self.register_buffer("net_obs_idx", _index_buffer(net_obs_idx))
-        low = torch.as_tensor(np.asarray(act_low), dtype=torch.float32)
-        high = torch.as_tensor(np.asarray(act_high), dtype=torch.float32)
+        low = torch.tensor(np.array(act_low, dtype=np.float32))  # copies: env bounds may be read-only arrays
+        high = torch.tensor(np.array(act_high, dtype=np.float32))
         self.register_buffer("act_scale", (high - low) / 2)
         self.register_buffer("act_bias", (high + low) / 2)
         self.net = mlp(len(net_obs_idx), 2 * act_dim, hidden, layers)
@@ -84,9 +86,14 @@ class Actor(nn.Module):
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(raw) + 1)
         return mean, log_std
 
-    def sample(self, state: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Reparameterised action a = scale·tanh(μ + σ·ε) + bias and its log-density in env units."""
+    def sample(self, state: Tensor, noise: Tensor | None = None, *, repeat: int = 1) -> tuple[Tensor, Tensor]:
+        """Reparameterised action a = scale·tanh(μ + σ·ε) + bias and its log-density in env units.
+
+        `repeat` > 1 draws that many actions per state (rows in repeat_interleave order) from one forward pass.
+        """
         mean, log_std = self(state)
+        if repeat > 1:
+            mean, log_std = mean.repeat_interleave(repeat, dim=0), log_std.repeat_interleave(repeat, dim=0)
         if noise is None:
             noise = torch.randn_like(mean)
         u = mean + log_std.exp() * noise
@@ -166,16 +173,17 @@ def maac_policy_loss(
     model_return = state.new_zeros(state.shape[0])
     first_log_prob = None
     for t in range(horizon):
-        action, log_prob = policy(state)
+        # The num_samples copies of a start state share one policy pass and draw their own noise.
+        action, log_prob = policy(start_states, num_samples) if t == 0 else policy(state, 1)
         if t == 0:
             first_log_prob = log_prob
         next_state, reward = dynamics(state, action)  # type: ignore[misc]
         model_return = model_return + gamma**t * alive * _reward(reward, reward_fn, state, action, next_state)
         alive = _survive(alive, termination_fn, state, action, next_state)
         state = next_state
-    terminal_states = state.repeat_interleave(terminal_q_samples, dim=0)
-    terminal_actions, terminal_log_prob = policy(terminal_states)
-    q1, q2 = critic(terminal_states, terminal_actions)
+    last, repeat = (state, terminal_q_samples) if horizon > 0 else (start_states, num_samples * terminal_q_samples)
+    terminal_actions, terminal_log_prob = policy(last, repeat)
+    q1, q2 = critic(last.repeat_interleave(repeat, dim=0), terminal_actions)
     terminal_q = torch.min(q1, q2).view(-1, terminal_q_samples).mean(dim=1)
     if first_log_prob is None:
         first_log_prob = terminal_log_prob
@@ -189,7 +197,7 @@ def soft_bellman_target(
     reward: Tensor, done: Tensor, next_state: Tensor, policy: Policy, target_critic: Critic, *, gamma: float, alpha: float
 ) -> Tensor:
     """SAC's target r + γ(1 − d)(min Q_targ(s', a') − α log π(a'|s')), a' ~ π(s')."""
-    next_action, log_prob = policy(next_state)
+    next_action, log_prob = policy(next_state, 1)
     soft_value = torch.min(*target_critic(next_state, next_action)) - alpha * log_prob
     return reward + gamma * (1 - done) * soft_value
 
@@ -234,7 +242,8 @@ def steve_targets(
     partial = state.new_zeros(state.shape[:-1])
     states, actions, log_probs, partials, alives = [], [], [], [], []
     for i in range(horizon + 1):
-        action, log_prob = policy(state)
+        action, log_prob = policy(state.flatten(0, 1), 1)
+        action, log_prob = action.view(*state.shape[:-1], -1), log_prob.view(state.shape[:-1])
         states.append(state), actions.append(action), log_probs.append(log_prob)
         partials.append(partial), alives.append(alive)
         if i == horizon:
@@ -250,19 +259,21 @@ def steve_targets(
     return inverse_variance_combine(candidates)
 
 
-def _member_dynamics(model: GaussianEnsemble) -> Dynamics:
-    """[K, B, S], [K, B, A] -> [K, B, S]: K imagined trajectories per row, each step through a random elite."""
+def _member_dynamics(model: GaussianEnsemble) -> tuple[Dynamics, int]:
+    """STEVE's K trajectories per row: each follows one member of a random half of the elites (at least
+    two, as the authors used half the ensemble), sampled from its Gaussian, all K in one batched pass."""
+    elites = model.elites
+    num_members = min(elites.numel(), max(2, elites.numel() // 2))
+    members = elites[torch.randperm(elites.numel(), device=elites.device)[:num_members]]
 
     def dynamics(state: Tensor, action: Tensor) -> tuple[Tensor, Tensor | None]:
-        next_state, reward = model.step(state.flatten(0, 1), action.flatten(0, 1), sample=True)
-        return next_state.view_as(state), None if reward is None else reward.view(state.shape[:-1])
+        mean, logvar, reward_mean, reward_logvar = model.predict_members(state, action, members)
+        next_state = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+        if reward_mean is None:
+            return next_state, None
+        return next_state, reward_mean + (0.5 * reward_logvar).exp() * torch.randn_like(reward_mean)
 
-    return dynamics
-
-
-def _steve_members(model: GaussianEnsemble) -> int:
-    """STEVE's spread is measured over half the elites (at least two), as the authors used half the ensemble."""
-    return max(2, len(model.elites) // 2)
+    return dynamics, num_members
 
 
 @contextmanager
@@ -311,6 +322,9 @@ class MAACAgent:
         n_real = max(1, round(self.cfg.real_ratio * batch))
         return n_real, batch - n_real
 
+    def _policy(self, state: Tensor, repeat: int) -> tuple[Tensor, Tensor]:
+        return self.actor.sample(state, repeat=repeat)
+
     @torch.no_grad()
     def act(self, state: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """Action in env units for one state [S] or a batch [B, S]."""
@@ -331,12 +345,13 @@ class MAACAgent:
         reward_fn, termination_fn = self.task.reward_fn, self.termination_fn
 
         if cfg.steve and cfg.steve_horizon > 0 and model is not None:
+            member_dynamics, num_members = _member_dynamics(model)
             target = steve_targets(
-                r, done, s2, self.actor.sample, _member_dynamics(model), self.critic_target, reward_fn, termination_fn,
-                horizon=cfg.steve_horizon, num_members=_steve_members(model), gamma=cfg.gamma, alpha=alpha,
+                r, done, s2, self._policy, member_dynamics, self.critic_target, reward_fn, termination_fn,
+                horizon=cfg.steve_horizon, num_members=num_members, gamma=cfg.gamma, alpha=alpha,
             )
         else:
-            target = soft_bellman_target(r, done, s2, self.actor.sample, self.critic_target, gamma=cfg.gamma, alpha=alpha)
+            target = soft_bellman_target(r, done, s2, self._policy, self.critic_target, gamma=cfg.gamma, alpha=alpha)
         q1, q2 = self.critic(s, a)
         q_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
         self.critic_opt.zero_grad(set_to_none=True)
@@ -346,7 +361,7 @@ class MAACAgent:
         dynamics = (lambda st, ac: model.step(st, ac, sample=True)) if model is not None else None
         with frozen(self.critic, model):
             pl = maac_policy_loss(
-                s, self.actor.sample, dynamics, self.critic, reward_fn, termination_fn,
+                s, self._policy, dynamics, self.critic, reward_fn, termination_fn,
                 horizon=cfg.horizon, num_samples=cfg.num_samples, terminal_q_samples=cfg.terminal_q_samples,
                 gamma=cfg.gamma, alpha=alpha,
             )

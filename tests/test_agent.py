@@ -40,18 +40,25 @@ FAKE_TASK = Task(INFO, fake_reward, fake_termination)
 
 
 class FakeEnsemble(nn.Module):
-    """Stands in for GaussianEnsemble.step: a learnable, differentiable, noisy Δstate model."""
+    """Stands in for GaussianEnsemble (step, predict_members, elites): learnable, differentiable, noisy."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_models: int = 4) -> None:
         super().__init__()
         self.net = nn.Linear(INFO.state_dim + INFO.act_dim, INFO.state_dim)
-        self.register_buffer("elites", torch.arange(4))
+        self.member_bias = nn.Parameter(0.01 * torch.randn(num_models, INFO.state_dim))
+        self.register_buffer("elites", torch.arange(num_models))
+
+    def _mean(self, state: Tensor, action: Tensor, members: Tensor) -> Tensor:
+        return state + 0.1 * torch.tanh(self.net(torch.cat([state, action], -1))) + self.member_bias[members]
+
+    def predict_members(self, state: Tensor, action: Tensor, members: Tensor):
+        mean = self._mean(state, action, members.view(-1, 1))
+        return mean, torch.full_like(mean, -6.0), None, None
 
     def step(self, state: Tensor, action: Tensor, *, sample: bool = True, generator: torch.Generator | None = None):
-        delta = 0.1 * torch.tanh(self.net(torch.cat([state, action], -1)))
-        if sample:
-            delta = delta + 0.01 * torch.randn(delta.shape, generator=generator)
-        return state + delta, None
+        members = self.elites[torch.randint(self.elites.numel(), state.shape[:1], generator=generator)]
+        mean = self._mean(state, action, members)
+        return (mean + 0.05 * torch.randn(mean.shape, generator=generator) if sample else mean), None
 
 
 def make_batch(n: int, seed: int) -> Batch:
@@ -77,6 +84,10 @@ def test_actor_log_prob_is_the_squashed_scaled_gaussian_density() -> None:
     assert (action >= torch.as_tensor(LOW)).all() and (action <= torch.as_tensor(HIGH)).all()
     torch.testing.assert_close(actor.deterministic(state), torch.tanh(mean) * actor.act_scale + actor.act_bias)
     assert log_std.min() >= -5 and log_std.max() <= 2
+    # repeat: one forward pass per state, same draws as sampling the repeated states.
+    many_noise = torch.randn(64 * 3, 2)
+    torch.testing.assert_close(actor.sample(state, many_noise, repeat=3),
+                               actor.sample(state.repeat_interleave(3, dim=0), many_noise))
 
 
 def test_actor_and_critic_ignore_excluded_position() -> None:
@@ -110,8 +121,9 @@ def test_actor_sample_is_reparameterised() -> None:
 
 # --- STEVE ---------------------------------------------------------------------------------------
 
-def _det_policy(s: Tensor) -> tuple[Tensor, Tensor]:
+def _det_policy(s: Tensor, repeat: int) -> tuple[Tensor, Tensor]:
     """Deterministic 'policy' with a state-dependent log-prob, so entropy terms are exercised."""
+    s = s.repeat_interleave(repeat, dim=0)
     return torch.tanh(s[..., :2]), -0.5 * s.square().sum(-1)
 
 
@@ -125,11 +137,10 @@ def test_steve_horizon_zero_with_perfect_model_is_the_soft_bellman_target() -> N
     s2, r = torch.randn(32, 4, generator=g, dtype=F64), torch.randn(32, generator=g, dtype=F64)
     done = (torch.rand(32, generator=g) < 0.3).to(F64)
     perfect = lambda s, a: (s + 0.1 * torch.cat([a, a], -1), None)  # noqa: E731
-    for horizon in (0,):
-        steve = steve_targets(r, done, s2, _det_policy, perfect, _target_critic, fake_reward, None,
-                              horizon=horizon, num_members=3, gamma=0.9, alpha=0.2)
-        plain = soft_bellman_target(r, done, s2, _det_policy, _target_critic, gamma=0.9, alpha=0.2)
-        torch.testing.assert_close(steve, plain)
+    steve = steve_targets(r, done, s2, _det_policy, perfect, _target_critic, fake_reward, None,
+                          horizon=0, num_members=3, gamma=0.9, alpha=0.2)
+    plain = soft_bellman_target(r, done, s2, _det_policy, _target_critic, gamma=0.9, alpha=0.2)
+    torch.testing.assert_close(steve, plain)
 
 
 @pytest.mark.parametrize("horizon", [1, 2, 3])
@@ -141,7 +152,7 @@ def test_steve_candidates_agree_at_the_soft_fixed_point(horizon: int) -> None:
     c = (1 - gamma * alpha * ell) / (1 - gamma)
     s2 = torch.randn(16, 4, dtype=F64)
     done = torch.tensor([0.0, 1.0] * 8, dtype=F64)
-    policy = lambda s: (s[..., :2], torch.full(s.shape[:-1], ell, dtype=F64))  # noqa: E731
+    policy = lambda s, n: (s[..., :2], torch.full(s.shape[:-1], ell, dtype=F64))  # noqa: E731  (only n = 1 here)
     critic = lambda s, a: (torch.full(s.shape[:-1], c, dtype=F64),) * 2  # noqa: E731
     model = lambda s, a: (s + 0.1, torch.ones(s.shape[:-1], dtype=F64))  # learned reward ≡ 1  # noqa: E731
     target = steve_targets(torch.ones(16, dtype=F64), done, s2, policy, model, critic, None, None,
@@ -243,3 +254,28 @@ def test_act_returns_bounded_numpy_actions() -> None:
     many = agent.act(np.random.default_rng(0).normal(size=(7, 4)))
     assert one.shape == (2,) and many.shape == (7, 2) and isinstance(many, np.ndarray)
     assert (np.abs(many) <= HIGH).all()
+
+
+@pytest.mark.parametrize("learn_reward", [False, True])
+def test_update_with_the_real_ensemble(learn_reward: bool) -> None:
+    """Hopper-v5's closed-form reward and termination, or a learned reward head (task.reward_fn None)."""
+    from maac_robot.ensemble import GaussianEnsemble
+    from maac_robot.tasks import get_task
+
+    torch.manual_seed(0)
+    task = get_task("Hopper-v5")
+    if learn_reward:
+        task = Task(task.info, None, task.termination_fn)
+    info = task.info
+    model = GaussianEnsemble(info.state_dim, info.act_dim, num_models=4, num_elites=3, hidden=32, layers=2,
+                             learn_reward=learn_reward, net_obs_idx=info.net_obs_idx, min_logvar=-10, max_logvar=0.5)
+    agent = MAACAgent(task, AgentConfig(hidden=32, batch_size=32, horizon=3, num_samples=2, terminal_q_samples=2))
+    g = torch.Generator().manual_seed(0)
+    state = torch.randn(32, info.state_dim, generator=g) * 0.1
+    state[:, 1] += 1.25  # healthy torso height, so most imagined rollouts start alive
+    batch = Batch(state, torch.rand(32, info.act_dim, generator=g) * 2 - 1, torch.randn(32, generator=g),
+                  state + 0.01 * torch.randn(32, info.state_dim, generator=g), torch.zeros(32, dtype=torch.bool))
+    for _ in range(3):
+        stats = agent.update(batch, None, model)
+    assert all(math.isfinite(v) for v in stats.values())
+    assert all(p.grad is None for p in model.parameters())

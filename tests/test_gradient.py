@@ -46,8 +46,8 @@ def critic(s: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
 def linear_gaussian(gain: Tensor, log_std: Tensor, generator: torch.Generator):
     """a = K s + σ ε, log π(a|s) computed from a (both pathwise routes to the parameters are kept)."""
 
-    def policy(s: Tensor) -> tuple[Tensor, Tensor]:
-        mean = s @ gain.T
+    def policy(s: Tensor, repeat: int) -> tuple[Tensor, Tensor]:
+        mean = (s @ gain.T).repeat_interleave(repeat, dim=0)
         a = mean + log_std.exp() * torch.randn(mean.shape, generator=generator, dtype=F64)
         log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(a).sum(-1)
         return a, log_prob
@@ -129,7 +129,7 @@ def test_horizon_zero_is_the_sac_actor_loss() -> None:
         raise AssertionError("horizon 0 must not call the model")
 
     maac = maac_policy_loss(
-        states, lambda s: actor.sample(s, noise), no_model, twin, None, None,
+        states, lambda s, n: actor.sample(s, noise, repeat=n), no_model, twin, None, None,
         horizon=0, num_samples=num_samples, terminal_q_samples=terminal_q_samples, gamma=0.99, alpha=ALPHA,
     ).loss
     g_maac = torch.autograd.grad(maac, list(actor.parameters()))
@@ -164,8 +164,8 @@ def test_termination_stops_reward_and_value_accumulation(k: int) -> None:
     def terminated(s: Tensor, a: Tensor, s2: Tensor) -> Tensor:
         return s[:, 0] == s[:, 1]
 
-    def policy(s: Tensor) -> tuple[Tensor, Tensor]:
-        return theta.expand(s.shape[0], 1), torch.zeros(s.shape[0], dtype=F64)
+    def policy(s: Tensor, repeat: int) -> tuple[Tensor, Tensor]:
+        return theta.expand(s.shape[0] * repeat, 1), torch.zeros(s.shape[0] * repeat, dtype=F64)
 
     def q(s: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
         value = q0 + d * a[:, 0]
