@@ -124,13 +124,18 @@ class ControllerConfig(_Section):
 
     planner: Literal["cem", "policy"] = "cem"
     population: int = Field(256, gt=1)
-    horizon: int | None = Field(None, gt=0, description="None: the trained horizon from the manifest")
+    horizon: int | None = Field(None, gt=0, description="None: the plan graph's (manifest plan_horizon); "
+                                "a value must equal it, the fused graph's horizon is fixed at export")
     iterations: int = Field(5, gt=0, description="upper bound; the deadline may stop CEM earlier")
     elite_frac: float = Field(0.1, gt=0, le=1)
     momentum: float = Field(0.1, ge=0, lt=1)
-    policy_frac: float = Field(0.05, ge=0, le=1, description="share of candidates sampled from the policy each iteration")
+    policy_frac: float = Field(0.05, ge=0, le=1, description="share of each population that is the stochastic "
+                              "policy rolled through the model (sampled once per step, in every iteration; TD-MPC2)")
     budget_frac: float = Field(0.5, gt=0, lt=1, description="planning budget as a fraction of dt")
     timeout_periods: float = Field(10.0, gt=0, description="observation receive timeout in dt")
+    realtime_priority: int | None = Field(
+        None, ge=1, le=99, description="real-time mode: SCHED_FIFO priority of the control process (Linux, needs "
+        "CAP_SYS_NICE); None: normal scheduling, which misses deadlines on a loaded machine")
     seed: int = 0
 
 

@@ -198,3 +198,23 @@ def test_every_action_sent_is_finite_and_within_bounds(low, width, goal, state, 
             assert np.all(action >= low) and np.all(action <= high)
     finally:
         ctl.close()
+
+
+def test_realtime_settings_shorten_the_gil_switch_and_explain_a_refused_priority(monkeypatch):
+    import sys
+
+    from controller.run import GIL_SWITCH_INTERVAL_S, apply_realtime_settings
+
+    before = sys.getswitchinterval()
+    try:
+        apply_realtime_settings(ControllerConfig())
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+
+        def refuse(*_):
+            raise PermissionError("Operation not permitted")
+
+        monkeypatch.setattr("os.sched_setscheduler", refuse)
+        with pytest.raises(UserError, match="CAP_SYS_NICE"):
+            apply_realtime_settings(ControllerConfig(realtime_priority=10))
+    finally:
+        sys.setswitchinterval(before)
