@@ -6,7 +6,8 @@ Measured, with the sim in its own process (as deployed) and the client here:
 1. round trip of one action->observation exchange (`RobotClient.step`, lockstep HalfCheetah-v5)
    over tcp loopback and ipc: median and p99 of the full round trip, and of the protocol overhead
    = round trip - the sim's own `env.step` time (which the sim reports in `info["sim_step_s"]`);
-   plus a bare ZeroMQ DEALER/ROUTER echo of the same frame sizes (the transport floor);
+   plus a bare ZeroMQ DEALER/ROUTER echo of the same frame sizes (the transport floor), and the
+   CPU the codec and the action gate spend per exchange without sockets;
 2. lockstep env steps/s through the protocol vs in-process Gymnasium stepping, HalfCheetah-v5 and
    Hopper-v5, random actions, resets included in both.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -131,6 +133,25 @@ def echo_round_trip(endpoint: str, exchanges: int, warmup: int = 500) -> dict[st
     return _stats(np.array(samples))
 
 
+def codec_cpu(exchanges: int) -> dict[str, float]:
+    """CPU the protocol itself spends per exchange, no sockets: both encodes, both decodes, the action gate."""
+    from maac_robot.protocol import decode, encode
+    from sim.server import ActionGate
+
+    action_frames, obs_frames = _typical_frames()
+    action_msg, (action,) = decode(action_frames)
+    obs_msg, (state,) = decode(obs_frames)
+    gate = ActionGate(-np.ones(6), np.ones(6))
+    samples = []
+    for _ in range(exchanges):
+        start = time.perf_counter()
+        decode(encode(action_msg, [action]))
+        gate.check(action)
+        decode(encode(obs_msg, [state]))
+        samples.append(time.perf_counter() - start)
+    return _stats(np.array(samples))
+
+
 def steps_per_second(env_id: str, endpoint: str, steps: int) -> dict[str, float]:
     from maac_robot.envs import make_env
 
@@ -176,12 +197,15 @@ def main() -> None:
                                   "libzmq": zmq.zmq_version(), "pydantic": pydantic.__version__,
                                   "numpy": np.__version__, "gymnasium": gymnasium.__version__,
                                   "mujoco": mujoco.__version__}}
+    results["loadavg_before"] = os.getloadavg()
+    results["codec_cpu"] = codec_cpu(args.exchanges)
     for name, endpoint in endpoints.items():
         results[f"exchange_{name}"] = round_trip(endpoint, args.exchanges)
         results[f"echo_{name}"] = echo_round_trip(endpoint, args.exchanges)
     for env_id in ("HalfCheetah-v5", "Hopper-v5"):
         results[f"steps_{env_id}"] = {name: steps_per_second(env_id, endpoint, args.steps)
                                       for name, endpoint in endpoints.items()}
+    results["loadavg_after"] = os.getloadavg()
     print(json.dumps(results, indent=2))
     print(f"\n| transport | what | median µs | p99 µs | max µs | n |\n|---|---|---|---|---|---|")
     for name in endpoints:
@@ -195,6 +219,10 @@ def main() -> None:
         r = results[f"steps_{env_id}"]
         print(f"| {env_id} | {r['tcp']['in_process_steps_per_s']:,.0f} | {r['tcp']['protocol_steps_per_s']:,.0f} "
               f"| {r['ipc']['protocol_steps_per_s']:,.0f} |")
+    c = results["codec_cpu"]
+    print(f"\ncodec + action gate CPU per exchange (no sockets): median {c['median_us']:.0f} µs, "
+          f"p99 {c['p99_us']:.0f} µs")
+    print(f"load average before {results['loadavg_before']}, after {results['loadavg_after']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -97,12 +97,13 @@ ERROR_CODES = (
     "unexpected",  # a valid message the robot does not accept (e.g. an observation)
     "bad_action",  # NaN/inf or wrong length: the safe action was applied instead
     "no_episode",  # an action before reset (or from a peer that does not own the episode)
-    "episode_over",  # an action after terminated/truncated (lockstep): reset first
+    "episode_over",  # an action after terminated/truncated: reset first
     "stale",  # an action whose seq is not newer than one already received
     "internal",  # a robot-side failure; the episode was ended, the robot keeps serving
 )
-_SEQ = Field(ge=0, lt=2**63)
-_TIME = Field(allow_inf_nan=False, ge=0)
+# sequence numbers fit a signed 64-bit integer on every platform; times are wall-clock seconds
+Seq = Annotated[int, Field(ge=0, lt=2**63)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class ProtocolError(UserError):
@@ -132,10 +133,10 @@ class _Message(BaseModel):
     # number of array frames that must follow the header
     NUM_ARRAYS: ClassVar[int] = 0
 
-    v: Literal[1] = PROTOCOL_VERSION
-    seq: int = _SEQ
-    t: float = _TIME
-    ack: int | None = Field(default=None, ge=0, lt=2**63)
+    v: Literal[PROTOCOL_VERSION] = PROTOCOL_VERSION  # type: ignore[valid-type]  # a constant, on purpose
+    seq: Seq
+    t: Seconds
+    ack: Seq | None = None
     arrays: tuple[ArraySpec, ...] = Field(default=(), max_length=MAX_FRAMES - 1)
 
 
@@ -147,7 +148,7 @@ class Hello(_Message):
 
 class Reset(_Message):
     type: Literal["reset"] = "reset"
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: Seq | None = None
 
 
 class Action(_Message):
@@ -155,7 +156,7 @@ class Action(_Message):
 
     NUM_ARRAYS: ClassVar[int] = 1
     type: Literal["action"] = "action"
-    obs_seq: int | None = Field(default=None, ge=0, lt=2**63)
+    obs_seq: Seq | None = None
 
 
 class Heartbeat(_Message):
@@ -192,7 +193,7 @@ class ObservationMsg(_Message):
     session: str = Field(max_length=64)
     episode: int = Field(ge=0)
     step: int = Field(ge=0)
-    action_seq: int | None = Field(default=None, ge=0, lt=2**63)
+    action_seq: Seq | None = None
     reward: float = 0.0
     terminated: bool = False
     truncated: bool = False
@@ -213,7 +214,7 @@ class HeartbeatReply(_Message):
     episode: int = Field(ge=0)
     step: int = Field(ge=0)
     running: bool
-    uptime_s: float = _TIME
+    uptime_s: Seconds
 
 
 Message = Annotated[

@@ -176,7 +176,13 @@ class SimServer:
         self._stopping = threading.Event()
 
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._bind(bind)
+        try:
+            self._sock = self._bind(bind)
+        except BaseException:
+            self.env.close()
+            if self._video is not None:
+                self._video.close()
+            raise
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._wake_endpoint = f"inproc://sim-wake-{self.session}"
         self._wake = self._ctx.socket(zmq.PULL)
