@@ -19,6 +19,12 @@ travel as raw little-endian float32/float64 bytes (no JSON lists, no pickle): de
 ``np.frombuffer`` view, and the dtype/shape/byte count in the header are checked against the
 frame, so a truncated frame is an error, never a misread.
 
+Messages. Controller -> robot: ``hello`` (handshake), ``reset`` (optional seed; the sender now
+owns the episode, actions from other peers are refused), ``action``, ``heartbeat``, ``shutdown``.
+Robot -> controller: ``hello_reply`` (env id, state/action dims, action bounds as arrays, dt, mode,
+watchdog, limits, session), ``observation``, ``error`` (``code`` from ``ERROR_CODES``, ``ack`` = the
+offending message's seq when it could be read), ``heartbeat_reply`` (status), ``shutdown`` (ack).
+
 Limits. A message (all frames) may carry at most ``max_message_bytes`` (default 64 KiB; an Ant
 state is 840 B) and at most ``MAX_FRAMES`` frames; larger ones get a ``too_large`` error reply.
 The robot additionally sets ZMQ_MAXMSGSIZE to 4x that limit, where ZeroMQ drops the connection
@@ -49,9 +55,18 @@ arrived since the previous tick, otherwise it holds the previous action (``info[
 safe action until commands resume (``info["watchdog"]``). Every tick publishes an observation.
 
 Safety (both modes). Out-of-bounds actions are clipped (``info["clipped"]``); NaN/inf or
-wrong-length actions get an ``bad_action`` error reply and the safe action (zero torque, clipped
+wrong-length actions get a ``bad_action`` error reply and the safe action (zero torque, clipped
 into the bounds) is applied instead (``info["rejected"]`` names why). Malformed input of any kind
 gets an error reply (codes in ``ERROR_CODES``) and the robot keeps serving.
+
+Observation ``info`` (what the robot chooses to share; the sim shares):
+``clipped`` (bool), ``rejected`` (None or why), ``watchdog`` (safe action applied because commands
+stopped), ``held`` (previous action re-applied, real-time), ``late`` (the applied action was computed
+from an older observation); cumulative counters ``clipped_actions``, ``rejected_actions``,
+``late_actions``, ``dropped_actions``, ``missed_ticks``, ``watchdog_ticks``, ``overruns``,
+``bad_messages``, ``internal_errors``; ``sim_step_s`` (the robot's own step time, so a client can
+separate transport from physics); ``episode_return`` (robot-side sum of rewards, which stays right
+when a real-time client skipped stale observations); ``env`` (the env's scalar info).
 
 Heartbeat. ``heartbeat`` is answered at once in both modes, mid-episode too, with a small status;
 ``python -m sim.health tcp://host:port`` exits 0/1 on it (a docker health check).
@@ -339,7 +354,7 @@ class Observation:
     """One published robot state. `state` is a read-only view of the received bytes.
 
     `t_robot` is the robot's wall clock at send, `t_received` the client's at decode.
-    `info` carries the safety flags (clipped, rejected, watchdog, held, late) and counters.
+    `info` carries the safety flags and counters (keys listed in the module docstring).
     """
 
     seq: int

@@ -163,6 +163,7 @@ class SimServer:
         self._owner: bytes | None = None
         self._episode = 0  # number of resets served
         self._step = 0
+        self._return = 0.0  # robot-side episode return: a controller that skips stale observations skips rewards
         self._running = False  # an episode is in progress (not yet terminated/truncated)
         self._state: np.ndarray | None = None
         self._last_action_seq = -1
@@ -327,6 +328,7 @@ class SimServer:
         self._owner = peer
         self._episode += 1
         self._step = 0
+        self._return = 0.0
         self._state = state
         self._running = True
         self._last_action_seq = -1
@@ -402,6 +404,7 @@ class SimServer:
         if self._video is not None:
             self._video.add(self.env.render())
         self._step += 1
+        self._return += float(reward)
         self._state = next_state
         if terminated or truncated:
             self._running = False
@@ -412,7 +415,7 @@ class SimServer:
     def _publish(self, state: np.ndarray, *, reward: float, terminated: bool, truncated: bool, ack: int | None,
                  action_seq: int | None, flags: dict[str, Any], env_info: dict[str, Any], step_s: float) -> None:
         scalars = {k: _scalar(v) for k, v in env_info.items()}
-        info = {**flags, "sim_step_s": step_s, **vars(self.counters),
+        info = {**flags, "sim_step_s": step_s, "episode_return": self._return, **vars(self.counters),
                 "env": {k: v for k, v in scalars.items() if v is not None}}
         seq = self._next_seq()
         self._latest_obs_seq = seq

@@ -98,7 +98,7 @@ def test_lockstep_returns_equal_in_process_gymnasium_bit_for_bit(env_id):
                 protocol_return += obs.reward
                 gym_return += reward
                 done = terminated or truncated
-            assert protocol_return == gym_return
+            assert protocol_return == gym_return == pytest.approx(obs.info["episode_return"], rel=1e-12)
         assert client.stats.dropped_observations == 0 and client.stats.errors == 0
 
 
