@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import yaml
+import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -158,10 +159,10 @@ def main() -> None:
 
     if args.realtime_steps:
         realtime: list[EpisodeResult] = []
+        apply_realtime_settings(cfg)  # before the realtime socket's context: its I/O thread inherits the priority
         with (sim_process(sim_config, "realtime", cfg.realtime_priority) as endpoint,
-              RobotClient(endpoint, timeout_s=10) as client):
+              RobotClient(endpoint, timeout_s=10, context=zmq.Context()) as client):
             client.hello()
-            apply_realtime_settings(cfg)
             controller = make_controller(arts, cfg, "cem", cfg.seed)
             try:
                 seed = args.seed
