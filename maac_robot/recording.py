@@ -11,6 +11,9 @@ One episode per `.npz` file, plain arrays only (loads with ``allow_pickle=False`
     flag_<name> [T] bool         robot-side safety flags per step (clipped, rejected, watchdog, held)
     meta                         0-d unicode array holding a JSON object (env_id, dt, mode, ...)
 
+Into the trainer's replay buffer: ``for e in load_episodes(dir): buffer.add_batch(e.states,
+e.actions, e.rewards, e.next_states, e.terminated)``.
+
 The actions stored are the ones the robot applied, not the ones the controller asked for: a
 replay buffer must hold the transitions that happened. An episode that did not end on its own
 gets ``truncated[-1] = True`` so a learner bootstraps its last transition instead of treating the

@@ -32,7 +32,7 @@ from maac_robot.protocol import (
     decode,
     encode,
 )
-from maac_robot.recording import load_episodes
+from maac_robot.recording import EpisodeRecorder, RecordingError, load_episode, load_episodes
 from sim.server import ActionGate, SimError, SimServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,6 +324,26 @@ def test_recorded_episodes_load_back_as_the_transitions_that_happened(tmp_path):
     assert full.meta["complete"] and full.meta["env_id"] == "HalfCheetah-v5" and full.meta["dt"] == 0.05
     np.testing.assert_array_equal(cut.states[1:], cut.next_states[:-1])
     assert cut.truncated[-1] and not cut.meta["complete"]
+
+
+def test_broken_recordings_are_refused_with_the_file_and_the_problem(tmp_path):
+    with pytest.raises(RecordingError, match="not found"):
+        load_episode(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(RecordingError, match="junk.npz: not a readable"):
+        load_episode(tmp_path / "junk.npz")
+    good = dict(states=np.zeros((3, 2)), actions=np.zeros((3, 1)), rewards=np.zeros(3), next_states=np.zeros((3, 2)),
+                terminated=np.zeros(3, bool), truncated=np.ones(3, bool), meta=np.array("{}"))
+    np.savez(tmp_path / "no_rewards.npz", **{k: v for k, v in good.items() if k != "rewards"})
+    with pytest.raises(RecordingError, match=r"missing arrays \['rewards'\]"):
+        load_episode(tmp_path / "no_rewards.npz")
+    np.savez(tmp_path / "ragged.npz", **{**good, "actions": np.zeros((2, 1))})
+    with pytest.raises(RecordingError, match="actions has shape"):
+        load_episode(tmp_path / "ragged.npz")
+    recorder = EpisodeRecorder(tmp_path / "rec", {})
+    recorder.add(np.zeros(2), np.zeros(1), 0.0, np.zeros(2), False, False, {"clipped": False})
+    with pytest.raises(RecordingError, match="flag names changed"):
+        recorder.add(np.zeros(2), np.zeros(1), 0.0, np.zeros(2), False, False, {"held": True})
 
 
 def test_ipc_socket_file_left_by_a_dead_sim_is_replaced_but_a_live_one_is_not(tmp_path):
