@@ -3,8 +3,8 @@
     # one algorithm, one task, some seeds (long: run in the background with nohup, logs in benchmarks/logs/)
     python benchmarks/sample_efficiency.py run --task inverted_pendulum --algo maac --seeds 0 1 2 --steps 10000
     python benchmarks/sample_efficiency.py run --task inverted_pendulum --algo sac  --seeds 0 1 2 --steps 10000
-    # 1000 env steps of MAAC at the authors' settings after a full random phase, timed per phase
-    python benchmarks/sample_efficiency.py profile --task half_cheetah --steps 1000
+    # where 1000 env steps of MAAC at the authors' settings go (measured parts, extrapolated)
+    python benchmarks/sample_efficiency.py profile --task half_cheetah --steps 50
     # aggregate whatever has run (finished or not) into benchmarks/RESULTS.md + a PNG per task
     python benchmarks/sample_efficiency.py report
 
@@ -157,34 +157,72 @@ def run_sac(task: str, seed: int, steps: int, run_dir: Path) -> None:
 # ---- profile --------------------------------------------------------------------------------------
 
 
-def profile(task: str, steps: int, out: Path) -> dict[str, Any]:
-    """Time `steps` env steps of MAAC right after the random phase, per phase of Algorithm 1.
+def profile(task: str, steps: int, out: Path, threads: int | None) -> dict[str, Any]:
+    """Where 1000 env steps of MAAC at the authors' settings go, from `steps` measured learning steps.
 
-    The random phase (env steps only) is run first so D_env holds what the authors' schedule
-    holds when learning starts; the timers then cover exactly `steps` learning steps.
+    The random phase runs first (env steps only), so D_env holds what the authors' schedule holds
+    when learning starts. Then: the first (cold) model fit, `steps` env steps of Algorithm 1 (each
+    with its G2 updates; a rollout round at the start), and a second (warm-started) fit, each timed.
+    Inside the G2 updates, STEVE targets and the MAAC policy objective's forward pass are timed by
+    wrapping the agent's functions; the rest of an update is the critic and actor backward passes and
+    optimiser steps. Per 1000 env steps = 1000/train_every warm fits + 1000/rollout.every rounds +
+    1000 env steps with their updates: an extrapolation from measured parts, stated as such.
     """
     import tempfile
 
+    import maac_robot.agent as agent_module
     import torch
     from maac_robot.trainer import Trainer
 
     cfg = _config(task, 0, 10**9)
+    if threads is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": threads})})
+    inner: dict[str, float] = {"steve_targets": 0.0, "policy_objective_forward": 0.0}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inner[name] += time.perf_counter() - start
+        return wrapper
+
+    agent_module.steve_targets = timed("steve_targets", agent_module.steve_targets)
+    agent_module.maac_policy_loss = timed("policy_objective_forward", agent_module.maac_policy_loss)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp))
         while trainer.env_step < trainer.learning_starts - 1:
             trainer._env_step()
-        cfg_run = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        trainer.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
             "total_steps": trainer.env_step + steps, "eval_every": 10**9, "checkpoint_every": 10**9})})
-        trainer.cfg = cfg_run
         trainer.timers.clear()
+        trainer.train(progress=False)  # first step fits (cold) and imagines, every step updates
+        cold_fit = dict(trainer.fit_stats)
         start = time.perf_counter()
-        trainer.train(progress=False)
-        wall = time.perf_counter() - start
-        fits = trainer.fit_stats
-    phases = {k: round(v, 2) for k, v in sorted(trainer.timers.items(), key=lambda kv: -kv[1])}
-    result = {"task": task, "env_id": TASKS[task], "steps": steps, "wall_s": round(wall, 2),
-              "s_per_1000_steps": round(wall / steps * 1000, 1), "phase_s": phases,
-              "d_env": len(trainer.d_env), "last_model_fit": fits, "torch_threads": torch.get_num_threads(),
+        trainer.fit_model()
+        warm_fit_s = time.perf_counter() - start
+        warm_fit = dict(trainer.fit_stats)
+    t, c = trainer.timers, cfg
+    updates = steps * c.agent.updates_per_step
+    per_update = t["update"] / updates
+    per_1000 = {
+        "model_fit (warm, x%d)" % (1000 // c.model.train_every): warm_fit_s * 1000 / c.model.train_every,
+        "rollout (x%d)" % (1000 // c.rollout.every): t["rollout"] * 1000 / c.rollout.every,
+        "G2 updates (x%d)" % (1000 * c.agent.updates_per_step): per_update * 1000 * c.agent.updates_per_step,
+        "env + acting (x1000)": t["env"] / steps * 1000,
+    }
+    share = {k: v / updates / per_update for k, v in inner.items()}
+    share["critic+actor backward, optimisers, targets"] = 1.0 - sum(share.values())
+    result = {"task": task, "env_id": TASKS[task], "measured_learning_steps": steps, "updates_measured": updates,
+              "d_env": len(trainer.d_env), "torch_threads": torch.get_num_threads(),
+              "cold_fit_s": round(t["model_fit"], 2), "cold_fit": cold_fit,
+              "warm_fit_s": round(warm_fit_s, 2), "warm_fit": warm_fit,
+              "rollout_round_s": round(t["rollout"], 3), "update_ms": round(per_update * 1000, 1),
+              "update_share": {k: round(v, 3) for k, v in share.items()},
+              "per_1000_steps_s": {k: round(v, 1) for k, v in per_1000.items()},
+              "s_per_1000_steps": round(sum(per_1000.values()), 1),
+              "load_average": os.getloadavg(),
               "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_machine()}
     out.write_text(json.dumps(result, indent=1))
@@ -257,14 +295,19 @@ def report() -> str:
              ""]
     if PROFILE_JSON.is_file():
         p = json.loads(PROFILE_JSON.read_text())
-        lines += [f"### Profile: {p['steps']} env steps of MAAC at the authors' settings ({p['env_id']})", "",
-                  f"`{p['command']}` on {p['cpu']} ({p['cores']} cores, torch threads {p['torch_threads']}), "
-                  f"{p['date']}, commit {p['commit']}, D_env {p['d_env']} transitions:",
-                  f"**{p['s_per_1000_steps']} s per 1000 env steps** (target ≤ 150 s).", "",
-                  "| phase | seconds | share |", "|---|---|---|"]
-        total = sum(p["phase_s"].values())
-        lines += [f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in p["phase_s"].items()]
-        lines.append("")
+        total = p["s_per_1000_steps"]
+        lines += [f"### Profile: cost of 1000 env steps of MAAC at the authors' settings ({p['env_id']})", "",
+                  f"`{p['command']}` on {p['cpu']} ({p['cores']} cores shared with other jobs, load average "
+                  f"{p['load_average'][0]:.1f} at the end, torch threads {p['torch_threads']}), {p['date']}, "
+                  f"commit {p['commit']}. Measured after the 5k random steps (D_env {p['d_env']}): cold model fit "
+                  f"{p['cold_fit_s']} s ({p['cold_fit']['epochs']:.0f} epochs), warm fit {p['warm_fit_s']} s "
+                  f"({p['warm_fit']['epochs']:.0f} epochs), one rollout round {p['rollout_round_s']} s, "
+                  f"{p['updates_measured']} G2 updates at {p['update_ms']} ms each. Extrapolated to 1000 env steps:",
+                  "", "| part | s / 1000 env steps | share |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in p["per_1000_steps_s"].items()]
+        lines += [f"| **total** | **{total:.1f}** | (target ≤ 150 s) |", "",
+                  "Inside one G2 update: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in p["update_share"].items())
+                  + ".", ""]
     for task, algos in sorted(found.items()):
         curves, table = {}, {}
         for algo, runs in sorted(algos.items()):
@@ -338,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, required=True)
     p = sub.add_parser("profile")
     p.add_argument("--task", choices=sorted(TASKS), default="half_cheetah")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", type=Path, default=PROFILE_JSON)
+    p.add_argument("--threads", type=int, help="torch threads (default: the config's train.num_threads)")
     sub.add_parser("report")
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -350,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.algo} {args.task} seed {seed}: {args.steps} steps in {time.perf_counter() - start:.0f} s",
                   flush=True)
     elif args.command == "profile":
-        profile(args.task, args.steps, args.out)
+        profile(args.task, args.steps, args.out, args.threads)
     else:
         print(report())
     return 0
