@@ -133,6 +133,8 @@ def run_episode(client: RobotClient, controller: Controller, seed: int,
         steps += 1
         obs = nxt
     tel.dropped_observations = client.stats.dropped_observations - dropped_before
+    # a robot that keeps its own sum stays right when real-time control skipped stale observations
+    ret = float(obs.info.get("episode_return", ret))
     return EpisodeResult(seed=seed, ret=ret, steps=steps, telemetry=tel)
 
 
