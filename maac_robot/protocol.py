@@ -473,7 +473,7 @@ class RobotClient:
         if self._sock is None:
             raise ProtocolError("client is closed", "closed")
         try:
-            self._sock.send_multipart(encode(msg, arrays), flags=zmq.NOBLOCK, copy=False)
+            self._sock.send_multipart(encode(msg, arrays), flags=zmq.NOBLOCK)
         except zmq.Again:
             self._timeout(f"cannot send to {self.endpoint}: send queue full (robot not reading or not running)")
         self.stats.sent += 1

@@ -65,6 +65,8 @@ class EpisodeRecorder:
 
     def __init__(self, directory: str | Path, meta: dict[str, Any]) -> None:
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise RecordingError(f"recording directory {self.directory} exists and is not a directory")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.meta = dict(meta)
         self._rows: list[tuple[np.ndarray, np.ndarray, float, np.ndarray, bool, bool]] = []

@@ -437,7 +437,7 @@ class SimServer:
 
     def _send(self, peer: bytes, msg: _Message, arrays: list[np.ndarray] | tuple = ()) -> None:
         try:
-            self._sock.send_multipart([peer, *encode(msg, arrays)], flags=zmq.NOBLOCK, copy=False)
+            self._sock.send_multipart([peer, *encode(msg, arrays)], flags=zmq.NOBLOCK)
         except zmq.ZMQError as err:  # never block on a peer: a lost reply is what the client's timeout is for
             log.debug("reply to %s dropped: %s", peer.hex(), err)
 

@@ -340,6 +340,8 @@ def test_broken_recordings_are_refused_with_the_file_and_the_problem(tmp_path):
     np.savez(tmp_path / "ragged.npz", **{**good, "actions": np.zeros((2, 1))})
     with pytest.raises(RecordingError, match="actions has shape"):
         load_episode(tmp_path / "ragged.npz")
+    with pytest.raises(RecordingError, match="not a directory"):
+        EpisodeRecorder(tmp_path / "junk.npz", {})
     recorder = EpisodeRecorder(tmp_path / "rec", {})
     recorder.add(np.zeros(2), np.zeros(1), 0.0, np.zeros(2), False, False, {"clipped": False})
     with pytest.raises(RecordingError, match="flag names changed"):
