@@ -195,6 +195,8 @@ def test_malformed_messages_get_error_replies_and_the_sim_keeps_serving():
             (reply,) = replies(raw)
             assert isinstance(reply, ErrorMsg) and reply.code == code, name
             assert reply.ack == ack, name
+        raw.send_multipart([b"\x00" * 20_000])  # above the hard cap (4 x 4096): ZeroMQ drops the connection
+        assert not raw.poll(300), "a message above ZMQ_MAXMSGSIZE must not be buffered and answered"
         with RobotClient(server.endpoint, 2.0) as client:
             assert client.hello().protocol_version == 1
             client.reset(seed=0)
