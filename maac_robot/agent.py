@@ -319,7 +319,7 @@ class MAACAgent:
         batch = self.cfg.batch_size
         if self.cfg.real_data_only or not model_data:
             return batch, 0
-        n_real = max(1, round(self.cfg.real_ratio * batch))
+        n_real = round(self.cfg.real_ratio * batch)
         return n_real, batch - n_real
 
     def _policy(self, state: Tensor, repeat: int) -> tuple[Tensor, Tensor]:
@@ -333,7 +333,13 @@ class MAACAgent:
         return action.cpu().numpy()
 
     def update(self, real_batch: Batch, model_batch: Batch | None, model: GaussianEnsemble | None) -> dict[str, float]:
-        """One G2 step on D_env ∪ D_model: critic, then actor (MAAC objective), then α, then the targets."""
+        """One G2 step on D_env ∪ D_model: critic, then actor (MAAC objective), then α, then the targets.
+
+        The batches are `buffer.Batch`es sized by `batch_split` (model_batch None or ignored when
+        real_data_only); their states are also the actor's start states ŝ_0. `model` (its random-elite
+        `step`) drives the policy rollouts and, with `steve`, the expanded targets; it may be None only
+        with horizon 0 (then the critic target is SAC's). Returns the losses and diagnostics as floats.
+        """
         cfg = self.cfg
         if model_batch is not None and len(model_batch) > 0 and not cfg.real_data_only:
             batch = Batch.cat([real_batch, model_batch])
@@ -358,10 +364,9 @@ class MAACAgent:
         q_loss.backward()
         self.critic_opt.step()
 
-        dynamics = (lambda st, ac: model.step(st, ac, sample=True)) if model is not None else None
         with frozen(self.critic, model):
             pl = maac_policy_loss(
-                s, self._policy, dynamics, self.critic, reward_fn, termination_fn,
+                s, self._policy, None if model is None else model.step, self.critic, reward_fn, termination_fn,
                 horizon=cfg.horizon, num_samples=cfg.num_samples, terminal_q_samples=cfg.terminal_q_samples,
                 gamma=cfg.gamma, alpha=alpha,
             )
