@@ -14,7 +14,12 @@ robot side's behaviour:
   with an error reply and apply the safe action;
 * robustness: every malformed message gets an error reply and is counted; replies go out
   non-blocking (a vanished or slow client never stalls the sim); the poll always has a timeout;
-* optional recording of every transition (`maac_robot.recording`) and an mp4 of the episodes.
+* optional recording of every transition (`maac_robot.recording`) and an mp4 of the episodes
+  (`pip install 'maac-robot[render]'`; headless EGL renders ~0.3 s per 480x480 frame on the 2-core
+  dev machine, so render lockstep runs: in real time it would overrun every tick).
+
+There is no authentication on the socket (no CURVE): the default bind is loopback, and anything
+wider must sit on a trusted network.
 
 The sim serves one controller at a time: the peer that sent the last `reset` owns the episode,
 and actions from any other peer are refused (`no_episode`). A client that vanishes mid-episode
