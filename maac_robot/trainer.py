@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from maac_robot.agent import MAACAgent
 from maac_robot.buffer import Batch, ReplayBuffer
-from maac_robot.config import Config, config_from_dict, load_config, save_config
+from maac_robot.config import Config, load_config, save_config
 from maac_robot.ensemble import GaussianEnsemble
 from maac_robot.envs import make_env
 from maac_robot.errors import UserError
@@ -403,16 +403,15 @@ class Trainer:
         return records
 
     def _postfix(self, records: list[dict[str, Any]]) -> str:
+        """Last episode return, last evaluation, model holdout MSE, mean policy and Q losses since the last eval."""
         parts = [f"ret {self.last_return:.1f}"]
         if records:
             parts.append(f"eval {records[-1]['eval_return_mean']:.1f}")
-        model_loss = next((v for k, v in self.fit_stats.items() if "loss" in k or "mse" in k), None)
-        if model_loss is not None:
-            parts.append(f"model {model_loss:.4f}")
-        if self.update_count:
-            pi = next((v for k, v in self.update_sums.items() if "policy" in k or "actor" in k), None)
-            if pi is not None:
-                parts.append(f"pi {pi / self.update_count:.3f}")
+        if "holdout_mse" in self.fit_stats:
+            parts.append(f"model {self.fit_stats['holdout_mse']:.4f}")
+        for key, label in (("policy_loss", "pi"), ("q_loss", "q")):
+            if self.update_count and key in self.update_sums:
+                parts.append(f"{label} {self.update_sums[key] / self.update_count:.3f}")
         return " ".join(parts)
 
 
@@ -462,13 +461,13 @@ def truncate_metrics(path: Path, env_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _read_run_config(run_dir: Path) -> Config:
+def _read_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Config:
     paths = RunPaths(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"run directory not found: {run_dir}")
     if not paths.config.is_file():
         raise RunError(f"{run_dir} is not a run directory (no config.yaml)")
-    return load_config(paths.config)
+    return load_config(paths.config, overrides)
 
 
 @dataclass
@@ -540,14 +539,10 @@ def prepare_run(config: str | Path | None = None, resume: str | Path | None = No
         if out is not None:
             raise UserError("--out cannot be combined with --resume; the run continues in its own directory")
         run_dir = Path(resume)
-        cfg = _read_run_config(run_dir)
+        cfg = _read_run_config(run_dir, overrides)
         if not RunPaths(run_dir).checkpoint.is_file():
             raise RunError(f"cannot resume {run_dir}: it has no checkpoint yet (checkpoints/latest.pt)")
-        data = cfg.model_dump(mode="json")
-        for dotted, value in overrides.items():
-            section, _, key = dotted.partition(".")
-            data[section][key] = value
-        return config_from_dict(data, str(RunPaths(run_dir).config)), run_dir, True
+        return cfg, run_dir, True
     if seed is not None:
         overrides["train.seed"] = seed
     cfg = load_config(config, overrides)  # type: ignore[arg-type]
