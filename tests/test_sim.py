@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -364,6 +365,7 @@ def test_bad_bind_and_missing_video_backend_are_clear_errors(monkeypatch, tmp_pa
         SimServer("HalfCheetah-v5", bind="localhost:5555")
     with running_sim() as server, pytest.raises(SimError, match="cannot bind"):
         SimServer("HalfCheetah-v5", bind=server.endpoint)
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))  # the check sets it; undone after the test
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
     with pytest.raises(SimError, match="imageio-ffmpeg"):
         SimServer("HalfCheetah-v5", bind=f"ipc://{tmp_path}/s.sock", render_path=tmp_path / "v.mp4")
