@@ -197,8 +197,9 @@ class Artifacts:
     """Verified, warmed-up onnxruntime sessions over one artifact directory (use `load_artifacts`).
 
     Inputs are cast to contiguous float32; shapes are checked so a wrong call fails with a
-    message instead of an onnxruntime stack trace. Not thread-safe per call site by design:
-    onnxruntime sessions are, but the controller runs one loop.
+    message instead of an onnxruntime stack trace. Safe to call from several threads (e.g. the
+    policy fallback beside a CEM worker): nothing here keeps per-call state and onnxruntime's
+    `run` is thread-safe.
     """
 
     def __init__(self, path: Path, manifest: Manifest, sessions: dict[str, Any]) -> None:

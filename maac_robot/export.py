@@ -14,10 +14,12 @@ from __future__ import annotations
 import datetime as dt_
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,9 @@ from maac_robot.artifacts import (
 )
 from maac_robot.errors import UserError
 from maac_robot.tasks import Task
+
+# The exporter logs one warning per torchvision op it cannot register (torchvision is not a dependency).
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 OPSET = 20  # pinned: onnxruntime 1.32 implements it fully; bump deliberately together with FORMAT_VERSION
 # float32 parity between onnxruntime and PyTorch, |ort - torch| <= ATOL + RTOL·|torch| per element.
@@ -183,10 +188,15 @@ def _versions() -> dict[str, str]:
 
 def _export_graph(module: nn.Module, m: Manifest, graph: str, generator: torch.Generator) -> bytes:
     signature = graph_signatures(m)[graph]
-    program = torch.onnx.export(
-        module, _example_inputs(m, graph, generator, batch=3), dynamo=True, opset_version=OPSET,
-        input_names=list(signature["inputs"]), output_names=list(signature["outputs"]),
-        dynamic_shapes=_dynamic_shapes(m, graph), optimize=True, verbose=False)
+    with warnings.catch_warnings():
+        # Exporter chatter that is expected here: inputs sharing the `batch` dim, and a torch-internal
+        # deprecation. Anything else still shows.
+        warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        program = torch.onnx.export(
+            module, _example_inputs(m, graph, generator, batch=3), dynamo=True, opset_version=OPSET,
+            input_names=list(signature["inputs"]), output_names=list(signature["outputs"]),
+            dynamic_shapes=_dynamic_shapes(m, graph), optimize=True, verbose=False)
     proto = program.model_proto
     assert_exported_shapes(proto, m, graph)
     proto.doc_string = (module.__doc__ or "").strip()
