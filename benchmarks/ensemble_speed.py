@@ -19,16 +19,18 @@ from maac_robot.ensemble import GaussianEnsemble
 from maac_robot.envs import env_info
 
 
-def timed(fn, reps: int, warmup: int = 3) -> tuple[float, float]:
-    """Median and 90th percentile of `fn()` in milliseconds."""
+def timed(fn, reps: int, warmup: int = 3) -> str:
+    """Median wall and process-CPU milliseconds of `fn()`. On a shared box the wall time includes waiting
+    for other jobs; with one thread the CPU time is the better estimate of the uncontended cost."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times), statistics.quantiles(times, n=10)[-1]
+        wall.append(1e3 * (time.perf_counter() - t))
+        cpu.append(1e3 * (time.process_time() - c))
+    return f"wall median {statistics.median(wall):.1f} ms (min {min(wall):.1f}), cpu median {statistics.median(cpu):.1f} ms"
 
 
 def main() -> None:
@@ -82,9 +84,8 @@ def main() -> None:
         train = timed(sync(train_step), args.reps)
         model.requires_grad_(False)  # the actor update freezes the model's weights
         roll = timed(sync(rollout_backward), args.reps)
-        print(f"threads={threads}: G1 train step (batch {args.batch}/member): median {train[0]:.1f} ms, "
-              f"p90 {train[1]:.1f} ms | step() x H={args.horizon} fwd+bwd on {args.batch}x{args.samples} rows: "
-              f"median {roll[0]:.1f} ms, p90 {roll[1]:.1f} ms")
+        print(f"threads={threads}: G1 train step, batch {args.batch}/member: {train}\n"
+              f"threads={threads}: step() x H={args.horizon} fwd+bwd, {args.batch}x{args.samples} rows: {roll}")
 
 
 if __name__ == "__main__":
