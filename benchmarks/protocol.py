@@ -8,6 +8,8 @@ Measured, with the sim in its own process (as deployed) and the client here:
    = round trip - the sim's own `env.step` time (which the sim reports in `info["sim_step_s"]`);
    plus a bare ZeroMQ DEALER/ROUTER echo of the same frame sizes (the transport floor), and the
    CPU the codec and the action gate spend per exchange without sockets;
+   With ``--realtime-priority P`` that latency part (and the processes it starts) runs under
+   SCHED_FIFO, as control processes on a robot computer would;
 2. lockstep env steps/s through the protocol vs in-process Gymnasium stepping, HalfCheetah-v5 and
    Hopper-v5, random actions, resets included in both.
 """
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +75,20 @@ class _Child:
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+@contextmanager
+def _fifo(priority: int | None) -> Iterator[None]:
+    """Optionally run a block (and the processes it starts, which inherit it) under SCHED_FIFO `priority`,
+    as a robot computer would run its control processes; back to normal scheduling afterwards."""
+    if priority is None:
+        yield
+        return
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 def _stats(samples_s: np.ndarray) -> dict[str, float]:
@@ -182,6 +200,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--port", type=int, default=5599)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--realtime-priority", type=int, metavar="P",
+                        help="run the latency part (client, sim and echo processes) under SCHED_FIFO priority P")
     parser.add_argument("--serve", nargs=3, metavar=("KIND", "ENV", "ENDPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -199,9 +219,11 @@ def main() -> None:
                                   "mujoco": mujoco.__version__}}
     results["loadavg_before"] = os.getloadavg()
     results["codec_cpu"] = codec_cpu(args.exchanges)
-    for name, endpoint in endpoints.items():
-        results[f"exchange_{name}"] = round_trip(endpoint, args.exchanges)
-        results[f"echo_{name}"] = echo_round_trip(endpoint, args.exchanges)
+    results["realtime_priority"] = args.realtime_priority
+    with _fifo(args.realtime_priority):  # before the first socket: ZeroMQ's I/O thread inherits the policy
+        for name, endpoint in endpoints.items():
+            results[f"exchange_{name}"] = round_trip(endpoint, args.exchanges)
+            results[f"echo_{name}"] = echo_round_trip(endpoint, args.exchanges)
     for env_id in ("HalfCheetah-v5", "Hopper-v5"):
         results[f"steps_{env_id}"] = {name: steps_per_second(env_id, endpoint, args.steps)
                                       for name, endpoint in endpoints.items()}
@@ -222,7 +244,8 @@ def main() -> None:
     c = results["codec_cpu"]
     print(f"\ncodec + action gate CPU per exchange (no sockets): median {c['median_us']:.0f} µs, "
           f"p99 {c['p99_us']:.0f} µs")
-    print(f"load average before {results['loadavg_before']}, after {results['loadavg_after']}")
+    print(f"load average before {results['loadavg_before']}, after {results['loadavg_after']}; "
+          f"latency part under SCHED_FIFO priority {args.realtime_priority}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
