@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maac_robot.buffer import Batch
+from maac_robot.errors import UserError
 
 if TYPE_CHECKING:
     from maac_robot.config import AgentConfig
@@ -42,7 +43,10 @@ Critic = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (s, a) -> (q1, q2)
 TransitionFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (s, a, s') -> reward or termination
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-BATCH_KEYS = ("state", "action", "reward", "next_state", "done")
+
+
+class StateShapeError(UserError, ValueError):
+    """A state whose size is not the task's (e.g. an env built without the root-position state convention)."""
 
 
 def mlp(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
@@ -329,6 +333,11 @@ class MAACAgent:
     def act(self, state: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """Action in env units for one state [S] or a batch [B, S]."""
         s = torch.as_tensor(state, dtype=torch.float32, device=self.device)
+        if s.ndim not in (1, 2) or s.shape[-1] != self.task.info.state_dim:
+            raise StateShapeError(
+                f"{self.task.info.env_id} states have {self.task.info.state_dim} dims (root position included), "
+                f"got an array of shape {tuple(s.shape)}"
+            )
         action = self.actor.deterministic(s) if deterministic else self.actor.sample(s)[0]
         return action.cpu().numpy()
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from maac_robot.agent import (
     Actor,
     MAACAgent,
+    StateShapeError,
     inverse_variance_combine,
     soft_bellman_target,
     steve_targets,
@@ -254,6 +255,8 @@ def test_act_returns_bounded_numpy_actions() -> None:
     many = agent.act(np.random.default_rng(0).normal(size=(7, 4)))
     assert one.shape == (2,) and many.shape == (7, 2) and isinstance(many, np.ndarray)
     assert (np.abs(many) <= HIGH).all()
+    with pytest.raises(StateShapeError, match="Fake-v0 states have 4 dims"):
+        agent.act(np.zeros(3, np.float32))
 
 
 @pytest.mark.parametrize("learn_reward", [False, True])
