@@ -103,6 +103,10 @@ class ReplayBuffer:
         idx = self.sample_indices(n, rng)
         return Batch(*(torch.from_numpy(getattr(self, f)[idx]).to(device) for f in FIELDS))
 
+    def empty_batch(self, device: torch.device | str = "cpu") -> Batch:
+        """A zero-row batch with this buffer's field shapes (the unused side of a 0/1 real_ratio split)."""
+        return Batch(*(torch.from_numpy(getattr(self, f)[:0]).to(device) for f in FIELDS))
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The stored transitions (views, oldest-first order not guaranteed): what the model fits on."""
         return {f: getattr(self, f)[: self.size] for f in FIELDS}

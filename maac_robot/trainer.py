@@ -253,13 +253,16 @@ class Trainer:
 
     # ---- G2: policy and Q updates ------------------------------------------------------------
 
-    def _batches(self) -> list[tuple[Batch, Batch | None]]:
+    def _batches(self) -> list[tuple[Batch, Batch]]:
         """`updates_per_step` (real, imagined) batch pairs, gathered with one index draw per buffer."""
         n = self.cfg.agent.updates_per_step
         n_real, n_model = self.agent.batch_split(model_data=len(self.d_model) > 0)
-        real = self.d_env.sample(n_real * n, self.rng, self.device).split(n_real)
-        imagined = self.d_model.sample(n_model * n, self.rng, self.device).split(n_model) if n_model else [None] * n
-        return list(zip(real, imagined, strict=True))
+
+        def draw(buffer: ReplayBuffer, rows: int) -> list[Batch]:
+            stacked = buffer.sample(rows * n, self.rng, self.device) if rows else buffer.empty_batch(self.device)
+            return stacked.split(rows) if rows else [stacked] * n  # real_ratio 0 or 1: one side is empty
+
+        return list(zip(draw(self.d_env, n_real), draw(self.d_model, n_model), strict=True))
 
     def update(self) -> None:
         model = self.model if self.model_fitted else None

@@ -174,6 +174,15 @@ def test_model_free_ablation_skips_the_model(tmp_path: Path) -> None:
     assert row["model"] == {} and math.isfinite(row["losses"]["policy_loss"])
 
 
+@pytest.mark.parametrize("real_ratio", [0.0, 1.0])
+def test_real_ratio_extremes_train(tmp_path: Path, real_ratio: float) -> None:
+    """All-imagined or all-real G2 batches: the empty side of the split must not break an update."""
+    cfg = config_from_dict(_tiny(agent={"real_ratio": real_ratio}, train={"total_steps": 120}))
+    trainer = train(cfg, tmp_path / "run", progress=False)
+    row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert row["env_step"] == 120 and math.isfinite(row["losses"]["q_loss"]) and len(trainer.d_model) > 0
+
+
 class _FallingPole:
     """Stand-in dynamics: every step tips half of the surviving branches past the pendulum's 0.2 rad limit."""
 
