@@ -62,13 +62,14 @@ def policy_prior(policy: PolicyFn, step: StepFn, state: np.ndarray, act_dim: int
                  num_samples: int, rng: np.random.Generator) -> Prior:
     """Roll the policy through the model for `horizon` steps: row 0 deterministic, rows 1.. sampled.
 
-    One batched policy call and one batched model call per step, so the prior costs 2·H small
-    graph calls whatever `num_samples` is. The noise comes from `rng` (the policy graph takes it
+    One batched policy call per step and one batched model call between steps, so the prior costs
+    2·H - 1 small graph calls whatever `num_samples` is (but each model call runs every member on
+    every row: closed-loop samples are not free, see benchmarks/RESULTS.md). The noise comes from `rng` (the policy graph takes it
     as an input), so the rollout is reproducible.
     """
     states = np.repeat(np.asarray(state, np.float32).reshape(1, -1), num_samples + 1, axis=0)
     means, stds, samples = [], [], []
-    for _ in range(horizon):
+    for t in range(horizon):
         noise = rng.standard_normal((num_samples + 1, act_dim)).astype(np.float32)
         noise[0] = 0.0
         mean, log_std, action = policy(states, noise)
@@ -76,7 +77,8 @@ def policy_prior(policy: PolicyFn, step: StepFn, state: np.ndarray, act_dim: int
         means.append(mean[0])
         stds.append(std[0])
         samples.append(mean[1:] + std[1:] * noise[1:])
-        states = step(states, action)
+        if t < horizon - 1:  # the state after the last action is the plan graph's business
+            states = step(states, action)
     prior = Prior(mean=np.stack(means).astype(np.float64), std=np.stack(stds).astype(np.float64),
                   samples=np.stack(samples, axis=1).astype(np.float64))
     if not (np.isfinite(prior.mean).all() and np.isfinite(prior.std).all() and np.isfinite(prior.samples).all()):
