@@ -44,10 +44,13 @@ TARGETS = {"inverted_pendulum": (1000.0, 3000), "hopper": (2500.0, 20000), "half
 NOT_TRAINING = ("eval", "checkpoint")  # phases that are bookkeeping, not the cost of learning
 
 
-def _config(task: str, seed: int, steps: int):  # -> maac_robot.config.Config
+def _config(task: str, seed: int, steps: int, threads: int | None = None):  # -> maac_robot.config.Config
     from maac_robot.config import load_config
 
-    return load_config(ROOT / "configs" / f"{task}.yaml", {"train.seed": seed, "train.total_steps": steps})
+    overrides: dict[str, Any] = {"train.seed": seed, "train.total_steps": steps}
+    if threads is not None:
+        overrides["train.num_threads"] = threads
+    return load_config(ROOT / "configs" / f"{task}.yaml", overrides)
 
 
 def _machine() -> dict[str, Any]:
@@ -81,10 +84,10 @@ def _write_meta(run_dir: Path, algo: str, task: str, seed: int, steps: int, thre
 # ---- MAAC ---------------------------------------------------------------------------------------
 
 
-def run_maac(task: str, seed: int, steps: int, run_dir: Path) -> None:
+def run_maac(task: str, seed: int, steps: int, run_dir: Path, threads: int | None) -> None:
     from maac_robot.trainer import train
 
-    cfg = _config(task, seed, steps)
+    cfg = _config(task, seed, steps, threads)
     _write_meta(run_dir, "maac", task, seed, steps, cfg.train.num_threads or os.cpu_count() or 1)
     train(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest.pt").is_file(), progress=False)
 
@@ -92,14 +95,14 @@ def run_maac(task: str, seed: int, steps: int, run_dir: Path) -> None:
 # ---- SAC (Stable-Baselines3) ----------------------------------------------------------------------
 
 
-def run_sac(task: str, seed: int, steps: int, run_dir: Path) -> None:
+def run_sac(task: str, seed: int, steps: int, run_dir: Path, threads: int | None) -> None:
     import gymnasium as gym
     import torch
     from maac_robot.trainer import eval_seeds
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
 
-    cfg = _config(task, seed, steps)
+    cfg = _config(task, seed, steps, threads)
     threads = cfg.train.num_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     _write_meta(run_dir, "sac", task, seed, steps, threads)
@@ -174,9 +177,7 @@ def profile(task: str, steps: int, out: Path, threads: int | None) -> dict[str, 
     import torch
     from maac_robot.trainer import Trainer
 
-    cfg = _config(task, 0, 10**9)
-    if threads is not None:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": threads})})
+    cfg = _config(task, 0, 10**9, threads)
     inner: dict[str, float] = {"steve_targets": 0.0, "policy_objective_forward": 0.0}
 
     def timed(name: str, fn: Any) -> Any:
@@ -379,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algo", choices=["maac", "sac"], required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for both algorithms (default 1: this machine's 2 cores are shared)")
     p = sub.add_parser("profile")
     p.add_argument("--task", choices=sorted(TASKS), default="half_cheetah")
     p.add_argument("--steps", type=int, default=50)
@@ -390,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             run_dir = RUNS / args.task / f"{args.algo}-s{seed}"
             start = time.perf_counter()
-            (run_maac if args.algo == "maac" else run_sac)(args.task, seed, args.steps, run_dir)
+            (run_maac if args.algo == "maac" else run_sac)(args.task, seed, args.steps, run_dir, args.threads)
             print(f"{args.algo} {args.task} seed {seed}: {args.steps} steps in {time.perf_counter() - start:.0f} s",
                   flush=True)
     elif args.command == "profile":
