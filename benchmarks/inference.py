@@ -221,8 +221,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _configurations(threads: list[int]) -> list[dict[str, Any]]:
-    configs = [{"backend": "onnxruntime", "threads": t, "spinning": s} for t in threads for s in (False, True)]
-    return configs + [{"backend": b, "threads": t, "spinning": None} for b in ("torch", "numpy") for t in threads]
+    """onnxruntime first (what deployment uses; spinning off before on), then the references."""
+    configs = [{"backend": "onnxruntime", "threads": t, "spinning": s} for s in (False, True) for t in threads]
+    return configs + [{"backend": b, "threads": t, "spinning": None} for t in threads for b in ("numpy", "torch")]
 
 
 def _label(c: dict[str, Any]) -> str:
@@ -259,43 +260,43 @@ def main() -> None:
         return
 
     source = {"run": str(args.run) if args.run else None, "config": str(args.config), "seed": args.seed}
+    calls = ["policy", *(f"plan P={n}" for n in args.particles)]
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         from maac_robot.export import export_artifacts
 
         task, actor, critic, model, gamma, horizon = _components(source)
         manifest = export_artifacts(Path(tmp) / "artifacts", task=task, actor=actor, critic=critic, model=model,
                                     gamma=gamma, horizon=horizon, train_steps=0, config={"benchmark": source})
-        rows = []
+        machine = _machine()
+        print(f"model: {'run ' + source['run'] if source['run'] else 'random init, ' + source['config']} -- "
+              f"{manifest.env_id}, S={manifest.state_dim}, A={manifest.act_dim}, {manifest.num_models} models / "
+              f"{manifest.num_elites} elites, H={manifest.plan_horizon}")
+        print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+        print(f"command: {' '.join(['python', *sys.argv])}")
+        print(f"timed calls: policy {args.calls}, plan {args.plan_calls or args.calls} per P (after {args.warmup} "
+              f"warm-up)\n")
+        print("| backend | " + " | ".join(f"{c} median / p99 (µs)" for c in calls) + " | load avg (1 min) |")
+        print("|---|" + "---|" * (len(calls) + 1), flush=True)
         for config in (c for c in _configurations(args.threads) if c["backend"] in args.backends):
             spec = {**config, "artifacts": str(Path(tmp) / "artifacts"), "source": source, "calls": args.calls,
                     "plan_calls": args.plan_calls or args.calls, "warmup": args.warmup, "particles": args.particles}
             env = {**os.environ, "OMP_NUM_THREADS": str(config["threads"]),
                    "OPENBLAS_NUM_THREADS": str(config["threads"]), "MKL_NUM_THREADS": str(config["threads"])}
-            t0 = time.time()
+            load = os.getloadavg()[0]
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                                  capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"{_label(config)} failed:\n{out.stderr[-3000:]}")
             result = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append({**config, "results": result})
-            print(f"# {_label(config)} done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-
-    calls = sorted({k for r in rows for k in r["results"]}, key=lambda k: (k != "policy", len(k), k))
-    machine = _machine()
-    print(f"model: {'run ' + source['run'] if source['run'] else 'random init, ' + source['config']} -- "
-          f"{manifest.env_id}, S={manifest.state_dim}, A={manifest.act_dim}, {manifest.num_models} models / "
-          f"{manifest.num_elites} elites, H={manifest.plan_horizon}")
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
-    print(f"command: {' '.join(['python', *sys.argv])}\n")
-    print("| backend | " + " | ".join(f"{c} median / p99 (µs)" for c in calls) + " |")
-    print("|---|" + "---|" * len(calls))
-    for r in rows:
-        cells = [f"{r['results'][c]['median_us']:,.0f} / {r['results'][c]['p99_us']:,.0f}" for c in calls]
-        print(f"| {_label(r)} | " + " | ".join(cells) + " |")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "source": source, "argv": sys.argv,
-                                         "manifest": manifest.model_dump(exclude={"config"}), "rows": rows},
-                                        indent=2))
+            load = f"{load:.1f} → {os.getloadavg()[0]:.1f}"
+            rows.append({**config, "results": result, "load_avg": load})
+            cells = [f"{result[c]['median_us']:,.0f} / {result[c]['p99_us']:,.0f}" for c in calls]
+            print(f"| {_label(config)} | " + " | ".join(cells) + f" | {load} |", flush=True)
+            if args.json:  # after every configuration, so a cut-short run keeps what it measured
+                args.json.write_text(json.dumps({"machine": machine, "source": source, "argv": sys.argv,
+                                                 "manifest": manifest.model_dump(exclude={"config"}), "rows": rows},
+                                                indent=2))
 
 
 if __name__ == "__main__":

@@ -229,15 +229,22 @@ def parity_errors(artifacts: Artifacts, graphs: dict[str, nn.Module], *, batch: 
         out_names = list(graph_signatures(artifacts.manifest)[graph]["outputs"])
         for name, got, want in zip(out_names, ort_out, torch_out, strict=True):
             want = want.numpy()
-            ratios[f"{graph}.{name}"] = float(np.max(np.abs(got - want) / (PARITY_ATOL + PARITY_RTOL * np.abs(want))))
+            with np.errstate(divide="ignore", invalid="ignore"):  # a zero tolerance is allowed: inf / nan fail
+                ratio = np.abs(got - want) / (PARITY_ATOL + PARITY_RTOL * np.abs(want))
+            ratios[f"{graph}.{name}"] = float(np.max(ratio))
     return ratios
 
 
+def _check_replaceable(out: Path) -> None:
+    """`out` may be absent, empty, or an earlier artifact directory; anything else is the user's."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
+        raise ExportError(f"refusing to overwrite {out}: it exists and is not an artifact directory")
+
+
 def _publish(tmp: Path, out: Path) -> None:
-    """Move the verified directory into place; only ever replaces an earlier artifact directory."""
+    """Move the verified directory into place (checked again: `out` may have changed during the export)."""
+    _check_replaceable(out)
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
-            raise ExportError(f"refusing to overwrite {out}: it exists and is not an artifact directory")
         shutil.rmtree(out)
     os.replace(tmp, out)
 
@@ -254,6 +261,8 @@ def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: n
     plan_horizon = horizon if plan_horizon is None else plan_horizon
     if plan_horizon < 1:
         raise ExportError(f"plan_horizon must be >= 1 (the trained horizon is {horizon}); pass --plan-horizon")
+    out = Path(out)
+    _check_replaceable(out)
     info = task.info
     elites = [int(e) for e in model.elites]
     manifest = Manifest(
@@ -265,7 +274,6 @@ def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: n
         train_steps=train_steps, config=config, versions=_versions(),
         created_utc=dt_.datetime.now(dt_.UTC).isoformat(timespec="seconds"))
     graphs = build_graphs(task, actor, critic, model, gamma=gamma, plan_horizon=plan_horizon)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from maac_robot import cli
+from maac_robot import cli, export
 from maac_robot.artifacts import GRAPH_NAMES, load_artifacts
 from maac_robot.config import config_from_dict, save_config
 from maac_robot.export import (
@@ -188,7 +188,16 @@ def test_export_options_are_checked(cheetah: tuple[Components, Path], tmp_path: 
     with pytest.raises(ExportError, match="refusing to overwrite .*precious: it exists and is not an artifact"):
         export_components(c, precious)
     assert (precious / "notes.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"], "temporary export directory left behind"
+
+
+def test_export_refuses_to_publish_without_parity(cheetah: tuple[Components, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a zero tolerance, float32 kernel differences fail parity: nothing is published, nothing left over."""
+    monkeypatch.setattr(export, "PARITY_ATOL", 0.0)
+    monkeypatch.setattr(export, "PARITY_RTOL", 0.0)
+    with pytest.raises(ExportError, match="onnxruntime and PyTorch disagree beyond rtol=0.0, atol=0.0"):
+        export_components(cheetah[0], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [], "a failed export left files behind"
 
 
 def test_cli_export_from_a_run_then_reexport_with_other_plan_horizon(tmp_path: Path,
