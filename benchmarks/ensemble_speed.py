@@ -30,7 +30,8 @@ def timed(fn, reps: int, warmup: int = 3) -> str:
         fn()
         wall.append(1e3 * (time.perf_counter() - t))
         cpu.append(1e3 * (time.process_time() - c))
-    return f"wall median {statistics.median(wall):.1f} ms (min {min(wall):.1f}), cpu median {statistics.median(cpu):.1f} ms"
+    wall_ms, cpu_ms = statistics.median(wall), statistics.median(cpu)
+    return f"wall median {wall_ms:.1f} ms (min {min(wall):.1f}), cpu median {cpu_ms:.1f} ms"
 
 
 def main() -> None:

@@ -46,6 +46,8 @@ class GaussianEnsemble(nn.Module):
         super().__init__()
         if not 0 < num_elites <= num_models:
             raise ValueError(f"num_elites must be in 1..num_models ({num_models}), got {num_elites}")
+        if not all(0 <= i < state_dim for i in net_obs_idx):
+            raise ValueError(f"net_obs_idx must index into the {state_dim} state dims, got {tuple(net_obs_idx)}")
         self.state_dim, self.act_dim, self.num_models, self.learn_reward = state_dim, act_dim, num_models, learn_reward
         self.register_buffer("net_obs_idx", torch.as_tensor(list(net_obs_idx), dtype=torch.long))
         in_dim, out_dim = len(net_obs_idx) + act_dim, state_dim + int(learn_reward)
@@ -169,12 +171,16 @@ class GaussianEnsemble(nn.Module):
         """
         if self.learn_reward and reward is None:
             raise ValueError("this ensemble learns reward: fit needs rewards")
+        s, s2, a = (torch.as_tensor(x) for x in (state, next_state, action))
+        r = torch.as_tensor(reward).reshape(-1, 1) if self.learn_reward else s[:, :0]
+        if s.shape != s2.shape or s.shape[1:] != (self.state_dim,) or a.shape != (len(s), self.act_dim) \
+                or len(r) != len(s):
+            raise ValueError(f"fit expects state/next_state [N, {self.state_dim}], action [N, {self.act_dim}] and "
+                             f"reward [N]; got {tuple(s.shape)}, {tuple(s2.shape)}, {tuple(a.shape)}, {len(r)} rows")
         like = dict(dtype=self.in_mean.dtype, device=self.in_mean.device)
-        s, s2 = torch.as_tensor(state), torch.as_tensor(next_state)
-        targets = [(s2 - s).to(**like)]  # Δ before the cast: float64 positions keep their precision
-        if self.learn_reward:
-            targets.append(torch.as_tensor(reward).reshape(-1, 1).to(**like))
-        s, a, y = s.to(**like), torch.as_tensor(action).to(**like), torch.cat(targets, -1)
+        # Δ before the cast: float64 positions keep their precision
+        y = torch.cat([(s2 - s).to(**like), r.to(**like)], -1)
+        s, a = s.to(**like), a.to(**like)
 
         train_idx, hold_idx = holdout_split(s.shape[0], cfg.holdout_ratio, generator)
         train_rows = train_idx.to(s.device)

@@ -185,3 +185,7 @@ def test_fit_rejects_bad_inputs():
         ensemble().fit(torch.zeros(3, S), torch.zeros(3, A), torch.zeros(3, S), None, cfg, None)
     with pytest.raises(ValueError, match="num_elites"):
         ensemble(num_models=2, num_elites=3)
+    with pytest.raises(ValueError, match="net_obs_idx"):
+        ensemble(net_obs_idx=(0, 3))
+    with pytest.raises(ValueError, match=r"action \[N, 2\]"):
+        ensemble().fit(torch.zeros(10, S), torch.zeros(10, 3), torch.zeros(10, S), None, cfg, None)
