@@ -200,29 +200,35 @@ def profile(task: str, steps: int, out: Path, threads: int | None) -> dict[str, 
         trainer.timers.clear()
         trainer.train(progress=False)  # first step fits (cold) and imagines, every step updates
         cold_fit = dict(trainer.fit_stats)
-        start = time.perf_counter()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         trainer.fit_model()
-        warm_fit_s = time.perf_counter() - start
+        warm_fit_s, warm_fit_cpu_s = time.perf_counter() - wall0, time.process_time() - cpu0
         warm_fit = dict(trainer.fit_stats)
-    t, c = trainer.timers, cfg
+    c = cfg
     updates = steps * c.agent.updates_per_step
-    per_update = t["update"] / updates
-    per_1000 = {
-        "model_fit (warm, x%d)" % (1000 // c.model.train_every): warm_fit_s * 1000 / c.model.train_every,
-        "rollout (x%d)" % (1000 // c.rollout.every): t["rollout"] * 1000 / c.rollout.every,
-        "G2 updates (x%d)" % (1000 * c.agent.updates_per_step): per_update * 1000 * c.agent.updates_per_step,
-        "env + acting (x1000)": t["env"] / steps * 1000,
-    }
-    share = {k: v / updates / per_update for k, v in inner.items()}
+    fits, rounds = 1000 / c.model.train_every, 1000 / c.rollout.every
+
+    def per_1000(timers: dict[str, float], warm_fit_time: float) -> dict[str, float]:
+        return {f"model fit (warm, x{fits:g})": warm_fit_time * fits,
+                f"imagined rollouts (x{rounds:g} rounds)": timers["rollout"] * rounds,
+                f"G2 policy+Q updates (x{1000 * c.agent.updates_per_step})": timers["update"] / steps * 1000,
+                "env steps + acting (x1000)": timers["env"] / steps * 1000}
+
+    wall, cpu = per_1000(trainer.timers, warm_fit_s), per_1000(trainer.cpu_timers, warm_fit_cpu_s)
+    share = {k: v / trainer.timers["update"] for k, v in inner.items()}
     share["critic+actor backward, optimisers, targets"] = 1.0 - sum(share.values())
     result = {"task": task, "env_id": TASKS[task], "measured_learning_steps": steps, "updates_measured": updates,
               "d_env": len(trainer.d_env), "torch_threads": torch.get_num_threads(),
-              "cold_fit_s": round(t["model_fit"], 2), "cold_fit": cold_fit,
-              "warm_fit_s": round(warm_fit_s, 2), "warm_fit": warm_fit,
-              "rollout_round_s": round(t["rollout"], 3), "update_ms": round(per_update * 1000, 1),
+              "cold_fit_s": round(trainer.timers["model_fit"], 2), "cold_fit_cpu_s": round(trainer.cpu_timers["model_fit"], 2),
+              "cold_fit": cold_fit, "warm_fit_s": round(warm_fit_s, 2), "warm_fit_cpu_s": round(warm_fit_cpu_s, 2),
+              "warm_fit": warm_fit, "rollout_round_s": round(trainer.timers["rollout"], 3),
+              "update_ms": round(trainer.timers["update"] / updates * 1000, 1),
+              "update_cpu_ms": round(trainer.cpu_timers["update"] / updates * 1000, 1),
               "update_share": {k: round(v, 3) for k, v in share.items()},
-              "per_1000_steps_s": {k: round(v, 1) for k, v in per_1000.items()},
-              "s_per_1000_steps": round(sum(per_1000.values()), 1),
+              "per_1000_steps_wall_s": {k: round(v, 1) for k, v in wall.items()},
+              "per_1000_steps_cpu_s": {k: round(v, 1) for k, v in cpu.items()},
+              "s_per_1000_steps_wall": round(sum(wall.values()), 1),
+              "s_per_1000_steps_cpu": round(sum(cpu.values()), 1),
               "load_average": os.getloadavg(),
               "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_machine()}
@@ -284,7 +290,7 @@ def _cost(runs: list[dict[str, Any]]) -> str:
     return text
 
 
-def report() -> str:
+def report(note: str | None = None) -> str:
     from maac_robot.plotting import plot_learning_curves
 
     found = _runs()
@@ -294,21 +300,26 @@ def report() -> str:
              "± std across seeds; each seed's value is itself the mean of `train.eval_episodes` episodes).",
              "Envs are Gymnasium v5 (mujoco 4.0), not the paper's MBBL variants, except HalfCheetah whose reward matches.",
              ""]
+    if note:
+        lines += [note.strip(), ""]
     if PROFILE_JSON.is_file():
         p = json.loads(PROFILE_JSON.read_text())
-        total = p["s_per_1000_steps"]
         lines += [f"### Profile: cost of 1000 env steps of MAAC at the authors' settings ({p['env_id']})", "",
                   f"`{p['command']}` on {p['cpu']} ({p['cores']} cores shared with other jobs, load average "
                   f"{p['load_average'][0]:.1f} at the end, torch threads {p['torch_threads']}), {p['date']}, "
-                  f"commit {p['commit']}. Measured after the 5k random steps (D_env {p['d_env']}): cold model fit "
-                  f"{p['cold_fit_s']} s ({p['cold_fit']['epochs']:.0f} epochs), warm fit {p['warm_fit_s']} s "
-                  f"({p['warm_fit']['epochs']:.0f} epochs), one rollout round {p['rollout_round_s']} s, "
-                  f"{p['updates_measured']} G2 updates at {p['update_ms']} ms each. Extrapolated to 1000 env steps:",
-                  "", "| part | s / 1000 env steps | share |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in p["per_1000_steps_s"].items()]
-        lines += [f"| **total** | **{total:.1f}** | (target ≤ 150 s) |", "",
-                  "Inside one G2 update: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in p["update_share"].items())
-                  + ".", ""]
+                  f"commit {p['commit']}. After the 5k random steps (D_env {p['d_env']}): cold model fit "
+                  f"{p['cold_fit_cpu_s']} CPU-s ({p['cold_fit']['epochs']:.0f} epochs), warm fit {p['warm_fit_cpu_s']} "
+                  f"CPU-s ({p['warm_fit']['epochs']:.0f} epochs), one rollout round {p['rollout_round_s']} s, "
+                  f"{p['updates_measured']} G2 updates at {p['update_cpu_ms']} CPU-ms each ({p['update_ms']} ms wall). "
+                  "Extrapolated to 1000 env steps (CPU seconds = what it costs on a core of its own; wall = what it "
+                  "took on this shared machine):", "",
+                  "| part | CPU s / 1000 env steps | share | wall s / 1000 env steps |", "|---|---|---|---|"]
+        total = p["s_per_1000_steps_cpu"]
+        lines += [f"| {k} | {v:.1f} | {100 * v / total:.0f} % | {p['per_1000_steps_wall_s'][k]:.1f} |"
+                  for k, v in p["per_1000_steps_cpu_s"].items()]
+        lines += [f"| **total** | **{total:.1f}** | target ≤ 150 s | {p['s_per_1000_steps_wall']:.1f} |", "",
+                  "Inside one G2 update (wall shares): "
+                  + ", ".join(f"{k} {100 * v:.0f} %" for k, v in p["update_share"].items()) + ".", ""]
     for task, algos in sorted(found.items()):
         curves, table = {}, {}
         for algo, runs in sorted(algos.items()):
@@ -387,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", type=Path, default=PROFILE_JSON)
     p.add_argument("--threads", type=int, help="torch threads (default: the config's train.num_threads)")
-    sub.add_parser("report")
+    p = sub.add_parser("report")
+    p.add_argument("--note", type=Path, help="markdown file whose text goes under the section's header (status)")
     args = parser.parse_args(argv)
     if args.command == "run":
         for seed in args.seeds:
@@ -399,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "profile":
         profile(args.task, args.steps, args.out, args.threads)
     else:
-        print(report())
+        print(report(args.note.read_text() if args.note else None))
     return 0
 
 

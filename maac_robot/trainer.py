@@ -184,7 +184,10 @@ class Trainer:
         self.episode_index = 0  # index of the episode in progress; its reset seed is train_reset_seed + index
         self.last_return = math.nan
         self.episode_return = 0.0
-        self.timers: dict[str, float] = defaultdict(float)  # cumulative seconds per phase, across resumes
+        # Cumulative seconds per phase across resumes: wall clock, and this process's CPU time, which is
+        # what the work costs even when a shared machine gives the run only a slice of a core.
+        self.timers: dict[str, float] = defaultdict(float)
+        self.cpu_timers: dict[str, float] = defaultdict(float)
         self.fit_stats: dict[str, float] = {}
         self.update_sums: dict[str, float] = defaultdict(float)  # G2 loss sums since the last evaluation
         self.update_count = 0
@@ -290,6 +293,7 @@ class Trainer:
             "buffer_model": len(self.d_model),
             "wall_time_s": round(sum(self.timers.values()), 3),
             "phase_time_s": {k: round(v, 3) for k, v in self.timers.items()},
+            "phase_cpu_s": {k: round(v, 3) for k, v in self.cpu_timers.items()},
         }
         self.update_sums.clear()
         self.update_count = 0
@@ -328,6 +332,7 @@ class Trainer:
             "d_model": self.d_model.state_dict(),
             "rng": rng,
             "timers": dict(self.timers),
+            "cpu_timers": dict(self.cpu_timers),
             "fit_stats": dict(self.fit_stats),
             "update_sums": dict(self.update_sums),
             "update_count": self.update_count,
@@ -352,6 +357,7 @@ class Trainer:
         self.last_return = float(ckpt["last_return"])
         self.model_fitted = bool(ckpt["model_fitted"])
         self.timers = defaultdict(float, ckpt["timers"])
+        self.cpu_timers = defaultdict(float, ckpt.get("cpu_timers", {}))  # absent in the first benchmark runs' files
         self.fit_stats = dict(ckpt["fit_stats"])
         self.update_sums = defaultdict(float, ckpt["update_sums"])
         self.update_count = int(ckpt["update_count"])
@@ -371,13 +377,14 @@ class Trainer:
         records = []
         bar = tqdm(total=t.total_steps, initial=self.env_step, disable=not progress, unit="step",
                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-        last_mark = time.perf_counter()
+        last_wall, last_cpu = time.perf_counter(), time.process_time()
 
         def phase(name: str) -> None:
-            nonlocal last_mark
-            now = time.perf_counter()
-            self.timers[name] += now - last_mark
-            last_mark = now
+            nonlocal last_wall, last_cpu
+            wall, cpu = time.perf_counter(), time.process_time()
+            self.timers[name] += wall - last_wall
+            self.cpu_timers[name] += cpu - last_cpu
+            last_wall, last_cpu = wall, cpu
 
         try:
             while self.env_step < t.total_steps:
