@@ -128,22 +128,27 @@ def run_sac(task: str, seed: int, steps: int, run_dir: Path, threads: int | None
 
         def __init__(self) -> None:
             super().__init__()
-            self.train_time = 0.0
-            self.eval_time = 0.0
-            self.mark = time.perf_counter()
+            self.wall = {"train": 0.0, "eval": 0.0}
+            self.cpu = {"train": 0.0, "eval": 0.0}
+            self.mark = (time.perf_counter(), time.process_time())
+
+        def _lap(self, phase: str) -> None:
+            now = (time.perf_counter(), time.process_time())
+            self.wall[phase] += now[0] - self.mark[0]
+            self.cpu[phase] += now[1] - self.mark[1]
+            self.mark = now
 
         def _on_step(self) -> bool:
             if self.num_timesteps % cfg.train.eval_every and self.num_timesteps != steps:
                 return True
-            now = time.perf_counter()
-            self.train_time += now - self.mark
+            self._lap("train")
             returns = evaluate(self.model)
-            self.mark = time.perf_counter()
-            self.eval_time += self.mark - now
+            self._lap("eval")
             record = {"env_step": self.num_timesteps, "eval_return_mean": float(returns.mean()),
                       "eval_return_std": float(returns.std()), "eval_returns": returns.tolist(),
-                      "wall_time_s": round(self.train_time + self.eval_time, 3),
-                      "phase_time_s": {"train": round(self.train_time, 3), "eval": round(self.eval_time, 3)}}
+                      "wall_time_s": round(sum(self.wall.values()), 3),
+                      "phase_time_s": {k: round(v, 3) for k, v in self.wall.items()},
+                      "phase_cpu_s": {k: round(v, 3) for k, v in self.cpu.items()}}
             with metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             return True
@@ -246,8 +251,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _train_time(row: dict[str, Any]) -> float:
-    return sum(v for k, v in row["phase_time_s"].items() if k not in NOT_TRAINING)
+def _train_time(row: dict[str, Any], key: str = "phase_time_s") -> float:
+    return sum(v for k, v in row[key].items() if k not in NOT_TRAINING)
 
 
 def _runs() -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -277,17 +282,21 @@ def _first_reaching(steps: list[int], means: list[float], level: float) -> int |
 
 
 def _cost(runs: list[dict[str, Any]]) -> str:
-    """Training seconds per 1000 env steps (eval excluded): overall, and over the last eval interval."""
-    overall, recent = [], []
-    for run in runs:
-        rows = run["rows"]
-        overall.append(_train_time(rows[-1]) / rows[-1]["env_step"] * 1000)
-        if len(rows) >= 2:
-            recent.append((_train_time(rows[-1]) - _train_time(rows[-2])) / (rows[-1]["env_step"] - rows[-2]["env_step"]) * 1000)
-    text = f"{np.mean(overall):.1f}"
-    if recent:
-        text += f" (last interval {np.mean(recent):.1f})"
-    return text
+    """Training seconds per 1000 env steps, eval excluded: wall and (where recorded) CPU, overall and
+    over the last eval interval (learning phase; the random phase is nearly free)."""
+    parts = []
+    for key, label in (("phase_time_s", "wall"), ("phase_cpu_s", "CPU")):
+        measured = [r["rows"] for r in runs if key in r["rows"][-1]]
+        if not measured:
+            continue
+        overall = [_train_time(rows[-1], key) / rows[-1]["env_step"] * 1000 for rows in measured]
+        recent = [(_train_time(rows[-1], key) - _train_time(rows[-2], key)) / (rows[-1]["env_step"] - rows[-2]["env_step"])
+                  * 1000 for rows in measured if len(rows) >= 2 and key in rows[-2]]
+        text = f"{label} {np.mean(overall):.1f} s overall"
+        if recent:
+            text += f", {np.mean(recent):.1f} s in the last eval interval"
+        parts.append(f"{text} ({len(measured)} seeds)")
+    return "; ".join(parts)
 
 
 def report(note: str | None = None) -> str:
@@ -334,7 +343,7 @@ def report(note: str | None = None) -> str:
         for algo, runs in sorted(algos.items()):
             seeds = ", ".join(f"seed {r['meta']['seed']}: {r['rows'][-1]['env_step']}/{r['meta']['planned_steps']} steps"
                               for r in runs)
-            lines.append(f"- {algo.upper()}: {seeds}; training s / 1000 env steps: {_cost(runs)}; "
+            lines.append(f"- {algo.upper()}: {seeds}; training time per 1000 env steps: {_cost(runs)}; "
                          f"command `{runs[0]['meta']['command']}`")
         meta = next(iter(algos.values()))[0]["meta"]
         lines += [f"- machine: {meta['cpu']}, {meta['cores']} cores shared with other jobs, torch threads "
