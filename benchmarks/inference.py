@@ -4,7 +4,8 @@ Two calls the controller makes: one policy action (state [S] + noise [A] -> mean
 one fused plan call (state [S], actions [P,H,A] -> returns [P], particle i through elite i % E, H model
 steps, closed-form reward, terminal γ^H·min Q at the deterministic policy action) for P in --particles.
 Each (backend, threads[, spinning]) configuration runs in its own fresh process, so thread pools of
-one configuration (onnxruntime's spinning workers, torch's OpenMP pool) cannot disturb another.
+one configuration (onnxruntime's spinning workers, torch's OpenMP pool) cannot disturb another, and
+the configurations take turns over --rounds rounds so a shared machine's changing load hits all alike.
 Before timing, every backend's output is checked against onnxruntime's (same computation).
 
     python benchmarks/inference.py                       # random HalfCheetah-v5-shaped model (configs/half_cheetah.yaml)
@@ -120,7 +121,8 @@ def _stats(ns: Any) -> dict[str, float]:
             "mean_us": float(us.mean()), "max_us": float(us.max()), "calls": int(len(us))}
 
 
-def _time(fn: Callable[[], Any], calls: int, warmup: int) -> dict[str, float]:
+def _time(fn: Callable[[], Any], calls: int, warmup: int) -> list[int]:
+    """Per-call wall-clock latencies in ns, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     clock = time.perf_counter_ns
@@ -129,7 +131,7 @@ def _time(fn: Callable[[], Any], calls: int, warmup: int) -> dict[str, float]:
         t0 = clock()
         fn()
         samples.append(clock() - t0)
-    return _stats(samples)
+    return samples
 
 
 def _padded(plan: Callable[[Any, Any], Any], num_elites: int) -> Callable[[Any, Any], Any]:
@@ -162,8 +164,8 @@ def _components(source: dict[str, Any]) -> tuple[Any, Any, Any, Any, float, int]
     return task, agent.actor, agent.critic, model, cfg.agent.gamma, cfg.agent.horizon
 
 
-def child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Measure one configuration; runs in a fresh process whose thread env vars the parent set."""
+def child(spec: dict[str, Any]) -> dict[str, list[int]]:
+    """Measure one configuration (one round of it); runs in a fresh process whose thread env vars the parent set."""
     import numpy as np
     from maac_robot.artifacts import load_artifacts
 
@@ -220,10 +222,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 # ---- driver --------------------------------------------------------------------------------------------
 
 
-def _configurations(threads: list[int]) -> list[dict[str, Any]]:
+def _configurations(threads: list[int], reference_threads: list[int]) -> list[dict[str, Any]]:
     """onnxruntime first (what deployment uses; spinning off before on), then the references."""
     configs = [{"backend": "onnxruntime", "threads": t, "spinning": s} for s in (False, True) for t in threads]
-    return configs + [{"backend": b, "threads": t, "spinning": None} for t in threads for b in ("numpy", "torch")]
+    return configs + [{"backend": b, "threads": t, "spinning": None}
+                      for t in reference_threads for b in ("numpy", "torch")]
 
 
 def _label(c: dict[str, Any]) -> str:
@@ -247,10 +250,12 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "half_cheetah.yaml")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--particles", type=int, nargs="+", default=[64, 256, 512])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="onnxruntime intra-op threads")
+    p.add_argument("--reference-threads", type=int, nargs="+", help="torch / numpy threads (default: --threads)")
     p.add_argument("--calls", type=int, default=10_000, help="timed policy calls per configuration")
     p.add_argument("--plan-calls", type=int, help="timed plan calls per P (default: --calls)")
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=50, help="untimed calls per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the configurations")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -261,7 +266,11 @@ def main() -> None:
 
     source = {"run": str(args.run) if args.run else None, "config": str(args.config), "seed": args.seed}
     calls = ["policy", *(f"plan P={n}" for n in args.particles)]
-    rows: list[dict[str, Any]] = []
+    plan_calls = args.plan_calls or args.calls
+    configs = [c for c in _configurations(args.threads, args.reference_threads or args.threads)
+               if c["backend"] in args.backends]
+    samples: list[dict[str, list[int]]] = [{c: [] for c in calls} for _ in configs]
+    loads: list[list[float]] = [[] for _ in configs]
     with tempfile.TemporaryDirectory() as tmp:
         from maac_robot.export import export_artifacts
 
@@ -269,34 +278,44 @@ def main() -> None:
         manifest = export_artifacts(Path(tmp) / "artifacts", task=task, actor=actor, critic=critic, model=model,
                                     gamma=gamma, horizon=horizon, train_steps=0, config={"benchmark": source})
         machine = _machine()
-        print(f"model: {'run ' + source['run'] if source['run'] else 'random init, ' + source['config']} -- "
-              f"{manifest.env_id}, S={manifest.state_dim}, A={manifest.act_dim}, {manifest.num_models} models / "
-              f"{manifest.num_elites} elites, H={manifest.plan_horizon}")
-        print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
-        print(f"command: {' '.join(['python', *sys.argv])}")
-        print(f"timed calls: policy {args.calls}, plan {args.plan_calls or args.calls} per P (after {args.warmup} "
-              f"warm-up)\n")
-        print("| backend | " + " | ".join(f"{c} median / p99 (µs)" for c in calls) + " | load avg (1 min) |")
-        print("|---|" + "---|" * (len(calls) + 1), flush=True)
-        for config in (c for c in _configurations(args.threads) if c["backend"] in args.backends):
-            spec = {**config, "artifacts": str(Path(tmp) / "artifacts"), "source": source, "calls": args.calls,
-                    "plan_calls": args.plan_calls or args.calls, "warmup": args.warmup, "particles": args.particles}
-            env = {**os.environ, "OMP_NUM_THREADS": str(config["threads"]),
-                   "OPENBLAS_NUM_THREADS": str(config["threads"]), "MKL_NUM_THREADS": str(config["threads"])}
-            load = os.getloadavg()[0]
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                                 capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"{_label(config)} failed:\n{out.stderr[-3000:]}")
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            load = f"{load:.1f} → {os.getloadavg()[0]:.1f}"
-            rows.append({**config, "results": result, "load_avg": load})
-            cells = [f"{result[c]['median_us']:,.0f} / {result[c]['p99_us']:,.0f}" for c in calls]
-            print(f"| {_label(config)} | " + " | ".join(cells) + f" | {load} |", flush=True)
-            if args.json:  # after every configuration, so a cut-short run keeps what it measured
+        # Round-robin: every configuration measures 1/rounds of its calls per round, so load that
+        # comes and goes on a shared machine is spread over all configurations instead of biasing one.
+        for r in range(args.rounds):
+            for i, config in enumerate(configs):
+                spec = {**config, "artifacts": str(Path(tmp) / "artifacts"), "source": source,
+                        "calls": -(-args.calls // args.rounds), "plan_calls": -(-plan_calls // args.rounds),
+                        "warmup": args.warmup, "particles": args.particles}
+                env = {**os.environ, "OMP_NUM_THREADS": str(config["threads"]),
+                       "OPENBLAS_NUM_THREADS": str(config["threads"]), "MKL_NUM_THREADS": str(config["threads"])}
+                loads[i].append(os.getloadavg()[0])
+                out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{_label(config)} failed:\n{out.stderr[-3000:]}")
+                for call, ns in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                    samples[i][call] += ns
+            rows = [{**c, "load_avg_1min": f"{min(ld):.1f}-{max(ld):.1f}",
+                     "results": {k: _stats(v) for k, v in smp.items()}}
+                    for c, smp, ld in zip(configs, samples, loads, strict=True)]
+            print(f"# round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+            if args.json:  # after every round, so a cut-short run keeps what it measured
                 args.json.write_text(json.dumps({"machine": machine, "source": source, "argv": sys.argv,
-                                                 "manifest": manifest.model_dump(exclude={"config"}), "rows": rows},
-                                                indent=2))
+                                                 "rounds_done": r + 1, "manifest": manifest.model_dump(
+                                                     exclude={"config"}), "rows": rows}, indent=2))
+
+    print(f"model: {'run ' + source['run'] if source['run'] else 'random init, ' + source['config']} -- "
+          f"{manifest.env_id}, S={manifest.state_dim}, A={manifest.act_dim}, {manifest.num_models} models / "
+          f"{manifest.num_elites} elites, H={manifest.plan_horizon}")
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    print(f"command: {' '.join(['python', *sys.argv])}")
+    print(f"timed calls per configuration: policy {rows[0]['results']['policy']['calls']}, plan "
+          f"{rows[0]['results'][calls[-1]]['calls']} per P, in {args.rounds} interleaved rounds "
+          f"({args.warmup} warm-up calls each)\n")
+    print("| backend | " + " | ".join(f"{c} median / p99 (µs)" for c in calls) + " | load avg (1 min) |")
+    print("|---|" + "---|" * (len(calls) + 1))
+    for row in rows:
+        cells = [f"{row['results'][c]['median_us']:,.0f} / {row['results'][c]['p99_us']:,.0f}" for c in calls]
+        print(f"| {_label(row)} | " + " | ".join(cells) + f" | {row['load_avg_1min']} |")
 
 
 if __name__ == "__main__":
