@@ -51,7 +51,8 @@ def test_never_scores_below_the_policy_sequence_under_the_ensemble(seed):
     rng = np.random.default_rng(100 + seed)
     opt_u = np.arctanh(2 * (_model().optimal_sequence(X0)[0] - LOW) / (HIGH - LOW) - 1)
     pm = _model(bias=rng.normal(0, 0.05, (3, 2)), policy_mean=opt_u + rng.normal(0, 0.05, 2), policy_log_std=-1.0)
-    prior, plan = _plan(pm, seed, iterations=1 + seed % 3, population=32)
+    prior, plan = _plan(pm, seed, iterations=1 + seed % 3, population=32, policy_frac=0.1)
+    assert prior.samples.shape == (3, pm.plan_horizon, 2)  # closed-loop policy samples in every population
     policy_seq = squash(prior.mean, LOW, HIGH)
     assert plan.score >= plan.policy_score
     assert pm.sequence_return(X0, squash(plan.sequence, LOW, HIGH)) >= pm.sequence_return(X0, policy_seq) - 1e-6
