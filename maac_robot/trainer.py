@@ -419,9 +419,12 @@ class Trainer:
             parts.append(f"eval {records[-1]['eval_return_mean']:.1f}")
         if "holdout_mse" in self.fit_stats:
             parts.append(f"model {self.fit_stats['holdout_mse']:.4f}")
+        # Running means since the last evaluation, or that evaluation's means right after it.
+        losses = ({k: v / self.update_count for k, v in self.update_sums.items()} if self.update_count
+                  else records[-1]["losses"] if records else {})
         for key, label in (("policy_loss", "pi"), ("q_loss", "q")):
-            if self.update_count and key in self.update_sums:
-                parts.append(f"{label} {self.update_sums[key] / self.update_count:.3f}")
+            if key in losses:
+                parts.append(f"{label} {losses[key]:.3f}")
         return " ".join(parts)
 
 
