@@ -5,6 +5,8 @@
     python benchmarks/sample_efficiency.py run --task inverted_pendulum --algo sac  --seeds 0 1 2 --steps 10000
     # where 1000 env steps of MAAC at the authors' settings go (measured parts, extrapolated)
     python benchmarks/sample_efficiency.py profile --task half_cheetah --steps 50
+    # FLOPs and CPU time of one G2 update, authors' settings vs cheaper variants
+    python benchmarks/sample_efficiency.py update-cost --task half_cheetah
     # aggregate whatever has run (finished or not) into benchmarks/RESULTS.md + a PNG per task
     python benchmarks/sample_efficiency.py report
 
@@ -44,10 +46,11 @@ TARGETS = {"inverted_pendulum": (1000.0, 3000), "hopper": (2500.0, 20000), "half
 NOT_TRAINING = ("eval", "checkpoint")  # phases that are bookkeeping, not the cost of learning
 
 
-def _config(task: str, seed: int, steps: int, threads: int | None = None):  # -> maac_robot.config.Config
+def _config(task: str, seed: int, steps: int, threads: int | None = None,
+            extra: dict[str, Any] | None = None):  # -> maac_robot.config.Config
     from maac_robot.config import load_config
 
-    overrides: dict[str, Any] = {"train.seed": seed, "train.total_steps": steps}
+    overrides: dict[str, Any] = {"train.seed": seed, "train.total_steps": steps, **(extra or {})}
     if threads is not None:
         overrides["train.num_threads"] = threads
     return load_config(ROOT / "configs" / f"{task}.yaml", overrides)
@@ -242,6 +245,51 @@ def profile(task: str, steps: int, out: Path, threads: int | None) -> dict[str, 
     return result
 
 
+FLOPS_JSON = ROOT / "benchmarks" / "update_cost_half_cheetah.json"
+# The authors' settings, then the knobs that set the cost of one G2 update (all change what is computed).
+UPDATE_VARIANTS: list[dict[str, Any]] = [
+    {}, {"agent.terminal_q_samples": 1}, {"agent.num_samples": 1, "agent.terminal_q_samples": 1},
+    {"agent.num_samples": 1, "agent.terminal_q_samples": 1, "agent.updates_per_step": 2},
+]
+
+
+def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
+    """FLOPs (torch's FlopCounterMode) and CPU time of one G2 update, for the authors' settings and
+    cheaper variants: shows whether the update is compute-bound and what 150 s / 1000 steps would take."""
+    import tempfile
+
+    from maac_robot.trainer import Trainer
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = []
+    for variant in UPDATE_VARIANTS:
+        # A small D_env and a 1-epoch fit suffice: an update's cost does not depend on how good the model is.
+        cfg = _config(task, 0, 10**9, threads, {"train.initial_random_steps": 300, "model.max_epochs": 1, **variant})
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(cfg, Path(tmp))
+            while trainer.env_step < trainer.learning_starts:
+                trainer._env_step()
+            trainer.fit_model()
+            trainer.imagine()
+            batches = trainer._batches()
+            trainer.agent.update(*batches[0], trainer.model)  # warm-up
+            with FlopCounterMode(display=False) as counter:
+                trainer.agent.update(*batches[1], trainer.model)
+            timed_updates = 6
+            start = time.process_time()
+            for i in range(timed_updates):
+                trainer.agent.update(*batches[i % len(batches)], trainer.model)
+            cpu = (time.process_time() - start) / timed_updates
+        rows.append({"variant": variant or "authors' settings", "gflop_per_update": round(counter.get_total_flops() / 1e9, 2),
+                     "cpu_ms_per_update": round(cpu * 1000, 1),
+                     "updates_cpu_s_per_1000_steps": round(cpu * 1000 * cfg.agent.updates_per_step, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    out.write_text(json.dumps({"task": task, "threads": threads, "rows": rows,
+                               "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_machine()}, indent=1))
+    return rows
+
+
 # ---- report ---------------------------------------------------------------------------------------
 
 
@@ -329,6 +377,15 @@ def report(note: str | None = None) -> str:
         lines += [f"| **total** | **{total:.1f}** | target ≤ 150 s | {p['s_per_1000_steps_wall']:.1f} |", "",
                   "Inside one G2 update (wall shares): "
                   + ", ".join(f"{k} {100 * v:.0f} %" for k, v in p["update_share"].items()) + ".", ""]
+    if FLOPS_JSON.is_file():
+        f = json.loads(FLOPS_JSON.read_text())
+        lines += [f"One G2 update on {TASKS[f['task']]}, FLOPs by torch's FlopCounterMode, CPU time at {f['threads']} "
+                  f"thread(s) (`{f['command']}`, {f['date']}):", "",
+                  "| settings | GFLOP / update | CPU ms / update | CPU s of updates / 1000 env steps |", "|---|---|---|---|"]
+        lines += [f"| {json.dumps(r['variant']) if isinstance(r['variant'], dict) else r['variant']} | "
+                  f"{r['gflop_per_update']} | {r['cpu_ms_per_update']} | {r['updates_cpu_s_per_1000_steps']} |"
+                  for r in f["rows"]]
+        lines.append("")
     for task, algos in sorted(found.items()):
         curves, table = {}, {}
         for algo, runs in sorted(algos.items()):
@@ -407,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", type=Path, default=PROFILE_JSON)
     p.add_argument("--threads", type=int, help="torch threads (default: the config's train.num_threads)")
+    p = sub.add_parser("update-cost")
+    p.add_argument("--task", choices=sorted(TASKS), default="half_cheetah")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=FLOPS_JSON)
     p = sub.add_parser("report")
     p.add_argument("--note", type=Path, help="markdown file whose text goes under the section's header (status)")
     args = parser.parse_args(argv)
@@ -419,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     elif args.command == "profile":
         profile(args.task, args.steps, args.out, args.threads)
+    elif args.command == "update-cost":
+        update_cost(args.task, args.out, args.threads)
     else:
         print(report(args.note.read_text() if args.note else None))
     return 0
