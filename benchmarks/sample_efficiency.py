@@ -343,7 +343,7 @@ def _cost(runs: list[dict[str, Any]]) -> str:
         text = f"{label} {np.mean(overall):.1f} s overall"
         if recent:
             text += f", {np.mean(recent):.1f} s in the last eval interval"
-        parts.append(f"{text} ({len(measured)} seeds)")
+        parts.append(f"{text} (n={len(measured)})")
     return "; ".join(parts)
 
 
@@ -387,21 +387,27 @@ def report(note: str | None = None) -> str:
                   for r in f["rows"]]
         lines.append("")
     for task, algos in sorted(found.items()):
-        curves, table = {}, {}
+        curves, members, table = {}, {}, {}
         for algo, runs in sorted(algos.items()):
             steps, means, stds, counts = _curve(runs)
-            curves[f"{algo.upper()} ({len(runs)} seeds)"] = (steps, means, stds)
+            common = [i for i, n in enumerate(counts) if n == len(runs)]  # the mean line: steps every seed reached
+            label = f"{algo.upper()} mean ± std, {len(runs)} seed(s)"
+            curves[label] = tuple([seq[i] for i in common] for seq in (steps, means, stds))
+            members[label] = [([x["env_step"] for x in r["rows"]], [x["eval_return_mean"] for x in r["rows"]])
+                              for r in runs]
             table[algo] = {s: (m, sd, n) for s, m, sd, n in zip(steps, means, stds, counts)}
         png = ROOT / "benchmarks" / f"{task}_learning_curve.png"
         target = TARGETS.get(task)
-        plot_learning_curves(curves, png, title=f"{TASKS[task]}: MAAC vs SAC", target=target[0] if target else None)
+        plot_learning_curves(curves, png, title=f"{TASKS[task]}: MAAC vs SAC (thin: single seeds)",
+                             target=target[0] if target else None, members=members)
         env_id = TASKS[task]
         lines += [f"### {env_id}", "", f"![{env_id}]({png.name})", ""]
         for algo, runs in sorted(algos.items()):
             seeds = ", ".join(f"seed {r['meta']['seed']}: {r['rows'][-1]['env_step']}/{r['meta']['planned_steps']} steps"
                               for r in runs)
+            commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["meta"]["command"] for r in runs))
             lines.append(f"- {algo.upper()}: {seeds}; training time per 1000 env steps: {_cost(runs)}; "
-                         f"command `{runs[0]['meta']['command']}`")
+                         f"command(s) {commands}")
         meta = next(iter(algos.values()))[0]["meta"]
         lines += [f"- machine: {meta['cpu']}, {meta['cores']} cores shared with other jobs, torch threads "
                   f"{meta['threads']}; versions {json.dumps(meta['versions'])}", ""]
@@ -420,7 +426,13 @@ def report(note: str | None = None) -> str:
                 hit = _first_reaching(steps, [table[algo][s][0] for s in steps], level)
                 verdict = f"reached at {hit} env steps" if hit is not None else "not reached"
                 ok = "meets" if hit is not None and hit <= budget else "misses"
-                lines.append(f"- target {level:g} within {budget} env steps, {algo.upper()}: {verdict} ({ok} it)")
+                per_seed = ", ".join(
+                    f"seed {r['meta']['seed']}: " + str(_first_reaching([x["env_step"] for x in r["rows"]],
+                                                                        [x["eval_return_mean"] for x in r["rows"]], level)
+                                                         or f"not by {r['rows'][-1]['env_step']}")
+                    for r in algos[algo])
+                lines.append(f"- target {level:g} within {budget} env steps, {algo.upper()}: mean over seeds {verdict} "
+                             f"({ok} it); first evaluation at or above it per seed: {per_seed}")
         if "maac" in table and "sac" in table:
             sac_steps = sorted(table["sac"])
             sac_final = table["sac"][sac_steps[-1]][0]

@@ -14,17 +14,23 @@ import numpy as np  # noqa: E402
 
 
 def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
-                         path: str | Path, title: str, target: float | None = None) -> None:
+                         path: str | Path, title: str, target: float | None = None,
+                         members: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]] | None = None
+                         ) -> None:
     """Plot `label -> (env_steps, mean_return, std_return)` with a ±std band; written atomically.
 
-    Atomic (tmp + rename) because the trainer refreshes the PNG at every evaluation and a
-    viewer or a kill -9 must never see half a file.
+    `members` optionally adds, per label, thin lines in the same colour for the individual seeds
+    (so seeds that stopped early stay visible without bending the mean). Atomic (tmp + rename)
+    because the trainer refreshes the PNG at every evaluation and a viewer or a kill -9 must never
+    see half a file.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for label, (steps, mean, std) in curves.items():
         x, m, s = (np.asarray(v, dtype=float) for v in (steps, mean, std))
-        ax.plot(x, m, marker="o", markersize=3, label=label)
-        ax.fill_between(x, m - s, m + s, alpha=0.2)
+        (line,) = ax.plot(x, m, marker="o", markersize=3, label=label)
+        ax.fill_between(x, m - s, m + s, alpha=0.2, color=line.get_color())
+        for seed_steps, seed_values in (members or {}).get(label, ()):
+            ax.plot(seed_steps, seed_values, linewidth=0.8, alpha=0.5, color=line.get_color())
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
     ax.set_xlabel("env steps")
