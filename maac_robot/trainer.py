@@ -459,18 +459,26 @@ def load_checkpoint(path: Path, env_id: str | None = None) -> dict[str, Any]:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The evaluation records of a run; a torn last line (process killed mid-write) is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def truncate_metrics(path: Path, env_step: int) -> None:
-    """Drop evaluations after `env_step` (written after the checkpoint a resumed run restarts from)."""
+    """Keep only evaluations up to `env_step`: a resumed run restarts from that checkpoint, so later
+    lines (and a torn line from a kill) would otherwise be duplicated or unreadable."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["env_step"] <= env_step]
+    kept = [row for row in read_metrics(path) if row["env_step"] <= env_step]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
     os.replace(tmp, path)
 
 

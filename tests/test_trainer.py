@@ -122,8 +122,10 @@ def test_resume_continues_buffers_counters_and_metrics(tmp_path: Path) -> None:
     ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert ckpt["env_step"] == 100 and ckpt["d_env"]["size"] == 100
     # An evaluation written after the checkpoint by a process that then died must not be duplicated.
+    # A line torn by a kill mid-write must not break the resume either.
     with (run / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"env_step": 150, "eval_return_mean": 0.0, "eval_return_std": 0.0}) + "\n")
+        f.write('{"env_step": 160, "eval_ret')
 
     assert cli.main(["train", "--resume", str(run), "--steps", "200"]) == 0
     ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
