@@ -55,11 +55,11 @@ def apply_realtime_settings(cfg: ControllerConfig) -> None:
     """Process settings for real-time control: a short GIL switch interval and, if configured, SCHED_FIFO.
 
     Call it before the first ZeroMQ socket exists: threads created afterwards inherit the policy,
-    the CEM worker and ZeroMQ's I/O thread alike. Measured on the shared 2-core machine at load ~10
-    (Hopper, 125 Hz, sim at the same priority): with the controller thread real-time but the I/O
-    thread not, 35 % of ticks found no fresh action although every action left the planner within
-    5 ms; with both real-time, none did. Without real-time priority a loaded machine delays the
-    control thread by tens of ms whatever the planner does.
+    the CEM worker and ZeroMQ's I/O thread alike. Measured on the shared 2-core machine (Hopper,
+    125 Hz, sim at the same priority): with the controller thread real-time but the I/O thread not,
+    35 % of ticks found no fresh action at load ~10 and ~1 % at load ~5, although every action left
+    the planner within 5 ms; with both real-time, 0-0.2 %. Without real-time priority a loaded
+    machine delays the control thread by several periods whatever the planner does.
     """
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     if cfg.realtime_priority is None:
