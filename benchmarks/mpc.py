@@ -63,8 +63,9 @@ def sim_process(config: Path, mode: str, priority: int | None = None) -> Iterato
     """`maac-robot sim` in its own process on a free loopback port (SCHED_FIFO `priority` via chrt); stopped on exit."""
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     chrt = ["chrt", "-f", str(priority)] if priority else []
-    proc = subprocess.Popen([*chrt, sys.executable, "-m", "maac_robot.cli", "sim", "--config", str(config), "--bind", endpoint,
-                             "--mode", mode], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    command = [*chrt, sys.executable, "-m", "maac_robot.cli", "sim", "--config", str(config), "--bind", endpoint,
+               "--mode", mode]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
     try:
         deadline = time.monotonic() + 60
         with RobotClient(endpoint, timeout_s=0.5) as probe:
@@ -106,7 +107,8 @@ def main() -> None:
     p.add_argument("--artifacts", type=Path, required=True)
     p.add_argument("--config", type=Path, required=True, help="task YAML (env section for the sim, controller section)")
     p.add_argument("--episodes", type=int, default=10, help="lockstep episodes per planner")
-    p.add_argument("--realtime-steps", type=int, default=10_000, help="at least this many real-time CEM steps (0: skip)")
+    p.add_argument("--realtime-steps", type=int, default=10_000,
+                   help="at least this many real-time CEM steps (0: skip)")
     p.add_argument("--max-episode-steps", type=int, help="override env.max_episode_steps (default: the env's 1000)")
     p.add_argument("--population", type=int)
     p.add_argument("--iterations", type=int)
@@ -173,9 +175,11 @@ def main() -> None:
                 controller.close()
         report["realtime_cem"] = _summary(realtime)
         s = report["realtime_cem"]
-        print(f"\n## Real time at {1 / m.dt:.0f} Hz (budget {cfg.budget_frac}·dt = {cfg.budget_frac * m.dt * 1e3:.1f} ms, "
+        print(f"\n## Real time at {1 / m.dt:.0f} Hz (budget {cfg.budget_frac}·dt = "
+              f"{cfg.budget_frac * m.dt * 1e3:.1f} ms, "
               f"SCHED_FIFO priority {cfg.realtime_priority})\n")
-        print(f"{s['steps']} steps over {s['episodes']} episodes: return {s['return_mean']:.1f} ± {s['return_std']:.1f}; "
+        print(f"{s['steps']} steps over {s['episodes']} episodes: return {s['return_mean']:.1f} ± "
+              f"{s['return_std']:.1f}; "
               f"planning latency median {s['latency_ms_median']:.2f} ms, p99 {s['latency_ms_p99']:.2f} ms, "
               f"max {s['latency_ms_max']:.2f} ms; CEM iterations mean {s['iterations_mean']:.2f}; deadline misses "
               f"{s['deadline_misses']}; robot held ticks {s['held_ticks']}; dropped observations "

@@ -70,8 +70,8 @@ def policy_prior(policy: PolicyFn, step: StepFn, state: np.ndarray, act_dim: int
 
     One batched policy call per step and one batched model call between steps, so the prior costs
     2·H - 1 small graph calls whatever `num_samples` is (but each model call runs every member on
-    every row: closed-loop samples are not free, see benchmarks/RESULTS.md). The noise comes from `rng` (the policy graph takes it
-    as an input), so the rollout is reproducible.
+    every row: closed-loop samples are not free, see benchmarks/RESULTS.md). The noise comes from
+    `rng` (the policy graph takes it as an input), so the rollout is reproducible.
     """
     states = np.repeat(np.asarray(state, np.float32).reshape(1, -1), num_samples + 1, axis=0)
     means, stds, samples = [], [], []

@@ -122,7 +122,8 @@ class FakeRobot:
 
     def hello(self) -> SimpleNamespace:
         m = self.model.manifest
-        self.info = SimpleNamespace(env_id=m.env_id, state_dim=m.state_dim, act_dim=m.act_dim, act_low=np.asarray(m.act_low),
+        self.info = SimpleNamespace(env_id=m.env_id, state_dim=m.state_dim, act_dim=m.act_dim,
+                                    act_low=np.asarray(m.act_low),
                                act_high=np.asarray(m.act_high), dt=m.dt, mode=self.mode, protocol_version=1)
         return self.info
 

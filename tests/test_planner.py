@@ -23,7 +23,8 @@ def _step(pm: PointMass):
 def _plan(pm: PointMass, seed: int, warm=None, keep_going=lambda: True, **cfg):
     rng = np.random.default_rng(seed)
     config = ControllerConfig(**cfg)
-    prior = policy_prior(pm.policy, _step(pm), X0, 2, pm.plan_horizon, round(config.policy_frac * config.population), rng)
+    num_samples = round(config.policy_frac * config.population)
+    prior = policy_prior(pm.policy, _step(pm), X0, 2, pm.plan_horizon, num_samples, rng)
     return prior, cem_plan(pm.plan, X0, prior, warm, config, len(pm.elites), LOW, HIGH, rng, keep_going)
 
 
