@@ -76,6 +76,30 @@ def _machine() -> dict[str, Any]:
             "commit": commit.strip()}
 
 
+def _label(algo: str, variant: dict[str, Any]) -> str:
+    """'maac', or 'maac[num_samples=1,...]' for a run that departs from configs/<task>.yaml."""
+    if not variant:
+        return algo
+    return algo + "[" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items()) + "]"
+
+
+def _display(label: str) -> str:
+    name, bracket, rest = label.partition("[")
+    return name.upper() + bracket + rest
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    variant = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set expects section.key=value, got {item!r}")
+        variant[key] = yaml.safe_load(value)
+    return variant
+
+
 def _write_meta(run_dir: Path, algo: str, task: str, seed: int, steps: int, threads: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"algo": algo, "task": task, "env_id": TASKS[task], "seed": seed, "planned_steps": steps,
@@ -87,24 +111,26 @@ def _write_meta(run_dir: Path, algo: str, task: str, seed: int, steps: int, thre
 # ---- MAAC ---------------------------------------------------------------------------------------
 
 
-def run_maac(task: str, seed: int, steps: int, run_dir: Path, threads: int | None) -> None:
+def run_maac(task: str, seed: int, steps: int, run_dir: Path, threads: int | None, variant: dict[str, Any]) -> None:
     from maac_robot.trainer import train
 
-    cfg = _config(task, seed, steps, threads)
-    _write_meta(run_dir, "maac", task, seed, steps, cfg.train.num_threads or os.cpu_count() or 1)
+    cfg = _config(task, seed, steps, threads, variant)
+    _write_meta(run_dir, _label("maac", variant), task, seed, steps, cfg.train.num_threads or os.cpu_count() or 1)
     train(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest.pt").is_file(), progress=False)
 
 
 # ---- SAC (Stable-Baselines3) ----------------------------------------------------------------------
 
 
-def run_sac(task: str, seed: int, steps: int, run_dir: Path, threads: int | None) -> None:
+def run_sac(task: str, seed: int, steps: int, run_dir: Path, threads: int | None, variant: dict[str, Any]) -> None:
     import gymnasium as gym
     import torch
     from maac_robot.trainer import eval_seeds
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
 
+    if variant:
+        raise SystemExit("--set applies to MAAC's config only")
     cfg = _config(task, seed, steps, threads)
     threads = cfg.train.num_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -402,7 +428,7 @@ def report(note: str | None = None) -> str:
         for algo, runs in sorted(algos.items()):
             steps, means, stds, counts = _curve(runs)
             common = [i for i, n in enumerate(counts) if n == len(runs)]  # the mean line: steps every seed reached
-            label = f"{algo.upper()} mean ± std, {len(runs)} seed(s)"
+            label = f"{_display(algo)} mean ± std, {len(runs)} seed(s)"
             curves[label] = tuple([seq[i] for i in common] for seq in (steps, means, stds))
             members[label] = [([x["env_step"] for x in r["rows"]], [x["eval_return_mean"] for x in r["rows"]])
                               for r in runs]
@@ -417,13 +443,13 @@ def report(note: str | None = None) -> str:
             seeds = ", ".join(f"seed {r['meta']['seed']}: {r['rows'][-1]['env_step']}/{r['meta']['planned_steps']} steps"
                               for r in runs)
             commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["meta"]["command"] for r in runs))
-            lines.append(f"- {algo.upper()}: {seeds}; training time per 1000 env steps: {_cost(runs)}; "
+            lines.append(f"- {_display(algo)}: {seeds}; training time per 1000 env steps: {_cost(runs)}; "
                          f"command(s) {commands}")
         meta = next(iter(algos.values()))[0]["meta"]
         lines += [f"- machine: {meta['cpu']}, {meta['cores']} cores shared with other jobs, torch threads "
                   f"{meta['threads']}; versions {json.dumps(meta['versions'])}", ""]
         algos_sorted = sorted(table)
-        lines += ["| env steps | " + " | ".join(a.upper() for a in algos_sorted) + " |",
+        lines += ["| env steps | " + " | ".join(_display(a) for a in algos_sorted) + " |",
                   "|---|" + "---|" * len(algos_sorted)]
         for s in sorted({s for t in table.values() for s in t}):
             cells = [f"{table[a][s][0]:.1f} ± {table[a][s][1]:.1f} (n={table[a][s][2]})" if s in table[a] else ""
@@ -442,17 +468,17 @@ def report(note: str | None = None) -> str:
                                                                         [x["eval_return_mean"] for x in r["rows"]], level)
                                                          or f"not by {r['rows'][-1]['env_step']}")
                     for r in algos[algo])
-                lines.append(f"- target {level:g} within {budget} env steps, {algo.upper()}: mean over seeds {verdict} "
+                lines.append(f"- target {level:g} within {budget} env steps, {_display(algo)}: mean over seeds {verdict} "
                              f"({ok} it); first evaluation at or above it per seed: {per_seed}")
-        if "maac" in table and "sac" in table:
+        for algo in (a for a in algos_sorted if a.startswith("maac") and "sac" in table):
             sac_steps = sorted(table["sac"])
             sac_final = table["sac"][sac_steps[-1]][0]
             sac_hit = _first_reaching(sac_steps, [table["sac"][s][0] for s in sac_steps], sac_final)
-            maac_steps = sorted(table["maac"])
-            maac_hit = _first_reaching(maac_steps, [table["maac"][s][0] for s in maac_steps], sac_final)
-            ratio = f"{maac_hit / sac_hit:.2f}" if maac_hit and sac_hit else "n/a (MAAC has not reached it)"
+            maac_steps = sorted(table[algo])
+            maac_hit = _first_reaching(maac_steps, [table[algo][s][0] for s in maac_steps], sac_final)
+            ratio = f"{maac_hit / sac_hit:.2f}" if maac_hit and sac_hit else f"n/a ({_display(algo)} has not reached it)"
             lines.append(f"- SAC's final return {sac_final:.1f} (at {sac_steps[-1]} steps, first reached at {sac_hit}): "
-                         f"MAAC first reached it at {maac_hit}; MAAC/SAC env-step ratio {ratio} (goal ≤ 0.25)")
+                         f"{_display(algo)} first reached it at {maac_hit}; env-step ratio {ratio} (goal ≤ 0.25)")
         lines.append("")
     text = "\n".join(lines)
     _replace_section(text)
@@ -482,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for both algorithms (default 1: this machine's 2 cores are shared)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="MAAC config override (a variant, labelled as such in the report)")
     p = sub.add_parser("profile")
     p.add_argument("--task", choices=sorted(TASKS), default="half_cheetah")
     p.add_argument("--steps", type=int, default=50)
@@ -496,9 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         for seed in args.seeds:
-            run_dir = RUNS / args.task / f"{args.algo}-s{seed}"
+            variant = _parse_set(args.set)
+            run_dir = RUNS / args.task / f"{_label(args.algo, variant)}-s{seed}"
             start = time.perf_counter()
-            (run_maac if args.algo == "maac" else run_sac)(args.task, seed, args.steps, run_dir, args.threads)
+            (run_maac if args.algo == "maac" else run_sac)(args.task, seed, args.steps, run_dir, args.threads, variant)
             print(f"{args.algo} {args.task} seed {seed}: {args.steps} steps in {time.perf_counter() - start:.0f} s",
                   flush=True)
     elif args.command == "profile":
