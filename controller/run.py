@@ -47,19 +47,19 @@ def load_controller_config(path: Path | None) -> ControllerConfig:
 GIL_SWITCH_INTERVAL_S = 5e-4
 """CPython hands the GIL to a waiting thread only every switch interval (default 5 ms): at the
 deadline the control thread would wait up to that long for the CEM worker's numpy code. Measured
-on the shared 2-core machine (Hopper-shaped model, 4 ms budget, SCHED_FIFO): max latency 9 ms at
-5 ms, 5 ms at 0.5 ms."""
+(benchmarks/mpc_scheduling.py, Hopper, 3.2 ms budget, SCHED_FIFO): max latency 8.4 ms at 5 ms in
+both runs, 4.0 and 8.4 ms at 0.5 ms; p99 3.4-3.7 ms either way."""
 
 
 def apply_realtime_settings(cfg: ControllerConfig) -> None:
     """Process settings for real-time control: a short GIL switch interval and, if configured, SCHED_FIFO.
 
     Call it before the first ZeroMQ socket exists: threads created afterwards inherit the policy,
-    the CEM worker and ZeroMQ's I/O thread alike. Measured on the shared 2-core machine (Hopper,
-    125 Hz, sim at the same priority): with the controller thread real-time but the I/O thread not,
-    35 % of ticks found no fresh action at load ~10 and ~1 % at load ~5, although every action left
-    the planner within 5 ms; with both real-time, 0-0.2 %. Without real-time priority a loaded
-    machine delays the control thread by several periods whatever the planner does.
+    the CEM worker and ZeroMQ's I/O thread alike. Measured (benchmarks/mpc_scheduling.py, Hopper at
+    125 Hz, sim at the same priority, load ~4.5): with the I/O thread left at normal priority,
+    observations waited up to 4 ms (p99) in the socket and 0.6-0.9 % of robot ticks found no fresh
+    action; with it real-time, 0.55 ms and 0.1 % (an unserialised run at load ~10: 35 % vs 0).
+    Without real-time priority the control thread's p99 latency was 8-11 ms for a 3.2 ms budget.
     """
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     if cfg.realtime_priority is None:
