@@ -97,3 +97,35 @@ def test_realtime_episodes_at_the_native_rate(artifacts: Path, planner: str):
     assert tel["latency_ms_median"] < 0.5 * 40  # within the planning budget, half the 40 ms period
     if planner == "cem":
         assert tel["iterations_mean"] > 0  # planning happened in real time, not only fallbacks
+
+
+def test_up_runs_sim_and_controller_as_two_processes(artifacts: Path):
+    """`maac-robot up`: the same `sim` and `control` commands the compose services run, as two OS processes."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "maac_robot.cli", "up", "--artifacts", str(artifacts),
+           "--config", str(artifacts.parent / "task.yaml"), "--bind", f"tcp://127.0.0.1:{port}",
+           "--episodes", "1", "--mode", "lockstep", "--planner", "cem"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[sim] sim: serving InvertedPendulum-v5 (lockstep" in result.stdout
+    assert "[controller] [control] return over 1 episode(s):" in result.stdout
+
+
+def test_up_refuses_artifacts_for_another_env(artifacts: Path, tmp_path: Path):
+    from maac_robot.deploy import up_from_cli
+    from maac_robot.errors import UserError
+
+    other = tmp_path / "hopper.yaml"
+    other.write_text(yaml.safe_dump({"env": {"id": "Hopper-v5"}}))
+    with pytest.raises(UserError, match="Hopper-v5"):
+        up_from_cli(artifacts=artifacts, config=other, bind="tcp://127.0.0.1:5599", episodes=1, mode="lockstep",
+                    planner="cem")
+    with pytest.raises(UserError, match="no artifacts at"):
+        up_from_cli(artifacts=tmp_path / "missing", config=artifacts.parent / "task.yaml",
+                    bind="tcp://127.0.0.1:5599", episodes=1, mode="lockstep", planner="cem")
