@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from maac_robot.config import ConfigError, ControllerConfig
+from maac_robot.config import ControllerConfig, load_section
 from maac_robot.errors import UserError
 from maac_robot.protocol import RobotClient, RobotInfo, RobotTimeout
-from pydantic import ValidationError
 
 from controller.loop import Controller, Telemetry
 
@@ -28,20 +26,7 @@ def load_controller_config(path: Path | None) -> ControllerConfig:
     """The `controller` section of a task YAML (other sections are ignored: they need the learner)."""
     if path is None:
         return ControllerConfig()
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
-    try:
-        return ControllerConfig.model_validate(data.get("controller") or {})
-    except ValidationError as err:
-        lines = [f"invalid config {path}:"]
-        lines += [f"  controller.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise ConfigError("\n".join(lines)) from None
+    return load_section(path, "controller", ControllerConfig)  # type: ignore[return-value]
 
 
 GIL_SWITCH_INTERVAL_S = 5e-4

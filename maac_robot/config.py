@@ -156,10 +156,10 @@ class ConfigError(UserError, ValueError):
     """A config file that cannot be used; the message names the file and the offending fields."""
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def _format_errors(source: str, err: ValidationError, prefix: str = "") -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        field = prefix + (".".join(str(p) for p in e["loc"]) or "<root>")
         lines.append(f"  {field}: {e['msg']}")
     return "\n".join(lines)
 
@@ -171,8 +171,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(_format_errors(source, err)) from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    """Read and validate a YAML config; `overrides` maps dotted keys ('train.seed') to values."""
+def read_sections(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of sections in a YAML config file, or a ConfigError saying why there is none."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -182,6 +182,20 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise ConfigError(f"config {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_section(path: str | Path, name: str, model: type[_Section]) -> _Section:
+    """Validate one section only: the controller reads `controller` without the learner's env checks."""
+    try:
+        return model.model_validate(read_sections(path).get(name) or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(str(path), err, prefix=f"{name}.")) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config; `overrides` maps dotted keys ('train.seed') to values."""
+    data = read_sections(path)
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})[key] = value
