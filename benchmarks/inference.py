@@ -8,9 +8,9 @@ one configuration (onnxruntime's spinning workers, torch's OpenMP pool) cannot d
 the configurations take turns over --rounds rounds so a shared machine's changing load hits all alike.
 Before timing, every backend's output is checked against onnxruntime's (same computation).
 
-    python benchmarks/inference.py                       # random HalfCheetah-v5-shaped model (configs/half_cheetah.yaml)
-    python benchmarks/inference.py --run runs/NAME       # a trained run
-    python benchmarks/inference.py --calls 1000 --particles 64   # quick look
+    python benchmarks/inference.py                  # random HalfCheetah-v5-shaped model (configs/half_cheetah.yaml)
+    python benchmarks/inference.py --run runs/NAME  # a trained run
+    python benchmarks/inference.py --calls 1000 --rounds 1 --particles 64   # quick look
 
 Output: a markdown table on stdout (and --json PATH with every figure). Latency includes the Python
 call overhead each backend's caller pays (numpy in, numpy out).
@@ -44,7 +44,8 @@ class NumpyModel:
         from maac_robot.agent import LOG_STD_MAX, LOG_STD_MIN
 
         if task.info.env_id != "HalfCheetah-v5":
-            raise SystemExit("the NumPy twin implements HalfCheetah-v5's reward only; pass --backends onnxruntime torch")
+            raise SystemExit("the NumPy twin implements HalfCheetah-v5's reward only; "
+                             "pass --backends onnxruntime torch")
 
         def layers(seq: Any) -> list[tuple[Any, Any]]:
             return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
@@ -113,24 +114,31 @@ class NumpyModel:
 # ---- measurement ---------------------------------------------------------------------------------------
 
 
-def _stats(ns: Any) -> dict[str, float]:
+def _stats(samples: list[list[int]]) -> dict[str, float]:
+    """Wall-clock median/p99/mean/max, and the median CPU time of the calling thread, in µs."""
     import numpy as np
 
-    us = np.asarray(ns, dtype=np.float64) / 1e3
-    return {"median_us": float(np.median(us)), "p99_us": float(np.percentile(us, 99)),
-            "mean_us": float(us.mean()), "max_us": float(us.max()), "calls": int(len(us))}
+    us = np.asarray(samples, dtype=np.float64).reshape(-1, 2) / 1e3
+    wall, cpu = us[:, 0], us[:, 1]
+    return {"median_us": float(np.median(wall)), "p99_us": float(np.percentile(wall, 99)),
+            "mean_us": float(wall.mean()), "max_us": float(wall.max()),
+            "thread_cpu_median_us": float(np.median(cpu)), "calls": int(len(wall))}
 
 
-def _time(fn: Callable[[], Any], calls: int, warmup: int) -> list[int]:
-    """Per-call wall-clock latencies in ns, after `warmup` untimed calls."""
+def _time(fn: Callable[[], Any], calls: int, warmup: int) -> list[list[int]]:
+    """Per call [wall-clock ns, calling thread's CPU ns], after `warmup` untimed calls.
+
+    The thread CPU time does not grow while the thread waits for a core, so on a loaded machine it
+    still compares the single-threaded backends' work; with 2 threads the other thread's work is missing.
+    """
     for _ in range(warmup):
         fn()
-    clock = time.perf_counter_ns
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     samples = []
     for _ in range(calls):
-        t0 = clock()
+        t0, c0 = clock(), cpu_clock()
         fn()
-        samples.append(clock() - t0)
+        samples.append([clock() - t0, cpu_clock() - c0])
     return samples
 
 
@@ -164,7 +172,7 @@ def _components(source: dict[str, Any]) -> tuple[Any, Any, Any, Any, float, int]
     return task, agent.actor, agent.critic, model, cfg.agent.gamma, cfg.agent.horizon
 
 
-def child(spec: dict[str, Any]) -> dict[str, list[int]]:
+def child(spec: dict[str, Any]) -> dict[str, list[list[int]]]:
     """Measure one configuration (one round of it); runs in a fresh process whose thread env vars the parent set."""
     import numpy as np
     from maac_robot.artifacts import load_artifacts
@@ -269,7 +277,7 @@ def main() -> None:
     plan_calls = args.plan_calls or args.calls
     configs = [c for c in _configurations(args.threads, args.reference_threads or args.threads)
                if c["backend"] in args.backends]
-    samples: list[dict[str, list[int]]] = [{c: [] for c in calls} for _ in configs]
+    samples: list[dict[str, list[list[int]]]] = [{c: [] for c in calls} for _ in configs]
     loads: list[list[float]] = [[] for _ in configs]
     with tempfile.TemporaryDirectory() as tmp:
         from maac_robot.export import export_artifacts
@@ -311,11 +319,18 @@ def main() -> None:
     print(f"timed calls per configuration: policy {rows[0]['results']['policy']['calls']}, plan "
           f"{rows[0]['results'][calls[-1]]['calls']} per P, in {args.rounds} interleaved rounds "
           f"({args.warmup} warm-up calls each)\n")
-    print("| backend | " + " | ".join(f"{c} median / p99 (µs)" for c in calls) + " | load avg (1 min) |")
+    print("Wall clock, median / p99 (µs):\n")
+    print("| backend | " + " | ".join(calls) + " | load avg (1 min) |")
     print("|---|" + "---|" * (len(calls) + 1))
     for row in rows:
         cells = [f"{row['results'][c]['median_us']:,.0f} / {row['results'][c]['p99_us']:,.0f}" for c in calls]
         print(f"| {_label(row)} | " + " | ".join(cells) + f" | {row['load_avg_1min']} |")
+    print("\nCPU time of the calling thread, median (µs; the whole work only for 1-thread rows):\n")
+    print("| backend | " + " | ".join(calls) + " |")
+    print("|---|" + "---|" * len(calls))
+    for row in rows:
+        cells = [f"{row['results'][c]['thread_cpu_median_us']:,.0f}" for c in calls]
+        print(f"| {_label(row)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
