@@ -563,10 +563,12 @@ def prepare_run(config: str | Path | None = None, resume: str | Path | None = No
         cfg = _read_run_config(run_dir, overrides)
         if not RunPaths(run_dir).checkpoint.is_file():
             raise RunError(f"cannot resume {run_dir}: it has no checkpoint yet (checkpoints/latest.pt)")
+        _resolve_device(cfg.train.device)
         return cfg, run_dir, True
     if seed is not None:
         overrides["train.seed"] = seed
     cfg = load_config(config, overrides)  # type: ignore[arg-type]
+    _resolve_device(cfg.train.device)  # before a run directory is created for nothing
     run_dir = Path(out) if out is not None else _default_run_dir(cfg)
     if RunPaths(run_dir).checkpoint.exists() or RunPaths(run_dir).metrics.exists():
         raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")

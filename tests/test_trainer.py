@@ -224,6 +224,8 @@ def test_imagined_rollouts_stop_terminated_branches(tmp_path: Path) -> None:
         (["train", "--resume", "{tmp}/fresh", "--seed", "1"], "--seed cannot change a run being resumed"),
         (["train", "--config", "{cfg}", "--out", "{tmp}/used"], "already holds a run"),
         (["train", "--config", "{cfg}", "--device", "gpu"], "train.device"),
+        pytest.param(["train", "--config", "{cfg}", "--out", "{tmp}/gpu", "--device", "cuda"], "CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
         (["evaluate", "{tmp}/fresh"], "has no checkpoint yet"),
     ],
 )
@@ -239,3 +241,4 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert "Traceback" not in err
+    assert not (tmp_path / "gpu").exists(), "a refused run must not leave a run directory behind"
