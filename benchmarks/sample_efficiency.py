@@ -428,7 +428,8 @@ def report(note: str | None = None) -> str:
         for algo, runs in sorted(algos.items()):
             steps, means, stds, counts = _curve(runs)
             common = [i for i, n in enumerate(counts) if n == len(runs)]  # the mean line: steps every seed reached
-            label = f"{_display(algo)} mean ± std, {len(runs)} seed(s)"
+            short = algo.split("[")[0].upper() + (" variant (--set, see text)" if "[" in algo else "")
+            label = f"{short}, mean ± std of {len(runs)} seed(s)"
             curves[label] = tuple([seq[i] for i in common] for seq in (steps, means, stds))
             members[label] = [([x["env_step"] for x in r["rows"]], [x["eval_return_mean"] for x in r["rows"]])
                               for r in runs]

@@ -38,7 +38,7 @@ def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if curves or target is not None:
-        ax.legend(loc="best")
+        ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
