@@ -6,9 +6,6 @@ the same seeds, through the `control --compare` entry point) and real time (25 H
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import yaml
 from controller.run import control_from_cli, make_controller, run_episode
 from maac_robot.config import ControllerConfig, config_from_dict
 from maac_robot.protocol import RobotClient
+from sim_helpers import running_sim
 
 ENV = "InvertedPendulum-v5"
 EPISODE_STEPS = 40
@@ -45,23 +43,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "artifacts"
 
 
-@contextmanager
-def running_sim(mode: str) -> Iterator[object]:
-    from sim.server import SimServer
-
-    server = SimServer(ENV, bind="tcp://127.0.0.1:*", mode=mode, max_episode_steps=EPISODE_STEPS)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        thread.join(5)
-        server.close()
-
-
 def test_control_compare_lockstep_prints_the_table(artifacts: Path, capsys: pytest.CaptureFixture[str]):
-    with running_sim("lockstep") as server:
+    with running_sim(ENV, mode="lockstep", max_episode_steps=EPISODE_STEPS) as server:
         rc = control_from_cli(artifacts=artifacts, connect=server.endpoint, planner=None, episodes=2,
                               config=artifacts.parent / "task.yaml", seed=0, compare=True)
         counters = server.counters
@@ -82,7 +65,7 @@ def test_realtime_episodes_at_the_native_rate(artifacts: Path, planner: str):
 
     arts = load_artifacts(artifacts)
     controller = make_controller(arts, ControllerConfig(**TINY["controller"]), planner, seed=0)
-    with running_sim("realtime") as server, RobotClient(server.endpoint, timeout_s=1.0) as client:
+    with running_sim(ENV, mode="realtime", max_episode_steps=EPISODE_STEPS) as server, RobotClient(server.endpoint, timeout_s=1.0) as client:
         info = client.hello()
         assert info.mode == "realtime" and info.dt == pytest.approx(0.04)
         try:

@@ -35,23 +35,9 @@ from maac_robot.protocol import (
 )
 from maac_robot.recording import EpisodeRecorder, RecordingError, load_episode, load_episodes
 from sim.server import ActionGate, SimError, SimServer
+from sim_helpers import running_sim
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def running_sim(env_id: str = "HalfCheetah-v5", bind: str = "tcp://127.0.0.1:*", **kwargs) -> Iterator[SimServer]:
-    """A SimServer serving in a thread; always stopped and closed, even when the test fails."""
-    server = SimServer(env_id, bind=bind, **kwargs)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        thread.join(5)
-        server.close()
-        assert not thread.is_alive(), "sim did not stop"
 
 
 @contextmanager
