@@ -8,10 +8,11 @@ steps is a linear least-squares problem (`optimal_sequence`), so a test can chec
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
+from maac_robot.protocol import Observation
 
 
 def _squash(u: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -92,22 +93,6 @@ class PointMass:
         return np.stack(seq, axis=1)
 
 
-@dataclass
-class FakeObservation:
-    seq: int
-    t_robot: float
-    state: np.ndarray
-    reward: float
-    terminated: bool
-    truncated: bool
-    info: dict = field(default_factory=dict)
-    t_received: float = field(default_factory=time.time)
-
-    @property
-    def done(self) -> bool:
-        return self.terminated or self.truncated
-
-
 class FakeRobot:
     """A lockstep RobotClient over the point mass's true (bias-free) dynamics; records every action."""
 
@@ -127,16 +112,20 @@ class FakeRobot:
                                act_high=np.asarray(m.act_high), dt=m.dt, mode=self.mode, protocol_version=1)
         return self.info
 
-    def reset(self, seed: int | None = None) -> FakeObservation:
+    def reset(self, seed: int | None = None) -> Observation:
         self._x = np.random.default_rng(seed).uniform(-1, 1, len(self.model.goal))
         self._t = 0
-        return FakeObservation(0, 0.0, self._x.copy(), 0.0, False, False)
+        return self._observation(0.0, truncated=False)
 
-    def step(self, action: np.ndarray) -> FakeObservation:
+    def step(self, action: np.ndarray) -> Observation:
         action = np.asarray(action, np.float64)
         self.actions.append(action.copy())
         self._x = self._x + self.model.dt * action
         self._t += 1
         reward = -float(((self._x - self.model.goal) ** 2).sum()) - self.model.cost * float((action**2).sum())
-        return FakeObservation(self._t, self._t * self.model.dt, self._x.copy(), reward, False,
-                               self._t >= self.episode_steps)
+        return self._observation(reward, truncated=self._t >= self.episode_steps)
+
+    def _observation(self, reward: float, truncated: bool) -> Observation:
+        return Observation(seq=self._t, t_robot=self._t * self.model.dt, state=self._x.copy(), reward=reward,
+                           terminated=False, truncated=truncated, info={}, session="fake", episode=0, step=self._t,
+                           action_seq=None, t_received=time.time())
