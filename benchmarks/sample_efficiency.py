@@ -279,6 +279,21 @@ UPDATE_VARIANTS: list[dict[str, Any]] = [
 ]
 
 
+def _update_cpu_s(trainer, batches, updates: int = 10) -> float:  # trainer: maac_robot.trainer.Trainer
+    """CPU seconds of one G2 update, averaged over `updates` (the process's CPU time: 1 thread, no idle)."""
+    start = time.process_time()
+    for i in range(updates):
+        trainer.agent.update(*batches[i % len(batches)], trainer.model)
+    return (time.process_time() - start) / updates
+
+
+def _cost_row(variant: dict[str, Any] | str, gflop: float, cpu_s: float, updates_per_step: int) -> dict[str, Any]:
+    row = {"variant": variant, "gflop_per_update": gflop, "cpu_ms_per_update": round(cpu_s * 1000, 1),
+           "updates_cpu_s_per_1000_steps": round(cpu_s * 1000 * updates_per_step, 1)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
     """FLOPs (torch's FlopCounterMode) and CPU time of one G2 update, for the authors' settings and
     cheaper variants: shows whether the update is compute-bound and what 150 s / 1000 steps would take."""
@@ -302,11 +317,7 @@ def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
             trainer.agent.update(*batches[0], trainer.model)  # warm-up
             with FlopCounterMode(display=False) as counter:
                 trainer.agent.update(*batches[1], trainer.model)
-            timed_updates = 6
-            start = time.process_time()
-            for i in range(timed_updates):
-                trainer.agent.update(*batches[i % len(batches)], trainer.model)
-            cpu = (time.process_time() - start) / timed_updates
+            cpu = _update_cpu_s(trainer, batches)
             if not variant:  # where the authors' update spends its time, by operator
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                     for i in range(4):
@@ -315,10 +326,18 @@ def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
                 total = sum(e.self_cpu_time_total for e in events)
                 top_ops = {e.key: round(e.self_cpu_time_total / total, 3)
                            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]}
-        rows.append({"variant": variant or "authors' settings", "gflop_per_update": round(counter.get_total_flops() / 1e9, 2),
-                     "cpu_ms_per_update": round(cpu * 1000, 1),
-                     "updates_cpu_s_per_1000_steps": round(cpu * 1000 * cfg.agent.updates_per_step, 1)})
-        print(json.dumps(rows[-1]), flush=True)
+            gflop = round(counter.get_total_flops() / 1e9, 2)
+            rows.append(_cost_row(variant or "authors' settings", gflop, cpu, cfg.agent.updates_per_step))
+            if not variant:  # does torch.compile (inductor) pay? Same maths, fused element-wise kernels.
+                agent = trainer.agent
+                for net in (agent.actor.net, agent.critic.q1, agent.critic.q2, agent.critic_target.q1,
+                            agent.critic_target.q2):
+                    net.forward = torch.compile(net.forward, dynamic=False)  # (nn.Module.compile() was a no-op here)
+                trainer.model._forward = torch.compile(trainer.model._forward, dynamic=False)
+                for i in range(3):  # compiles (one graph per batch shape); the timing below is steady state
+                    trainer.agent.update(*batches[i % len(batches)], trainer.model)
+                rows.append(_cost_row("authors' settings, torch.compile of actor, critics and ensemble", gflop,
+                                      _update_cpu_s(trainer, batches), cfg.agent.updates_per_step))
     out.write_text(json.dumps({"task": task, "threads": threads, "rows": rows, "top_ops_self_cpu_share": top_ops,
                                "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
                                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_machine()}, indent=1))
