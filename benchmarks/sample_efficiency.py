@@ -272,19 +272,23 @@ def profile(task: str, steps: int, out: Path, threads: int | None) -> dict[str, 
 
 
 FLOPS_JSON = ROOT / "benchmarks" / "update_cost_half_cheetah.json"
-# The authors' settings, then the knobs that set the cost of one G2 update (all change what is computed).
+# The authors' settings, then the knobs that set the cost of one G2 update (all but precision change what is computed).
 UPDATE_VARIANTS: list[dict[str, Any]] = [
-    {}, {"agent.terminal_q_samples": 1}, {"agent.num_samples": 1, "agent.terminal_q_samples": 1},
+    {}, {"train.precision": "bfloat16"}, {"agent.terminal_q_samples": 1},
+    {"agent.num_samples": 1, "agent.terminal_q_samples": 1},
     {"agent.num_samples": 1, "agent.terminal_q_samples": 1, "agent.updates_per_step": 2},
+    {"agent.num_samples": 1, "agent.terminal_q_samples": 1, "agent.updates_per_step": 2, "train.precision": "bfloat16"},
 ]
 
 
-def _update_cpu_s(trainer, batches, updates: int = 10) -> float:  # trainer: maac_robot.trainer.Trainer
-    """CPU seconds of one G2 update, averaged over `updates` (the process's CPU time: 1 thread, no idle)."""
-    start = time.process_time()
-    for i in range(updates):
-        trainer.agent.update(*batches[i % len(batches)], trainer.model)
-    return (time.process_time() - start) / updates
+def _update_cpu_s(trainer, updates: int = 10) -> float:  # trainer: maac_robot.trainer.Trainer
+    """CPU seconds of one G2 update through the trainer's own G2 step (batch draws and `train.precision`
+    included), averaged over at least `updates` after a warm-up (the process's CPU time: 1 thread, no idle)."""
+    trainer.update()
+    first, start = trainer.update_count, time.process_time()
+    while trainer.update_count - first < updates:
+        trainer.update()
+    return (time.process_time() - start) / (trainer.update_count - first)
 
 
 def _cost_row(variant: dict[str, Any] | str, gflop: float, cpu_s: float, updates_per_step: int) -> dict[str, Any]:
@@ -317,7 +321,7 @@ def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
             trainer.agent.update(*batches[0], trainer.model)  # warm-up
             with FlopCounterMode(display=False) as counter:
                 trainer.agent.update(*batches[1], trainer.model)
-            cpu = _update_cpu_s(trainer, batches)
+            cpu = _update_cpu_s(trainer)
             if not variant:  # where the authors' update spends its time, by operator
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                     for i in range(4):
@@ -334,10 +338,9 @@ def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
                             agent.critic_target.q2):
                     net.forward = torch.compile(net.forward, dynamic=False)  # (nn.Module.compile() was a no-op here)
                 trainer.model._forward = torch.compile(trainer.model._forward, dynamic=False)
-                for i in range(3):  # compiles (one graph per batch shape); the timing below is steady state
-                    trainer.agent.update(*batches[i % len(batches)], trainer.model)
+                trainer.update()  # compiles (one graph per batch shape); the timing below is steady state
                 rows.append(_cost_row("authors' settings, torch.compile of actor, critics and ensemble", gflop,
-                                      _update_cpu_s(trainer, batches), cfg.agent.updates_per_step))
+                                      _update_cpu_s(trainer), cfg.agent.updates_per_step))
     out.write_text(json.dumps({"task": task, "threads": threads, "rows": rows, "top_ops_self_cpu_share": top_ops,
                                "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
                                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_machine()}, indent=1))

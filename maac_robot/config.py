@@ -100,6 +100,9 @@ class TrainConfig(_Section):
     seed: int = 0
     device: str = Field("cpu", description="'cpu' or 'cuda'; nothing requires a GPU")
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; None: all cores")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16: autocast the G2 updates' matrix products (same algorithm, coarser "
+        "rounding; pays on CPUs with AVX512-BF16/AMX and on recent GPUs)")
 
     @field_validator("device")
     @classmethod

@@ -51,6 +51,7 @@ def test_shipped_configs_validate(name: str) -> None:
         ({"env": {"id": "NoSuchEnv-v9"}}, "env.id"),  # unknown env id
         ({"model": {"holdout_ratio": 1.5}}, "model.holdout_ratio"),
         ({"train": {"device": "tpu"}}, "train.device"),
+        ({"train": {"precision": "fp16"}}, "train.precision"),
         ({"trian": {"total_steps": 10}}, "trian"),  # typo'd section
     ],
 )

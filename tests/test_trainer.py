@@ -185,6 +185,19 @@ def test_real_ratio_extremes_train(tmp_path: Path, real_ratio: float) -> None:
     assert row["env_step"] == 120 and math.isfinite(row["losses"]["q_loss"]) and len(trainer.d_model) > 0
 
 
+def test_bfloat16_updates_keep_float32_weights(tmp_path: Path) -> None:
+    """precision: bfloat16 autocasts G2's matrix products only; weights (so checkpoints and exports) stay float32."""
+    trainers, losses = {}, {}
+    for precision in ("float32", "bfloat16"):
+        cfg = config_from_dict(_tiny(train={"total_steps": 120, "precision": precision}))
+        trainers[precision] = train(cfg, tmp_path / precision, progress=False)
+        losses[precision] = read_metrics(tmp_path / precision / "metrics.jsonl")[-1]["losses"]
+    assert all(math.isfinite(v) for v in losses["bfloat16"].values())
+    assert losses["bfloat16"]["q_loss"] != losses["float32"]["q_loss"]  # same seed: only the rounding differs
+    agent = trainers["bfloat16"].agent
+    assert {p.dtype for m in (agent.actor, agent.critic) for p in m.parameters()} == {torch.float32}
+
+
 class _FallingPole:
     """Stand-in dynamics: every step tips half of the surviving branches past the pendulum's 0.2 rad limit."""
 
