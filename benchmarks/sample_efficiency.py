@@ -450,7 +450,7 @@ def report(note: str | None = None) -> str:
         for algo, runs in sorted(algos.items()):
             steps, means, stds, counts = _curve(runs)
             common = [i for i, n in enumerate(counts) if n == len(runs)]  # the mean line: steps every seed reached
-            short = algo.split("[")[0].upper() + (" variant (--set, see text)" if "[" in algo else "")
+            short = _legend_name(algo)
             label = f"{short}, mean ± std of {len(runs)} seed(s)"
             curves[label] = tuple([seq[i] for i in common] for seq in (steps, means, stds))
             members[label] = [([x["env_step"] for x in r["rows"]], [x["eval_return_mean"] for x in r["rows"]])
@@ -506,6 +506,19 @@ def report(note: str | None = None) -> str:
     text = "\n".join(lines)
     _replace_section(text)
     return text
+
+
+def _legend_name(algo: str) -> str:
+    """'maac[num_samples=1,updates_per_step=2]' -> 'MAAC [ns=1, ups=2]': multi-word keys by their initials."""
+    base, _, overrides = algo.partition("[")
+    if not overrides:
+        return base.upper()
+    parts = []
+    for item in overrides.rstrip("]").split(","):
+        key, _, value = item.partition("=")
+        words = key.split("_")
+        parts.append(f"{''.join(w[0] for w in words) if len(words) > 1 else key}={value}")
+    return f"{base.upper()} [{', '.join(parts)}]"
 
 
 def _replace_section(text: str) -> None:
