@@ -269,8 +269,8 @@ class Trainer:
 
     def update(self) -> None:
         model = self.model if self.model_fitted else None
-        # G2 is ~99 % of a run's compute, all of it dense matrix products: bfloat16 autocast halves it where
-        # the hardware has bf16 units (parameters, optimiser state and losses stay float32).
+        # G2 is most of a run's compute, nearly all of it dense matrix products: bfloat16 autocast cut an update
+        # at the authors' settings 1.9x on an AVX512-BF16 CPU (parameters and optimiser state stay float32).
         bf16 = self.cfg.train.precision == "bfloat16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             for real, imagined in self._batches():
