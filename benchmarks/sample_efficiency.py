@@ -291,6 +291,20 @@ def _update_cpu_s(trainer, updates: int = 10) -> float:  # trainer: maac_robot.t
     return (time.process_time() - start) / (trainer.update_count - first)
 
 
+def _matmul_gflops(dtype_name: str, rows: int = 6400, width: int = 256, reps: int = 50) -> float:
+    """This core's rate on one large matmul of the update's shape (the terminal Q's hidden layer): its ceiling."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, w = torch.randn(rows, width, dtype=dtype), torch.randn(width, width, dtype=dtype)
+    for _ in range(5):
+        a @ w
+    start = time.process_time()
+    for _ in range(reps):
+        a @ w
+    return round(2 * rows * width * width * reps / (time.process_time() - start) / 1e9, 1)
+
+
 def _cost_row(variant: dict[str, Any] | str, gflop: float, cpu_s: float, updates_per_step: int) -> dict[str, Any]:
     row = {"variant": variant, "gflop_per_update": gflop, "cpu_ms_per_update": round(cpu_s * 1000, 1),
            "updates_cpu_s_per_1000_steps": round(cpu_s * 1000 * updates_per_step, 1)}
@@ -341,7 +355,10 @@ def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
                 trainer.update()  # compiles (one graph per batch shape); the timing below is steady state
                 rows.append(_cost_row("authors' settings, torch.compile of actor, critics and ensemble", gflop,
                                       _update_cpu_s(trainer), cfg.agent.updates_per_step))
+    matmul = {name: _matmul_gflops(name) for name in ("float32", "bfloat16")}
+    print(json.dumps({"matmul_gflops": matmul}), flush=True)
     out.write_text(json.dumps({"task": task, "threads": threads, "rows": rows, "top_ops_self_cpu_share": top_ops,
+                               "matmul_gflops": matmul,
                                "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
                                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_machine()}, indent=1))
     return rows
@@ -445,6 +462,9 @@ def report(note: str | None = None) -> str:
         lines += ["", "Self-CPU share by operator in the authors' update (torch.profiler, 4 updates): "
                   + ", ".join(f"{k} {100 * v:.0f} %" for k, v in f["top_ops_self_cpu_share"].items())
                   + " — dense matmuls dominate: the update is compute-bound.", ""]
+        if "matmul_gflops" in f:
+            lines += ["One 6400×256 by 256×256 matmul on the same thread count (the ceiling for this work): "
+                      + ", ".join(f"{k} {v} GFLOP/s" for k, v in f["matmul_gflops"].items()) + ".", ""]
     for task, algos in sorted(found.items()):
         curves, members, table = {}, {}, {}
         for algo, runs in sorted(algos.items()):
