@@ -364,6 +364,107 @@ def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
     return rows
 
 
+
+# ---- diagnose: what a trained policy does in the real env, and whether its critic saw it coming ----------
+
+DIAGNOSE_JSON = ROOT / "benchmarks" / "diagnose.json"
+# The leading state dims a reader needs to see how an episode ended (state = qpos + qvel, root position first).
+STATE_NAMES = {"inverted_pendulum": ["cart x", "pole angle"], "hopper": ["x", "z", "torso angle"],
+               "walker2d": ["x", "z", "torso angle"], "half_cheetah": ["x", "z", "torso angle"], "ant": ["x", "y", "z"]}
+
+
+def soft_returns(rewards: np.ndarray, entropies: np.ndarray, alpha: float, gamma: float) -> np.ndarray:
+    """Realised soft returns G_t = r_t + γ(α·H_{t+1} + G_{t+1}), G past the last step 0.
+
+    The critic learns the *soft* Q (its targets add −α·log π at every next state), so its estimate
+    is compared with the realised return plus the same entropy terms; `entropies[t]` is a one-sample
+    estimate −log π(ã|s_t) at the state reached after step t−1 (entropies[0], the start, is unused).
+    """
+    out = np.zeros(len(rewards))
+    acc = 0.0
+    for t in reversed(range(len(rewards))):
+        bonus = alpha * entropies[t + 1] if t + 1 < len(rewards) else 0.0
+        acc = rewards[t] + gamma * (bonus + acc)
+        out[t] = acc
+    return out
+
+
+def diagnose_run(run_dir: Path, episodes: int, task: str) -> dict[str, Any]:
+    """Deterministic-policy episodes from a run's latest checkpoint: how each ends, and the critic's
+    min-twin Q(s_t, a_t) against the realised soft return from s_t (the value-bias a collapse would show).
+
+    Steps within log(0.01)/log(γ) of a time-limit truncation are left out of the bias: the return
+    after the cut is unknown there. Terminated episodes use every step (nothing follows a termination).
+    For a terminated episode it also asks whether the ensemble saw the end coming: the share of elites
+    whose open-loop mean prediction from s_{T-k} under the real actions is a terminal state, k = 1, 5, 20.
+    """
+    import torch
+
+    from maac_robot.envs import make_env
+    from maac_robot.trainer import eval_seeds, load_run
+
+    run = load_run(run_dir)
+    agent, gamma = run.agent, run.config.agent.gamma
+    reliable_tail = int(np.ceil(np.log(0.01) / np.log(gamma)))
+    env = make_env(run.config.env.id, max_episode_steps=run.config.env.max_episode_steps)
+    names = STATE_NAMES.get(task, [])
+    out = []
+    try:
+        for seed in eval_seeds(run.config.train.seed, episodes):
+            state, _ = env.reset(seed=seed)
+            states, actions, rewards, terminated, truncated = [state], [], [], False, False
+            while not (terminated or truncated):
+                actions.append(agent.act(state, deterministic=True))
+                state, reward, terminated, truncated, _ = env.step(actions[-1])
+                states.append(state)
+                rewards.append(float(reward))
+            s = torch.as_tensor(np.array(states), dtype=torch.float32)
+            with torch.no_grad():
+                a = torch.as_tensor(np.array(actions), dtype=torch.float32)
+                q = torch.min(*agent.critic(s[:-1], a))
+                entropy = -agent.actor.sample(s)[1]
+                foresight = {k: _elites_predicting_end(run, s, a, k) for k in (1, 5, 20)
+                             if terminated and k <= len(actions)}
+            g = soft_returns(np.array(rewards), entropy.numpy(), agent.alpha, gamma)
+            n = len(rewards) if terminated else max(len(rewards) - reliable_tail, 0)
+            bias = (q.numpy()[:n] - g[:n]) if n else np.zeros(0)
+            out.append({
+                "seed": seed, "length": len(rewards), "return": round(sum(rewards), 1), "terminated": terminated,
+                "final_state": {k: round(float(v), 3) for k, v in zip(names, states[-1])},
+                "q_start": round(float(q[0]), 1), "soft_return_start": round(float(g[0]), 1),
+                "q_bias_mean": round(float(bias.mean()), 1) if n else None,
+                "q_bias_max": round(float(bias.max()), 1) if n else None,
+                "elites_predicting_end": foresight,
+            })
+    finally:
+        env.close()
+    name = run_dir.resolve().relative_to(ROOT) if run_dir.resolve().is_relative_to(ROOT) else run_dir
+    return {"run": str(name), "env_step": run.env_step, "alpha": round(agent.alpha, 4),
+            "episodes": out}
+
+
+def _elites_predicting_end(run, states, actions, k: int) -> float:  # run: maac_robot.trainer.LoadedRun
+    """Share of elites that, from the k-th state before the end and the real actions, predict a terminal state."""
+    model, elites, end = run.model, run.model.elites, len(actions)
+    state = states[end - k].expand(elites.numel(), 1, -1)
+    for t in range(end - k, end):
+        state = model.predict_members(state, actions[t].expand(elites.numel(), 1, -1), elites)[0]
+    done = run.task.termination_fn(states[end - 1].expand_as(state), actions[end - 1].expand(*state.shape[:-1], -1), state)
+    return round(float(done.float().mean()), 2)
+
+
+def diagnose(task: str, episodes: int, out: Path) -> list[dict[str, Any]]:
+    """`diagnose_run` for every MAAC run of `task` with a checkpoint; results merged into `out` by run."""
+    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = [{**diagnose_run(p.parent.parent, episodes, task), "command": command, "date": date}
+            for p in sorted((RUNS / task).glob("maac*/checkpoints/latest.pt"))]
+    merged = {r["run"]: r for r in (json.loads(out.read_text())["runs"] if out.is_file() else [])}
+    merged.update({r["run"]: r for r in rows})
+    out.write_text(json.dumps({"runs": sorted(merged.values(), key=lambda r: r["run"])}, indent=1))
+    return rows
+
+
 # ---- report ---------------------------------------------------------------------------------------
 
 
@@ -465,6 +566,8 @@ def report(note: str | None = None) -> str:
         if "matmul_gflops" in f:
             lines += ["One 6400×256 by 256×256 matmul on the same thread count (the ceiling for this work): "
                       + ", ".join(f"{k} {v} GFLOP/s" for k, v in f["matmul_gflops"].items()) + ".", ""]
+    if DIAGNOSE_JSON.is_file():
+        lines += _diagnosis_table(json.loads(DIAGNOSE_JSON.read_text()))
     for task, algos in sorted(found.items()):
         curves, members, table = {}, {}, {}
         for algo, runs in sorted(algos.items()):
@@ -528,6 +631,33 @@ def report(note: str | None = None) -> str:
     return text
 
 
+def _diagnosis_table(d: dict[str, Any]) -> list[str]:
+    """Per run (latest checkpoint): deterministic episodes, the critic's bias and the ensemble's foresight."""
+    lines = ["### Diagnosis: value bias of the critic and the ensemble's foresight (latest checkpoints)", "",
+             "`python benchmarks/sample_efficiency.py diagnose --task TASK` (each run's exact command and date are "
+             "in `benchmarks/diagnose.json`). Deterministic episodes on the evaluation reset seeds. Q(s₀) is the "
+             "min-twin critic at the first state and action; G(s₀) the realised soft return (reward plus "
+             "α·entropy at each later state, γ-discounted); bias = mean of Q(s_t, a_t) − G(s_t) over the "
+             "episode (steps within log 0.01 / log γ of a time-limit cut left out). Foresight: share of elites "
+             "whose open-loop mean prediction from k steps before a termination, under the real actions, ends "
+             "in a terminal state (k = 1 / 5 / 20; mean over terminated episodes).", "",
+             "| run | env step | return | length | Q(s₀) | G(s₀) | bias | foresight k=1/5/20 | last state (1st episode) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        eps = r["episodes"]
+        biases = [e["q_bias_mean"] for e in eps if e["q_bias_mean"] is not None]
+        ends = [e["elites_predicting_end"] for e in eps if e["elites_predicting_end"]]
+        foresight = "/".join(f"{np.mean([f[k] for f in ends if k in f]):.2f}" if any(k in f for f in ends) else "–"
+                             for k in ("1", "5", "20"))
+        last = ", ".join(f"{k} {v}" for k, v in eps[0]["final_state"].items())
+        lines.append(
+            f"| {r['run'].removeprefix('benchmarks/runs/')} | {r['env_step']} | {np.mean([e['return'] for e in eps]):.0f} | "
+            f"{np.mean([e['length'] for e in eps]):.0f} | {np.mean([e['q_start'] for e in eps]):.1f} | "
+            f"{np.mean([e['soft_return_start'] for e in eps]):.1f} | {np.mean(biases) if biases else float('nan'):.1f} | "
+            f"{foresight if ends else '– (none terminated)'} | {last} |")
+    return lines + [""]
+
+
 def _legend_name(algo: str) -> str:
     """'maac[num_samples=1,updates_per_step=2]' -> 'MAAC [ns=1, ups=2]': multi-word keys by their initials."""
     base, _, overrides = algo.partition("[")
@@ -575,6 +705,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", choices=sorted(TASKS), default="half_cheetah")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=FLOPS_JSON)
+    p = sub.add_parser("diagnose")
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--episodes", type=int, default=3)
+    p.add_argument("--out", type=Path, default=DIAGNOSE_JSON)
     p = sub.add_parser("report")
     p.add_argument("--note", type=Path, help="markdown file whose text goes under the section's header (status)")
     args = parser.parse_args(argv)
@@ -590,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
         profile(args.task, args.steps, args.out, args.threads)
     elif args.command == "update-cost":
         update_cost(args.task, args.out, args.threads)
+    elif args.command == "diagnose":
+        for r in diagnose(args.task, args.episodes, args.out):
+            print(json.dumps(r))
     else:
         print(report(args.note.read_text() if args.note else None))
     return 0
