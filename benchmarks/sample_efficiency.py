@@ -376,9 +376,10 @@ STATE_NAMES = {"inverted_pendulum": ["cart x", "pole angle"], "hopper": ["x", "z
 def soft_returns(rewards: np.ndarray, entropies: np.ndarray, alpha: float, gamma: float) -> np.ndarray:
     """Realised soft returns G_t = r_t + γ(α·H_{t+1} + G_{t+1}), G past the last step 0.
 
-    The critic learns the *soft* Q (its targets add −α·log π at every next state), so its estimate
-    is compared with the realised return plus the same entropy terms; `entropies[t]` is a one-sample
-    estimate −log π(ã|s_t) at the state reached after step t−1 (entropies[0], the start, is unused).
+    The critic learns the *soft* Q of the stochastic policy (its targets add −α·log π at every next
+    state), so it is compared with the realised return of that policy plus the same entropy terms:
+    with `entropies[t]` = −log π(a_t|s_t) of the action actually taken, G_t is a one-sample unbiased
+    estimate of Q^π(s_t, a_t) (entropies[0], the start, is unused).
     """
     out = np.zeros(len(rewards))
     acc = 0.0
@@ -389,14 +390,42 @@ def soft_returns(rewards: np.ndarray, entropies: np.ndarray, alpha: float, gamma
     return out
 
 
-def diagnose_run(run_dir: Path, episodes: int, task: str) -> dict[str, Any]:
-    """Deterministic-policy episodes from a run's latest checkpoint: how each ends, and the critic's
-    min-twin Q(s_t, a_t) against the realised soft return from s_t (the value-bias a collapse would show).
+def _episode(agent, env, seed: int, deterministic: bool) -> dict[str, Any]:  # agent: maac_robot.agent.MAACAgent
+    """One episode: states [T+1, S], actions [T, A], rewards [T], −log π of the taken actions [T], terminated."""
+    import torch
 
-    Steps within log(0.01)/log(γ) of a time-limit truncation are left out of the bias: the return
-    after the cut is unknown there. Terminated episodes use every step (nothing follows a termination).
-    For a terminated episode it also asks whether the ensemble saw the end coming: the share of elites
-    whose open-loop mean prediction from s_{T-k} under the real actions is a terminal state, k = 1, 5, 20.
+    state, _ = env.reset(seed=seed)
+    states, actions, rewards, entropies, terminated, truncated = [state], [], [], [], False, False
+    while not (terminated or truncated):
+        with torch.no_grad():
+            s = torch.as_tensor(state, dtype=torch.float32)
+            if deterministic:
+                action, entropy = agent.actor.deterministic(s), float("nan")
+            else:
+                action, log_prob = agent.actor.sample(s)
+                entropy = -float(log_prob)
+        actions.append(action.numpy())
+        entropies.append(entropy)
+        state, reward, terminated, truncated, _ = env.step(actions[-1])
+        states.append(state)
+        rewards.append(float(reward))
+    return {"states": torch.as_tensor(np.array(states), dtype=torch.float32),
+            "actions": torch.as_tensor(np.array(actions), dtype=torch.float32),
+            "rewards": np.array(rewards), "entropies": np.array(entropies), "terminated": terminated}
+
+
+def diagnose_run(run_dir: Path, episodes: int, task: str) -> dict[str, Any]:
+    """How a run's latest policy fails, and whether its critic and its ensemble saw it coming.
+
+    Per evaluation reset seed:
+    - a deterministic episode (what the evaluation scores): its length, return and last state, and for
+      a terminated one the share of elites whose open-loop mean prediction from s_{T-k} under the real
+      actions is a terminal state (k = 1, 5, 20): did the model foresee the end?
+    - a stochastic episode from the same reset: the min-twin Q(s_t, a_t) against the realised soft
+      return G_t, an unbiased sample of the soft Q^π the critic is trained to estimate. A large positive
+      bias is a critic that expects a longer or better future than the policy gets.
+    Steps within log(0.01)/log(γ) of a time-limit cut are left out of the bias (the return after the cut
+    is unknown there); terminated episodes use every step.
     """
     import torch
 
@@ -411,36 +440,29 @@ def diagnose_run(run_dir: Path, episodes: int, task: str) -> dict[str, Any]:
     out = []
     try:
         for seed in eval_seeds(run.config.train.seed, episodes):
-            state, _ = env.reset(seed=seed)
-            states, actions, rewards, terminated, truncated = [state], [], [], False, False
-            while not (terminated or truncated):
-                actions.append(agent.act(state, deterministic=True))
-                state, reward, terminated, truncated, _ = env.step(actions[-1])
-                states.append(state)
-                rewards.append(float(reward))
-            s = torch.as_tensor(np.array(states), dtype=torch.float32)
+            det = _episode(agent, env, seed, deterministic=True)
+            sto = _episode(agent, env, seed, deterministic=False)
             with torch.no_grad():
-                a = torch.as_tensor(np.array(actions), dtype=torch.float32)
-                q = torch.min(*agent.critic(s[:-1], a))
-                entropy = -agent.actor.sample(s)[1]
-                foresight = {k: _elites_predicting_end(run, s, a, k) for k in (1, 5, 20)
-                             if terminated and k <= len(actions)}
-            g = soft_returns(np.array(rewards), entropy.numpy(), agent.alpha, gamma)
-            n = len(rewards) if terminated else max(len(rewards) - reliable_tail, 0)
-            bias = (q.numpy()[:n] - g[:n]) if n else np.zeros(0)
+                q = torch.min(*agent.critic(sto["states"][:-1], sto["actions"])).numpy()
+                foresight = {k: _elites_predicting_end(run, det["states"], det["actions"], k) for k in (1, 5, 20)
+                             if det["terminated"] and k <= len(det["actions"])}
+            g = soft_returns(sto["rewards"], sto["entropies"], agent.alpha, gamma)
+            n = len(g) if sto["terminated"] else max(len(g) - reliable_tail, 0)
+            bias = q[:n] - g[:n]
             out.append({
-                "seed": seed, "length": len(rewards), "return": round(sum(rewards), 1), "terminated": terminated,
-                "final_state": {k: round(float(v), 3) for k, v in zip(names, states[-1])},
+                "seed": seed, "length": len(det["rewards"]), "return": round(float(det["rewards"].sum()), 1),
+                "terminated": det["terminated"],
+                "final_state": {k: round(float(v), 3) for k, v in zip(names, det["states"][-1])},
+                "elites_predicting_end": foresight,
+                "stochastic_length": len(g), "stochastic_return": round(float(sto["rewards"].sum()), 1),
                 "q_start": round(float(q[0]), 1), "soft_return_start": round(float(g[0]), 1),
                 "q_bias_mean": round(float(bias.mean()), 1) if n else None,
                 "q_bias_max": round(float(bias.max()), 1) if n else None,
-                "elites_predicting_end": foresight,
             })
     finally:
         env.close()
     name = run_dir.resolve().relative_to(ROOT) if run_dir.resolve().is_relative_to(ROOT) else run_dir
-    return {"run": str(name), "env_step": run.env_step, "alpha": round(agent.alpha, 4),
-            "episodes": out}
+    return {"run": str(name), "env_step": run.env_step, "alpha": round(agent.alpha, 4), "episodes": out}
 
 
 def _elites_predicting_end(run, states, actions, k: int) -> float:  # run: maac_robot.trainer.LoadedRun
@@ -635,14 +657,16 @@ def _diagnosis_table(d: dict[str, Any]) -> list[str]:
     """Per run (latest checkpoint): deterministic episodes, the critic's bias and the ensemble's foresight."""
     lines = ["### Diagnosis: value bias of the critic and the ensemble's foresight (latest checkpoints)", "",
              "`python benchmarks/sample_efficiency.py diagnose --task TASK` (each run's exact command and date are "
-             "in `benchmarks/diagnose.json`). Deterministic episodes on the evaluation reset seeds. Q(s₀) is the "
-             "min-twin critic at the first state and action; G(s₀) the realised soft return (reward plus "
-             "α·entropy at each later state, γ-discounted); bias = mean of Q(s_t, a_t) − G(s_t) over the "
-             "episode (steps within log 0.01 / log γ of a time-limit cut left out). Foresight: share of elites "
-             "whose open-loop mean prediction from k steps before a termination, under the real actions, ends "
-             "in a terminal state (k = 1 / 5 / 20; mean over terminated episodes).", "",
-             "| run | env step | return | length | Q(s₀) | G(s₀) | bias | foresight k=1/5/20 | last state (1st episode) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "in `benchmarks/diagnose.json`); means over the evaluation reset seeds. *Deterministic* episodes (what "
+             "the evaluation scores): return, length, last state, and foresight = share of elites whose open-loop "
+             "mean prediction from k steps before a termination, under the real actions, ends in a terminal state "
+             "(k = 1 / 5 / 20). *Stochastic* episodes from the same resets: Q(s₀) is the min-twin critic at the "
+             "first state and action, G(s₀) the realised soft return (reward plus α·(−log π) of each later action "
+             "taken, γ-discounted: an unbiased sample of what the critic estimates), bias = mean of "
+             "Q(s_t, a_t) − G_t over the episode (steps within log 0.01 / log γ of a time-limit cut left out).", "",
+             "| run | env step | return | length | last state (1st episode) | foresight k=1/5/20 "
+             "| stochastic return | Q(s₀) | G(s₀) | bias |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["runs"]:
         eps = r["episodes"]
         biases = [e["q_bias_mean"] for e in eps if e["q_bias_mean"] is not None]
@@ -652,9 +676,10 @@ def _diagnosis_table(d: dict[str, Any]) -> list[str]:
         last = ", ".join(f"{k} {v}" for k, v in eps[0]["final_state"].items())
         lines.append(
             f"| {r['run'].removeprefix('benchmarks/runs/')} | {r['env_step']} | {np.mean([e['return'] for e in eps]):.0f} | "
-            f"{np.mean([e['length'] for e in eps]):.0f} | {np.mean([e['q_start'] for e in eps]):.1f} | "
-            f"{np.mean([e['soft_return_start'] for e in eps]):.1f} | {np.mean(biases) if biases else float('nan'):.1f} | "
-            f"{foresight if ends else '– (none terminated)'} | {last} |")
+            f"{np.mean([e['length'] for e in eps]):.0f} | {last} | {foresight if ends else '– (none terminated)'} | "
+            f"{np.mean([e['stochastic_return'] for e in eps]):.0f} | {np.mean([e['q_start'] for e in eps]):.1f} | "
+            f"{np.mean([e['soft_return_start'] for e in eps]):.1f} | "
+            f"{f'{np.mean(biases):.1f}' if biases else '– (all cut by the time limit)'} |")
     return lines + [""]
 
 
