@@ -475,6 +475,84 @@ def _elites_predicting_end(run, states, actions, k: int) -> float:  # run: maac_
     return round(float(done.float().mean()), 2)
 
 
+CRITIC_PROBE_JSON = ROOT / "benchmarks" / "critic_probe.json"
+PROBE_VARIANTS = {  # name -> (STEVE-expanded targets, D_model rows in the batch)
+    "as trained (STEVE, real + imagined)": (True, True),
+    "one-step targets, real + imagined": (False, True),
+    "STEVE, real data only": (True, False),
+    "one-step targets, real data only": (False, False),
+}
+
+
+def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict[str, Any]:
+    """Where a critic's bias comes from: policy evaluation with the run's policy frozen.
+
+    From a run's latest checkpoint (D_env, D_model, ensemble, critic and its optimiser restored), the
+    critic alone takes `updates` G2 steps under each of `PROBE_VARIANTS`, restarting each time from the
+    checkpoint's critic. Its bias (as in `diagnose_run`: min-twin Q minus the realised soft return on
+    `episodes` stochastic episodes of the frozen policy) is measured every `every` steps. A bias that
+    shrinks under every variant means the critic only lagged the moving policy; one that stays (or
+    grows) under one target or data source names that source. The run directory is only read.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+
+    from maac_robot.buffer import Batch
+    from maac_robot.config import load_config
+    from maac_robot.envs import make_env
+    from maac_robot.trainer import Trainer, eval_seeds, load_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:  # Trainer writes to its run dir; work on a copy
+        work = Path(tmp) / "run"
+        (work / "checkpoints").mkdir(parents=True)
+        shutil.copy(run_dir / "config.yaml", work / "config.yaml")
+        shutil.copy(run_dir / "checkpoints" / "latest.pt", work / "checkpoints" / "latest.pt")
+        cfg = load_config(work / "config.yaml")
+        trainer = Trainer(cfg, work)
+        trainer.load_checkpoint()
+        trainer.env.close()
+        agent, model, gamma = trainer.agent, trainer.model, cfg.agent.gamma
+        saved = load_checkpoint(work / "checkpoints" / "latest.pt", cfg.env.id)["agent"]
+    reliable_tail = int(np.ceil(np.log(0.01) / np.log(gamma)))
+    env = make_env(cfg.env.id, max_episode_steps=cfg.env.max_episode_steps)
+    try:
+        eps = [_episode(agent, env, seed, deterministic=False) for seed in eval_seeds(cfg.train.seed, episodes)]
+    finally:
+        env.close()
+    states, actions, returns = [], [], []
+    for ep in eps:
+        g = soft_returns(ep["rewards"], ep["entropies"], agent.alpha, gamma)
+        n = len(g) if ep["terminated"] else max(len(g) - reliable_tail, 0)
+        states.append(ep["states"][:n]), actions.append(ep["actions"][:n]), returns.append(g[:n])
+    states, actions = torch.cat(states), torch.cat(actions)
+    returns = torch.as_tensor(np.concatenate(returns), dtype=torch.float32)
+
+    def bias() -> float:
+        with torch.no_grad():
+            return round(float((torch.min(*agent.critic(states, actions)) - returns).mean()), 2)
+
+    curves = {}
+    for name, (steve, imagined) in PROBE_VARIANTS.items():
+        agent.load_state_dict(saved)
+        torch.manual_seed(cfg.train.seed)
+        rng = np.random.default_rng(cfg.train.seed)
+        n_real, n_model = agent.batch_split(model_data=imagined)
+        curve = [(0, bias())]
+        for step in range(1, updates + 1):
+            parts = [trainer.d_env.sample(n_real, rng)] + ([trainer.d_model.sample(n_model, rng)] if n_model else [])
+            agent.update_critic(Batch.cat(parts), model, steve=steve)
+            if step % every == 0:
+                curve.append((step, bias()))
+        curves[name] = curve
+    name = run_dir.resolve().relative_to(ROOT) if run_dir.resolve().is_relative_to(ROOT) else run_dir
+    return {"run": str(name), "env_step": trainer.env_step, "alpha": round(agent.alpha, 4),
+            "steps_measured": int(len(returns)), "episodes": episodes,
+            "stochastic_return": round(float(np.mean([ep["rewards"].sum() for ep in eps])), 1),
+            "bias_by_updates": curves}
+
+
 def diagnose(task: str, episodes: int, out: Path) -> list[dict[str, Any]]:
     """`diagnose_run` for every MAAC run of `task` with a checkpoint; results merged into `out` by run."""
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
@@ -590,6 +668,8 @@ def report(note: str | None = None) -> str:
                       + ", ".join(f"{k} {v} GFLOP/s" for k, v in f["matmul_gflops"].items()) + ".", ""]
     if DIAGNOSE_JSON.is_file():
         lines += _diagnosis_table(json.loads(DIAGNOSE_JSON.read_text()))
+    if CRITIC_PROBE_JSON.is_file():
+        lines += _probe_table(json.loads(CRITIC_PROBE_JSON.read_text()))
     for task, algos in sorted(found.items()):
         curves, members, table = {}, {}, {}
         for algo, runs in sorted(algos.items()):
@@ -683,6 +763,25 @@ def _diagnosis_table(d: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _probe_table(d: dict[str, Any]) -> list[str]:
+    """Critic bias under policy evaluation, per probe variant, at each measured number of updates."""
+    lines = ["### Where the critic's bias comes from: policy evaluation with the policy frozen", "",
+             "`critic-probe` restarts the run's critic from its checkpoint for each variant and takes critic-only "
+             "G2 steps (policy, α and ensemble frozen); the bias is measured as in the diagnosis, on the same "
+             "stochastic episodes of the frozen policy throughout.", ""]
+    for r in d["runs"]:
+        curves = r["bias_by_updates"]
+        steps = [u for u, _ in next(iter(curves.values()))]
+        lines += [f"`{r['command']}` ({r['date']}): {r['run'].removeprefix('benchmarks/runs/')} at {r['env_step']} "
+                  f"env steps, α {r['alpha']}, stochastic return {r['stochastic_return']} "
+                  f"({r['steps_measured']} steps of {r['episodes']} episodes measured).", "",
+                  "| critic-only updates | " + " | ".join(str(u) for u in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        lines += [f"| {name} | " + " | ".join(f"{b:+.1f}" for _, b in curve) + " |" for name, curve in curves.items()]
+        lines.append("")
+    return lines
+
+
 def _legend_name(algo: str) -> str:
     """'maac[num_samples=1,updates_per_step=2]' -> 'MAAC [ns=1, ups=2]': multi-word keys by their initials."""
     base, _, overrides = algo.partition("[")
@@ -734,6 +833,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--episodes", type=int, default=3)
     p.add_argument("--out", type=Path, default=DIAGNOSE_JSON)
+    p = sub.add_parser("critic-probe")
+    p.add_argument("--run", type=Path, required=True, help="a MAAC run directory with a checkpoint (not one training)")
+    p.add_argument("--updates", type=int, default=4000)
+    p.add_argument("--every", type=int, default=1000)
+    p.add_argument("--episodes", type=int, default=5)
+    p.add_argument("--out", type=Path, default=CRITIC_PROBE_JSON)
     p = sub.add_parser("report")
     p.add_argument("--note", type=Path, help="markdown file whose text goes under the section's header (status)")
     args = parser.parse_args(argv)
@@ -749,6 +854,14 @@ def main(argv: list[str] | None = None) -> int:
         profile(args.task, args.steps, args.out, args.threads)
     elif args.command == "update-cost":
         update_cost(args.task, args.out, args.threads)
+    elif args.command == "critic-probe":
+        result = critic_probe(args.run, args.updates, args.every, args.episodes)
+        result["command"] = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+        result["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        probes = {r["run"]: r for r in (json.loads(args.out.read_text())["runs"] if args.out.is_file() else [])}
+        probes[result["run"]] = result
+        args.out.write_text(json.dumps({"runs": sorted(probes.values(), key=lambda r: r["run"])}, indent=1))
+        print(json.dumps(result))
     elif args.command == "diagnose":
         for r in diagnose(args.task, args.episodes, args.out):
             print(json.dumps(r))

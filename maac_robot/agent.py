@@ -342,28 +342,36 @@ class MAACAgent:
         return action.cpu().numpy()
 
     def update(self, real_batch: Batch, model_batch: Batch | None, model: GaussianEnsemble | None) -> dict[str, float]:
-        """One G2 step on D_env ∪ D_model: critic, then actor (MAAC objective), then α, then the targets.
+        """One G2 step on D_env ∪ D_model: critic (and its Polyak target), then actor (MAAC objective), then α.
 
         The batches are `buffer.Batch`es sized by `batch_split` (model_batch None or ignored when
         real_data_only); their states are also the actor's start states ŝ_0. `model` (its random-elite
         `step`) drives the policy rollouts and, with `steve`, the expanded targets; it may be None only
         with horizon 0 (then the critic target is SAC's). Returns the losses and diagnostics as floats.
         """
-        cfg = self.cfg
-        if model_batch is not None and len(model_batch) > 0 and not cfg.real_data_only:
+        if model_batch is not None and len(model_batch) > 0 and not self.cfg.real_data_only:
             batch = Batch.cat([real_batch, model_batch])
         else:
             batch = real_batch
+        stats = self.update_critic(batch, model)
+        return stats | self.update_actor(batch.state.to(self.device), model)
+
+    def update_critic(self, batch: Batch, model: GaussianEnsemble | None, *, steve: bool | None = None
+                      ) -> dict[str, float]:
+        """One twin-Q step towards STEVE-expanded targets (or SAC's one-step ones), then the Polyak target step.
+
+        `steve` overrides the config's switch (benchmarks probe where the critic's bias comes from).
+        """
+        cfg = self.cfg
         s, a, r, s2 = (x.to(self.device) for x in (batch.state, batch.action, batch.reward, batch.next_state))
         done = batch.terminated.to(self.device, s.dtype)
         alpha = self.alpha
-        reward_fn, termination_fn = self.task.reward_fn, self.termination_fn
-
-        if cfg.steve and cfg.steve_horizon > 0 and model is not None:
+        steve = cfg.steve if steve is None else steve
+        if steve and cfg.steve_horizon > 0 and model is not None:
             member_dynamics, num_members = _member_dynamics(model)
             target = steve_targets(
-                r, done, s2, self._policy, member_dynamics, self.critic_target, reward_fn, termination_fn,
-                horizon=cfg.steve_horizon, num_members=num_members, gamma=cfg.gamma, alpha=alpha,
+                r, done, s2, self._policy, member_dynamics, self.critic_target, self.task.reward_fn,
+                self.termination_fn, horizon=cfg.steve_horizon, num_members=num_members, gamma=cfg.gamma, alpha=alpha,
             )
         else:
             target = soft_bellman_target(r, done, s2, self._policy, self.critic_target, gamma=cfg.gamma, alpha=alpha)
@@ -372,12 +380,19 @@ class MAACAgent:
         self.critic_opt.zero_grad(set_to_none=True)
         q_loss.backward()
         self.critic_opt.step()
+        with torch.no_grad():
+            for p_targ, p in zip(self.critic_target.parameters(), self.critic.parameters()):
+                p_targ.lerp_(p, cfg.tau)
+        return {"q_loss": q_loss.item(), "q_mean": q1.detach().mean().item(), "target_mean": target.mean().item()}
 
+    def update_actor(self, start_states: Tensor, model: GaussianEnsemble | None) -> dict[str, float]:
+        """One actor step on the MAAC objective from `start_states`, then one α step towards the target entropy."""
+        cfg = self.cfg
         with frozen(self.critic, model):
             pl = maac_policy_loss(
-                s, self._policy, None if model is None else model.step, self.critic, reward_fn, termination_fn,
-                horizon=cfg.horizon, num_samples=cfg.num_samples, terminal_q_samples=cfg.terminal_q_samples,
-                gamma=cfg.gamma, alpha=alpha,
+                start_states, self._policy, None if model is None else model.step, self.critic, self.task.reward_fn,
+                self.termination_fn, horizon=cfg.horizon, num_samples=cfg.num_samples,
+                terminal_q_samples=cfg.terminal_q_samples, gamma=cfg.gamma, alpha=self.alpha,
             )
             self.actor_opt.zero_grad(set_to_none=True)
             pl.loss.backward()
@@ -388,14 +403,7 @@ class MAACAgent:
             self.alpha_opt.zero_grad(set_to_none=True)
             alpha_loss.backward()
             self.alpha_opt.step()
-
-        with torch.no_grad():
-            for p_targ, p in zip(self.critic_target.parameters(), self.critic.parameters()):
-                p_targ.lerp_(p, cfg.tau)
         return {
-            "q_loss": q_loss.item(),
-            "q_mean": q1.detach().mean().item(),
-            "target_mean": target.mean().item(),
             "policy_loss": pl.loss.item(),
             "model_return": pl.model_return.item(),
             "alpha": self.alpha,
