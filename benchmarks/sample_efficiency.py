@@ -390,10 +390,37 @@ def soft_returns(rewards: np.ndarray, entropies: np.ndarray, alpha: float, gamma
     return out
 
 
+def measured_soft_returns(episode: dict[str, Any], alpha: float, gamma: float) -> np.ndarray:
+    """`soft_returns` of a stochastic `_episode`, cut to the steps whose return is known: all of a terminated
+    episode, and all but the last log(0.01)/log(γ) steps of one the time limit cut (its future is unknown)."""
+    g = soft_returns(episode["rewards"], episode["entropies"], alpha, gamma)
+    if episode["terminated"]:
+        return g
+    return g[: max(len(g) - int(np.ceil(np.log(0.01) / np.log(gamma))), 0)]
+
+
+def _run_name(run_dir: Path) -> str:
+    return str(run_dir.resolve().relative_to(ROOT) if run_dir.resolve().is_relative_to(ROOT) else run_dir)
+
+
+def _provenance() -> dict[str, str]:
+    """The command line that produced a result, and when: stored beside it so RESULTS.md can cite it."""
+    return {"command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _merge_runs(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Add or replace `rows` (keyed by their "run") in the JSON file `out`, keeping the other runs' results."""
+    merged = {r["run"]: r for r in (json.loads(out.read_text())["runs"] if out.is_file() else [])}
+    merged.update({r["run"]: r for r in rows})
+    out.write_text(json.dumps({"runs": sorted(merged.values(), key=lambda r: r["run"])}, indent=1))
+
+
 def _episode(agent, env, seed: int, deterministic: bool) -> dict[str, Any]:  # agent: maac_robot.agent.MAACAgent
     """One episode: states [T+1, S], actions [T, A], rewards [T], −log π of the taken actions [T], terminated."""
     import torch
 
+    torch.manual_seed(seed)  # the stochastic policy's noise: a rerun measures the same episodes
     state, _ = env.reset(seed=seed)
     states, actions, rewards, entropies, terminated, truncated = [state], [], [], [], False, False
     while not (terminated or truncated):
@@ -434,7 +461,6 @@ def diagnose_run(run_dir: Path, episodes: int, task: str) -> dict[str, Any]:
 
     run = load_run(run_dir)
     agent, gamma = run.agent, run.config.agent.gamma
-    reliable_tail = int(np.ceil(np.log(0.01) / np.log(gamma)))
     env = make_env(run.config.env.id, max_episode_steps=run.config.env.max_episode_steps)
     names = STATE_NAMES.get(task, [])
     out = []
@@ -446,23 +472,23 @@ def diagnose_run(run_dir: Path, episodes: int, task: str) -> dict[str, Any]:
                 q = torch.min(*agent.critic(sto["states"][:-1], sto["actions"])).numpy()
                 foresight = {k: _elites_predicting_end(run, det["states"], det["actions"], k) for k in (1, 5, 20)
                              if det["terminated"] and k <= len(det["actions"])}
-            g = soft_returns(sto["rewards"], sto["entropies"], agent.alpha, gamma)
-            n = len(g) if sto["terminated"] else max(len(g) - reliable_tail, 0)
-            bias = q[:n] - g[:n]
+            g = measured_soft_returns(sto, agent.alpha, gamma)
+            n = len(g)
+            bias = q[:n] - g
             out.append({
                 "seed": seed, "length": len(det["rewards"]), "return": round(float(det["rewards"].sum()), 1),
                 "terminated": det["terminated"],
                 "final_state": {k: round(float(v), 3) for k, v in zip(names, det["states"][-1])},
                 "elites_predicting_end": foresight,
-                "stochastic_length": len(g), "stochastic_return": round(float(sto["rewards"].sum()), 1),
-                "q_start": round(float(q[0]), 1), "soft_return_start": round(float(g[0]), 1),
+                "stochastic_length": len(sto["rewards"]), "stochastic_return": round(float(sto["rewards"].sum()), 1),
+                "q_start": round(float(q[0]), 1),
+                "soft_return_start": round(float(g[0]), 1) if n else None,
                 "q_bias_mean": round(float(bias.mean()), 1) if n else None,
                 "q_bias_max": round(float(bias.max()), 1) if n else None,
             })
     finally:
         env.close()
-    name = run_dir.resolve().relative_to(ROOT) if run_dir.resolve().is_relative_to(ROOT) else run_dir
-    return {"run": str(name), "env_step": run.env_step, "alpha": round(agent.alpha, 4), "episodes": out}
+    return {"run": _run_name(run_dir), "env_step": run.env_step, "alpha": round(agent.alpha, 4), "episodes": out}
 
 
 def _elites_predicting_end(run, states, actions, k: int) -> float:  # run: maac_robot.trainer.LoadedRun
@@ -515,7 +541,6 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
         trainer.env.close()
         agent, model, gamma = trainer.agent, trainer.model, cfg.agent.gamma
         saved = load_checkpoint(work / "checkpoints" / "latest.pt", cfg.env.id)["agent"]
-    reliable_tail = int(np.ceil(np.log(0.01) / np.log(gamma)))
     env = make_env(cfg.env.id, max_episode_steps=cfg.env.max_episode_steps)
     try:
         eps = [_episode(agent, env, seed, deterministic=False) for seed in eval_seeds(cfg.train.seed, episodes)]
@@ -523,9 +548,8 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
         env.close()
     states, actions, returns = [], [], []
     for ep in eps:
-        g = soft_returns(ep["rewards"], ep["entropies"], agent.alpha, gamma)
-        n = len(g) if ep["terminated"] else max(len(g) - reliable_tail, 0)
-        states.append(ep["states"][:n]), actions.append(ep["actions"][:n]), returns.append(g[:n])
+        g = measured_soft_returns(ep, agent.alpha, gamma)
+        states.append(ep["states"][: len(g)]), actions.append(ep["actions"][: len(g)]), returns.append(g)
     states, actions = torch.cat(states), torch.cat(actions)
     returns = torch.as_tensor(np.concatenate(returns), dtype=torch.float32)
 
@@ -546,8 +570,7 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
             if step % every == 0:
                 curve.append((step, bias()))
         curves[name] = curve
-    name = run_dir.resolve().relative_to(ROOT) if run_dir.resolve().is_relative_to(ROOT) else run_dir
-    return {"run": str(name), "env_step": trainer.env_step, "alpha": round(agent.alpha, 4),
+    return {"run": _run_name(run_dir), "env_step": trainer.env_step, "alpha": round(agent.alpha, 4),
             "steps_measured": int(len(returns)), "episodes": episodes,
             "stochastic_return": round(float(np.mean([ep["rewards"].sum() for ep in eps])), 1),
             "bias_by_updates": curves}
@@ -555,13 +578,9 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
 
 def diagnose(task: str, episodes: int, out: Path) -> list[dict[str, Any]]:
     """`diagnose_run` for every MAAC run of `task` with a checkpoint; results merged into `out` by run."""
-    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    rows = [{**diagnose_run(p.parent.parent, episodes, task), "command": command, "date": date}
+    rows = [{**diagnose_run(p.parent.parent, episodes, task), **_provenance()}
             for p in sorted((RUNS / task).glob("maac*/checkpoints/latest.pt"))]
-    merged = {r["run"]: r for r in (json.loads(out.read_text())["runs"] if out.is_file() else [])}
-    merged.update({r["run"]: r for r in rows})
-    out.write_text(json.dumps({"runs": sorted(merged.values(), key=lambda r: r["run"])}, indent=1))
+    _merge_runs(out, rows)
     return rows
 
 
@@ -758,7 +777,7 @@ def _diagnosis_table(d: dict[str, Any]) -> list[str]:
             f"| {r['run'].removeprefix('benchmarks/runs/')} | {r['env_step']} | {np.mean([e['return'] for e in eps]):.0f} | "
             f"{np.mean([e['length'] for e in eps]):.0f} | {last} | {foresight if ends else '– (none terminated)'} | "
             f"{np.mean([e['stochastic_return'] for e in eps]):.0f} | {np.mean([e['q_start'] for e in eps]):.1f} | "
-            f"{np.mean([e['soft_return_start'] for e in eps]):.1f} | "
+            f"{np.mean([e['soft_return_start'] for e in eps if e['soft_return_start'] is not None]):.1f} | "
             f"{f'{np.mean(biases):.1f}' if biases else '– (all cut by the time limit)'} |")
     return lines + [""]
 
@@ -855,12 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "update-cost":
         update_cost(args.task, args.out, args.threads)
     elif args.command == "critic-probe":
-        result = critic_probe(args.run, args.updates, args.every, args.episodes)
-        result["command"] = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
-        result["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        probes = {r["run"]: r for r in (json.loads(args.out.read_text())["runs"] if args.out.is_file() else [])}
-        probes[result["run"]] = result
-        args.out.write_text(json.dumps({"runs": sorted(probes.values(), key=lambda r: r["run"])}, indent=1))
+        result = {**critic_probe(args.run, args.updates, args.every, args.episodes), **_provenance()}
+        _merge_runs(args.out, [result])
         print(json.dumps(result))
     elif args.command == "diagnose":
         for r in diagnose(args.task, args.episodes, args.out):
