@@ -365,38 +365,9 @@ def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
 
 
 
-# ---- diagnose: what a trained policy does in the real env, and whether its critic saw it coming ----------
+# ---- diagnose and critic-probe: why the curves fall (maac_robot.diagnostics) --------------------------
 
 DIAGNOSE_JSON = ROOT / "benchmarks" / "diagnose.json"
-# The leading state dims a reader needs to see how an episode ended (state = qpos + qvel, root position first).
-STATE_NAMES = {"inverted_pendulum": ["cart x", "pole angle"], "hopper": ["x", "z", "torso angle"],
-               "walker2d": ["x", "z", "torso angle"], "half_cheetah": ["x", "z", "torso angle"], "ant": ["x", "y", "z"]}
-
-
-def soft_returns(rewards: np.ndarray, entropies: np.ndarray, alpha: float, gamma: float) -> np.ndarray:
-    """Realised soft returns G_t = r_t + γ(α·H_{t+1} + G_{t+1}), G past the last step 0.
-
-    The critic learns the *soft* Q of the stochastic policy (its targets add −α·log π at every next
-    state), so it is compared with the realised return of that policy plus the same entropy terms:
-    with `entropies[t]` = −log π(a_t|s_t) of the action actually taken, G_t is a one-sample unbiased
-    estimate of Q^π(s_t, a_t) (entropies[0], the start, is unused).
-    """
-    out = np.zeros(len(rewards))
-    acc = 0.0
-    for t in reversed(range(len(rewards))):
-        bonus = alpha * entropies[t + 1] if t + 1 < len(rewards) else 0.0
-        acc = rewards[t] + gamma * (bonus + acc)
-        out[t] = acc
-    return out
-
-
-def measured_soft_returns(episode: dict[str, Any], alpha: float, gamma: float) -> np.ndarray:
-    """`soft_returns` of a stochastic `_episode`, cut to the steps whose return is known: all of a terminated
-    episode, and all but the last log(0.01)/log(γ) steps of one the time limit cut (its future is unknown)."""
-    g = soft_returns(episode["rewards"], episode["entropies"], alpha, gamma)
-    if episode["terminated"]:
-        return g
-    return g[: max(len(g) - int(np.ceil(np.log(0.01) / np.log(gamma))), 0)]
 
 
 def _run_name(run_dir: Path) -> str:
@@ -416,89 +387,14 @@ def _merge_runs(out: Path, rows: list[dict[str, Any]]) -> None:
     out.write_text(json.dumps({"runs": sorted(merged.values(), key=lambda r: r["run"])}, indent=1))
 
 
-def _episode(agent, env, seed: int, deterministic: bool) -> dict[str, Any]:  # agent: maac_robot.agent.MAACAgent
-    """One episode: states [T+1, S], actions [T, A], rewards [T], −log π of the taken actions [T], terminated."""
-    import torch
-
-    torch.manual_seed(seed)  # the stochastic policy's noise: a rerun measures the same episodes
-    state, _ = env.reset(seed=seed)
-    states, actions, rewards, entropies, terminated, truncated = [state], [], [], [], False, False
-    while not (terminated or truncated):
-        with torch.no_grad():
-            s = torch.as_tensor(state, dtype=torch.float32)
-            if deterministic:
-                action, entropy = agent.actor.deterministic(s), float("nan")
-            else:
-                action, log_prob = agent.actor.sample(s)
-                entropy = -float(log_prob)
-        actions.append(action.numpy())
-        entropies.append(entropy)
-        state, reward, terminated, truncated, _ = env.step(actions[-1])
-        states.append(state)
-        rewards.append(float(reward))
-    return {"states": torch.as_tensor(np.array(states), dtype=torch.float32),
-            "actions": torch.as_tensor(np.array(actions), dtype=torch.float32),
-            "rewards": np.array(rewards), "entropies": np.array(entropies), "terminated": terminated}
-
-
-def diagnose_run(run_dir: Path, episodes: int, task: str) -> dict[str, Any]:
-    """How a run's latest policy fails, and whether its critic and its ensemble saw it coming.
-
-    Per evaluation reset seed:
-    - a deterministic episode (what the evaluation scores): its length, return and last state, and for
-      a terminated one the share of elites whose open-loop mean prediction from s_{T-k} under the real
-      actions is a terminal state (k = 1, 5, 20): did the model foresee the end?
-    - a stochastic episode from the same reset: the min-twin Q(s_t, a_t) against the realised soft
-      return G_t, an unbiased sample of the soft Q^π the critic is trained to estimate. A large positive
-      bias is a critic that expects a longer or better future than the policy gets.
-    Steps within log(0.01)/log(γ) of a time-limit cut are left out of the bias (the return after the cut
-    is unknown there); terminated episodes use every step.
-    """
-    import torch
-
-    from maac_robot.envs import make_env
+def diagnose_run(run_dir: Path, episodes: int) -> dict[str, Any]:
+    """`maac_robot.diagnostics.diagnose` of a run's latest checkpoint on its evaluation reset seeds."""
+    from maac_robot.diagnostics import diagnose
     from maac_robot.trainer import eval_seeds, load_run
 
     run = load_run(run_dir)
-    agent, gamma = run.agent, run.config.agent.gamma
-    env = make_env(run.config.env.id, max_episode_steps=run.config.env.max_episode_steps)
-    names = STATE_NAMES.get(task, [])
-    out = []
-    try:
-        for seed in eval_seeds(run.config.train.seed, episodes):
-            det = _episode(agent, env, seed, deterministic=True)
-            sto = _episode(agent, env, seed, deterministic=False)
-            with torch.no_grad():
-                q = torch.min(*agent.critic(sto["states"][:-1], sto["actions"])).numpy()
-                foresight = {k: _elites_predicting_end(run, det["states"], det["actions"], k) for k in (1, 5, 20)
-                             if det["terminated"] and k <= len(det["actions"])}
-            g = measured_soft_returns(sto, agent.alpha, gamma)
-            n = len(g)
-            bias = q[:n] - g
-            out.append({
-                "seed": seed, "length": len(det["rewards"]), "return": round(float(det["rewards"].sum()), 1),
-                "terminated": det["terminated"],
-                "final_state": {k: round(float(v), 3) for k, v in zip(names, det["states"][-1])},
-                "elites_predicting_end": foresight,
-                "stochastic_length": len(sto["rewards"]), "stochastic_return": round(float(sto["rewards"].sum()), 1),
-                "q_start": round(float(q[0]), 1),
-                "soft_return_start": round(float(g[0]), 1) if n else None,
-                "q_bias_mean": round(float(bias.mean()), 1) if n else None,
-                "q_bias_max": round(float(bias.max()), 1) if n else None,
-            })
-    finally:
-        env.close()
-    return {"run": _run_name(run_dir), "env_step": run.env_step, "alpha": round(agent.alpha, 4), "episodes": out}
-
-
-def _elites_predicting_end(run, states, actions, k: int) -> float:  # run: maac_robot.trainer.LoadedRun
-    """Share of elites that, from the k-th state before the end and the real actions, predict a terminal state."""
-    model, elites, end = run.model, run.model.elites, len(actions)
-    state = states[end - k].expand(elites.numel(), 1, -1)
-    for t in range(end - k, end):
-        state = model.predict_members(state, actions[t].expand(elites.numel(), 1, -1), elites)[0]
-    done = run.task.termination_fn(states[end - 1].expand_as(state), actions[end - 1].expand(*state.shape[:-1], -1), state)
-    return round(float(done.float().mean()), 2)
+    return {"run": _run_name(run_dir), "env_step": run.env_step, "alpha": round(run.agent.alpha, 4),
+            "episodes": diagnose(run, eval_seeds(run.config.train.seed, episodes))}
 
 
 CRITIC_PROBE_JSON = ROOT / "benchmarks" / "critic_probe.json"
@@ -527,6 +423,7 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
 
     from maac_robot.buffer import Batch
     from maac_robot.config import load_config
+    from maac_robot.diagnostics import measured_soft_returns, rollout_episode
     from maac_robot.envs import make_env
     from maac_robot.trainer import Trainer, eval_seeds, load_checkpoint
 
@@ -543,7 +440,7 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
         saved = load_checkpoint(work / "checkpoints" / "latest.pt", cfg.env.id)["agent"]
     env = make_env(cfg.env.id, max_episode_steps=cfg.env.max_episode_steps)
     try:
-        eps = [_episode(agent, env, seed, deterministic=False) for seed in eval_seeds(cfg.train.seed, episodes)]
+        eps = [rollout_episode(agent, env, seed, deterministic=False) for seed in eval_seeds(cfg.train.seed, episodes)]
     finally:
         env.close()
     states, actions, returns = [], [], []
@@ -578,7 +475,7 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
 
 def diagnose(task: str, episodes: int, out: Path) -> list[dict[str, Any]]:
     """`diagnose_run` for every MAAC run of `task` with a checkpoint; results merged into `out` by run."""
-    rows = [{**diagnose_run(p.parent.parent, episodes, task), **_provenance()}
+    rows = [{**diagnose_run(p.parent.parent, episodes), **_provenance()}
             for p in sorted((RUNS / task).glob("maac*/checkpoints/latest.pt"))]
     _merge_runs(out, rows)
     return rows

@@ -24,6 +24,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate_from_cli(run_dir=args.run, episodes=args.episodes, seed=args.seed)
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from maac_robot.diagnostics import diagnose_from_cli
+
+    return diagnose_from_cli(run_dir=args.run, episodes=args.episodes, seed=args.seed)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from maac_robot.export import export_from_cli
 
@@ -82,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=10_000)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("diagnose", help="how a run's episodes end; its critic's bias and its ensemble's foresight")
+    p.add_argument("run", type=Path)
+    p.add_argument("--episodes", type=int, default=3)
+    p.add_argument("--seed", type=int, default=10_000)
+    p.set_defaults(func=_cmd_diagnose)
 
     p = sub.add_parser("export", help="export a run's policy, ensemble and Q to ONNX + manifest")
     p.add_argument("run", type=Path)

@@ -1,0 +1,163 @@
+"""Why a trained policy fails: how its episodes end, and whether its critic and ensemble saw it coming.
+
+A learning curve that falls, or stalls, has three usual suspects in MAAC: a model that does not predict
+what happens (the pathwise gradient then follows a fiction), a critic whose values are wrong (the
+terminal value γ^H·Q and the targets then mislead), or a policy that drifts somewhere both are right
+about but the objective barely sees. `diagnose` measures each on real episodes of a run's checkpoint:
+
+- critic bias: min-twin Q(s_t, a_t) against the realised *soft* return G_t on stochastic episodes, an
+  unbiased one-sample estimate of the soft Q^π the critic is trained to fit;
+- model foresight: for an episode that terminated, the share of elites whose open-loop mean prediction
+  from k steps before the end, under the real actions, ends in a terminal state;
+- the last state of each deterministic episode (what the evaluation scores), by its leading dims.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from maac_robot.agent import MAACAgent
+from maac_robot.envs import make_env
+from maac_robot.errors import UserError
+from maac_robot.trainer import LoadedRun, load_run
+
+# The leading state dims that show how an episode ended (state = qpos + qvel, root position first).
+LEADING_STATE_NAMES = {
+    "InvertedPendulum-v5": ("cart x", "pole angle"),
+    "Hopper-v5": ("x", "z", "torso angle"),
+    "Walker2d-v5": ("x", "z", "torso angle"),
+    "HalfCheetah-v5": ("x", "z", "torso angle"),
+    "Ant-v5": ("x", "y", "z"),
+}
+FORESIGHT_STEPS = (1, 5, 20)
+
+
+def soft_returns(rewards: np.ndarray, entropies: np.ndarray, alpha: float, gamma: float) -> np.ndarray:
+    """Realised soft returns G_t = r_t + γ(α·H_{t+1} + G_{t+1}), G past the last step 0.
+
+    The critic learns the soft Q of the stochastic policy (its targets add −α·log π at every next state),
+    so it is compared with that policy's realised return plus the same entropy terms: with `entropies[t]`
+    = −log π(a_t|s_t) of the action actually taken, G_t is a one-sample unbiased estimate of Q^π(s_t, a_t)
+    (entropies[0], at the start, is unused).
+    """
+    out = np.zeros(len(rewards))
+    acc = 0.0
+    for t in reversed(range(len(rewards))):
+        bonus = alpha * entropies[t + 1] if t + 1 < len(rewards) else 0.0
+        acc = rewards[t] + gamma * (bonus + acc)
+        out[t] = acc
+    return out
+
+
+def measured_soft_returns(episode: dict[str, Any], alpha: float, gamma: float) -> np.ndarray:
+    """`soft_returns` of a stochastic `rollout_episode`, cut to the steps whose return is known: all of a
+    terminated episode; all but the last log(0.01)/log(γ) steps of one the time limit cut (its future is unknown)."""
+    g = soft_returns(episode["rewards"], episode["entropies"], alpha, gamma)
+    if episode["terminated"]:
+        return g
+    return g[: max(len(g) - int(np.ceil(np.log(0.01) / np.log(gamma))), 0)]
+
+
+def rollout_episode(agent: MAACAgent, env: Any, seed: int, deterministic: bool) -> dict[str, Any]:
+    """One real episode from reset `seed`: states [T+1, S], actions [T, A], rewards [T], −log π of the taken
+    actions [T] (NaN when deterministic) and whether it terminated. The policy noise is seeded by `seed`
+    too, so a rerun measures the same episode."""
+    torch.manual_seed(seed)
+    state, _ = env.reset(seed=seed)
+    states, actions, rewards, entropies, terminated, truncated = [state], [], [], [], False, False
+    while not (terminated or truncated):
+        with torch.no_grad():
+            s = torch.as_tensor(state, dtype=torch.float32)
+            if deterministic:
+                action, entropy = agent.actor.deterministic(s), float("nan")
+            else:
+                action, log_prob = agent.actor.sample(s)
+                entropy = -float(log_prob)
+        actions.append(action.numpy())
+        entropies.append(entropy)
+        state, reward, terminated, truncated, _ = env.step(actions[-1])
+        states.append(state)
+        rewards.append(float(reward))
+    return {"states": torch.as_tensor(np.array(states), dtype=torch.float32),
+            "actions": torch.as_tensor(np.array(actions), dtype=torch.float32),
+            "rewards": np.array(rewards), "entropies": np.array(entropies), "terminated": terminated}
+
+
+@torch.no_grad()
+def elites_predicting_end(run: LoadedRun, states: Tensor, actions: Tensor, k: int) -> float:
+    """Share of elites that, from the k-th state before the end and the real actions, predict a terminal state."""
+    model, elites, end = run.model, run.model.elites, len(actions)
+    state = states[end - k].expand(elites.numel(), 1, -1)
+    for t in range(end - k, end):
+        state = model.predict_members(state, actions[t].expand(elites.numel(), 1, -1), elites)[0]
+    last_action = actions[end - 1].expand(*state.shape[:-1], -1)
+    return round(float(run.task.termination_fn(states[end - 1].expand_as(state), last_action, state).float().mean()), 2)
+
+
+def diagnose(run: LoadedRun, seeds: list[int]) -> list[dict[str, Any]]:
+    """Per reset seed, a deterministic episode (how the evaluation ends, and the ensemble's foresight of a
+    termination) and a stochastic one from the same reset (the critic's bias against its realised soft return)."""
+    agent, gamma = run.agent, run.config.agent.gamma
+    names = LEADING_STATE_NAMES.get(run.config.env.id, ())
+    env = make_env(run.config.env.id, max_episode_steps=run.config.env.max_episode_steps)
+    out = []
+    try:
+        for seed in seeds:
+            det = rollout_episode(agent, env, seed, deterministic=True)
+            sto = rollout_episode(agent, env, seed, deterministic=False)
+            foresight = {k: elites_predicting_end(run, det["states"], det["actions"], k) for k in FORESIGHT_STEPS
+                         if det["terminated"] and k <= len(det["actions"])}
+            with torch.no_grad():
+                q = torch.min(*agent.critic(sto["states"][:-1], sto["actions"])).numpy()
+            g = measured_soft_returns(sto, agent.alpha, gamma)
+            bias = q[: len(g)] - g
+            out.append({
+                "seed": seed, "length": len(det["rewards"]), "return": round(float(det["rewards"].sum()), 1),
+                "terminated": det["terminated"],
+                "final_state": {k: round(float(v), 3) for k, v in zip(names, det["states"][-1])},
+                "elites_predicting_end": foresight,
+                "stochastic_length": len(sto["rewards"]), "stochastic_return": round(float(sto["rewards"].sum()), 1),
+                "q_start": round(float(q[0]), 1),
+                "soft_return_start": round(float(g[0]), 1) if len(g) else None,
+                "q_bias_mean": round(float(bias.mean()), 1) if len(g) else None,
+                "q_bias_max": round(float(bias.max()), 1) if len(g) else None,
+            })
+    finally:
+        env.close()
+    return out
+
+
+def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> int:
+    """`maac-robot diagnose`: one line per episode, then the critic's mean bias and the ensemble's mean foresight."""
+    if episodes <= 0:
+        raise UserError(f"--episodes must be positive, got {episodes}")
+    run = load_run(run_dir)
+    rows = diagnose(run, [seed + i for i in range(episodes)])
+    print(f"{run.config.env.id} after {run.env_step} env steps, α {run.agent.alpha:.3g}, γ {run.config.agent.gamma}")
+    for r in rows:
+        end = "terminated" if r["terminated"] else "time limit"
+        last = ", ".join(f"{k} {v}" for k, v in r["final_state"].items())
+        foresight = " ".join(f"k={k}: {v:.0%}" for k, v in r["elites_predicting_end"].items())
+        bias = "n/a (cut by the time limit)" if r["q_bias_mean"] is None else f"{r['q_bias_mean']:+.1f}"
+        print(f"seed {r['seed']}: deterministic return {r['return']:.1f} in {r['length']} steps ({end}"
+              f"{'; last state ' + last if last else ''}){'; elites predicting the end ' + foresight if foresight else ''}"
+              f" | stochastic return {r['stochastic_return']:.1f}: Q(s0) {r['q_start']:.1f} vs realised soft return "
+              f"{r['soft_return_start'] if r['soft_return_start'] is not None else 'n/a'}, mean bias {bias}")
+    biases = [r["q_bias_mean"] for r in rows if r["q_bias_mean"] is not None]
+    if biases:
+        sign = "expects more than the policy gets" if np.mean(biases) > 0 else "expects less than the policy gets"
+        print(f"critic bias over the episodes: {np.mean(biases):+.1f} (the critic {sign})")
+    ends = [r["elites_predicting_end"] for r in rows if r["elites_predicting_end"]]
+    if ends:
+        print(f"ensemble foresight over {len(ends)} terminated episode(s): " + ", ".join(
+            f"k={k}: {np.mean([e[k] for e in ends if k in e]):.0%}" for k in FORESIGHT_STEPS if any(k in e for e in ends)))
+    return 0
+
+
+__all__ = ["diagnose", "diagnose_from_cli", "elites_predicting_end", "measured_soft_returns", "rollout_episode",
+           "soft_returns"]

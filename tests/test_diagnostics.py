@@ -1,0 +1,64 @@
+"""maac_robot.diagnostics: the realised soft return it compares the critic with, and `maac-robot diagnose`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from maac_robot import cli
+from maac_robot.config import config_from_dict
+from maac_robot.diagnostics import diagnose, measured_soft_returns, soft_returns
+from maac_robot.trainer import load_run, train
+
+from test_trainer import _tiny
+
+
+def test_soft_returns_add_the_entropy_of_every_next_state() -> None:
+    rewards, entropies, alpha, gamma = np.array([1.0, 2.0, 3.0]), np.array([9.0, 0.5, -1.0]), 0.2, 0.9
+    g2 = 3.0
+    g1 = 2.0 + gamma * (alpha * -1.0 + g2)
+    g0 = 1.0 + gamma * (alpha * 0.5 + g1)
+    np.testing.assert_allclose(soft_returns(rewards, entropies, alpha, gamma), [g0, g1, g2])
+    # α = 0: the plain discounted return; the start state's entropy never counts
+    np.testing.assert_allclose(soft_returns(rewards, entropies, 0.0, gamma), [1 + 0.9 * 2 + 0.81 * 3, 2 + 0.9 * 3, 3])
+
+
+def test_measured_soft_returns_drop_the_unknown_tail_of_a_cut_episode() -> None:
+    episode = {"rewards": np.ones(500), "entropies": np.zeros(500), "terminated": False}
+    assert len(measured_soft_returns(episode, 0.1, 0.99)) == 500 - 459  # γ^459 < 0.01 <= γ^458
+    assert len(measured_soft_returns({**episode, "terminated": True}, 0.1, 0.99)) == 500
+    assert len(measured_soft_returns({**episode, "rewards": np.ones(100), "entropies": np.zeros(100)}, 0.1, 0.99)) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("diag") / "run"
+    train(config_from_dict(_tiny(train={"total_steps": 200})), run_dir, progress=False)
+    return run_dir
+
+
+def test_diagnose_reports_each_episode(tiny_run: Path) -> None:
+    rows = diagnose(load_run(tiny_run), [5, 6])
+    assert [r["seed"] for r in rows] == [5, 6]
+    assert any(r["terminated"] for r in rows)  # a 200-step policy drops the pole within the 60-step limit
+    for r in rows:
+        assert r["length"] >= 1 and math.isfinite(r["q_start"]) and set(r["final_state"]) == {"cart x", "pole angle"}
+        if r["terminated"]:  # did the ensemble foresee the end of the deterministic episode?
+            assert 1 in r["elites_predicting_end"]
+            assert all(0.0 <= v <= 1.0 for v in r["elites_predicting_end"].values())
+        # the stochastic episode's bias uses every step unless the time limit cut it (its tail is then unknown)
+        cut = r["stochastic_length"] == 60
+        assert (r["q_bias_mean"] is None) == cut and (cut or math.isfinite(r["q_bias_mean"]))
+    assert diagnose(load_run(tiny_run), [5, 6]) == rows  # seeded: a rerun measures the same episodes
+
+
+def test_diagnose_cli(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["diagnose", str(tiny_run), "--episodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("InvertedPendulum-v5 after 200 env steps") and out.count("\nseed ") == 2
+    assert "Q(s0)" in out and "mean bias" in out and "ensemble foresight over" in out
+    assert cli.main(["diagnose", str(tiny_run), "--episodes", "0"]) == 2
+    assert "--episodes must be positive" in capsys.readouterr().err
+    assert cli.main(["diagnose", str(tiny_run / "missing")]) == 2
