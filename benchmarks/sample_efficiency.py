@@ -100,12 +100,20 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return variant
 
 
-def _write_meta(run_dir: Path, algo: str, task: str, seed: int, steps: int, threads: int) -> None:
+def _write_meta(run_dir: Path, algo: str, task: str, seed: int, steps: int, threads: int, resumed: bool = False
+                ) -> None:
+    """Record how a run was started; a resumed MAAC run keeps that record and appends each resume to it,
+    so the commit and thread count every stretch of its curve ran under stay known."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "meta.json"
     meta = {"algo": algo, "task": task, "env_id": TASKS[task], "seed": seed, "planned_steps": steps,
             "threads": threads, "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_machine()}
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    if resumed and path.is_file():
+        first = json.loads(path.read_text())
+        resume = {k: meta[k] for k in ("started", "commit", "threads", "command", "planned_steps")}
+        meta = {**first, "planned_steps": steps, "resumes": [*first.get("resumes", []), resume]}
+    path.write_text(json.dumps(meta, indent=1))
 
 
 # ---- MAAC ---------------------------------------------------------------------------------------
@@ -115,8 +123,10 @@ def run_maac(task: str, seed: int, steps: int, run_dir: Path, threads: int | Non
     from maac_robot.trainer import train
 
     cfg = _config(task, seed, steps, threads, variant)
-    _write_meta(run_dir, _label("maac", variant), task, seed, steps, cfg.train.num_threads or os.cpu_count() or 1)
-    train(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest.pt").is_file(), progress=False)
+    resume = (run_dir / "checkpoints" / "latest.pt").is_file()
+    _write_meta(run_dir, _label("maac", variant), task, seed, steps, cfg.train.num_threads or os.cpu_count() or 1,
+                resumed=resume)
+    train(cfg, run_dir, resume=resume, progress=False)
 
 
 # ---- SAC (Stable-Baselines3) ----------------------------------------------------------------------
@@ -362,7 +372,6 @@ def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
                                "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
                                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_machine()}, indent=1))
     return rows
-
 
 
 # ---- diagnose and critic-probe: why the curves fall (maac_robot.diagnostics) --------------------------
