@@ -15,16 +15,18 @@ about but the objective barely sees. `diagnose` measures each on real episodes o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from maac_robot.agent import MAACAgent
 from maac_robot.envs import make_env
 from maac_robot.errors import UserError
-from maac_robot.trainer import LoadedRun, load_run
+
+if TYPE_CHECKING:  # the trainer logs `critic_bias` at every evaluation, so it imports this module
+    from maac_robot.agent import MAACAgent
+    from maac_robot.trainer import LoadedRun
 
 # The leading state dims that show how an episode ended (state = qpos + qvel, root position first).
 LEADING_STATE_NAMES = {
@@ -66,8 +68,13 @@ def measured_soft_returns(episode: dict[str, Any], alpha: float, gamma: float) -
 def rollout_episode(agent: MAACAgent, env: Any, seed: int, deterministic: bool) -> dict[str, Any]:
     """One real episode from reset `seed`: states [T+1, S], actions [T, A], rewards [T], −log π of the taken
     actions [T] (NaN when deterministic) and whether it terminated. The policy noise is seeded by `seed`
-    too, so a rerun measures the same episode."""
-    torch.manual_seed(seed)
+    too, so a rerun measures the same episode; the caller's torch RNG stream is left where it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _rollout(agent, env, seed, deterministic)
+
+
+def _rollout(agent: MAACAgent, env: Any, seed: int, deterministic: bool) -> dict[str, Any]:
     state, _ = env.reset(seed=seed)
     states, actions, rewards, entropies, terminated, truncated = [state], [], [], [], False, False
     while not (terminated or truncated):
@@ -86,6 +93,27 @@ def rollout_episode(agent: MAACAgent, env: Any, seed: int, deterministic: bool) 
     return {"states": torch.as_tensor(np.array(states), dtype=torch.float32),
             "actions": torch.as_tensor(np.array(actions), dtype=torch.float32),
             "rewards": np.array(rewards), "entropies": np.array(entropies), "terminated": terminated}
+
+
+def critic_bias(agent: MAACAgent, episode: dict[str, Any], gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(min-twin Q(s_t, a_t), realised soft return G_t) on the steps of a stochastic episode whose return is known."""
+    g = measured_soft_returns(episode, agent.alpha, gamma)
+    with torch.no_grad():
+        q = torch.min(*agent.critic(episode["states"][: len(g)], episode["actions"][: len(g)])).numpy()
+    return q, g
+
+
+def mean_critic_bias(agent: MAACAgent, env_id: str, seeds: list[int], gamma: float,
+                     max_episode_steps: int | None = None) -> float | None:
+    """Mean of Q − G over the known-return steps of one stochastic episode per seed (None if there are none):
+    the trainer logs it at each evaluation, so an overestimating critic shows on the curve as it grows."""
+    env = make_env(env_id, max_episode_steps=max_episode_steps)
+    try:
+        pairs = [critic_bias(agent, rollout_episode(agent, env, seed, deterministic=False), gamma) for seed in seeds]
+    finally:
+        env.close()
+    diffs = np.concatenate([q - g for q, g in pairs])
+    return float(diffs.mean()) if len(diffs) else None
 
 
 @torch.no_grad()
@@ -113,16 +141,16 @@ def diagnose(run: LoadedRun, seeds: list[int]) -> list[dict[str, Any]]:
             foresight = {k: elites_predicting_end(run, det["states"], det["actions"], k) for k in FORESIGHT_STEPS
                          if det["terminated"] and k <= len(det["actions"])}
             with torch.no_grad():
-                q = torch.min(*agent.critic(sto["states"][:-1], sto["actions"])).numpy()
-            g = measured_soft_returns(sto, agent.alpha, gamma)
-            bias = q[: len(g)] - g
+                q_start = float(torch.min(*agent.critic(sto["states"][:1], sto["actions"][:1])))
+            q, g = critic_bias(agent, sto, gamma)
+            bias = q - g
             out.append({
                 "seed": seed, "length": len(det["rewards"]), "return": round(float(det["rewards"].sum()), 1),
                 "terminated": det["terminated"],
                 "final_state": {k: round(float(v), 3) for k, v in zip(names, det["states"][-1])},
                 "elites_predicting_end": foresight,
                 "stochastic_length": len(sto["rewards"]), "stochastic_return": round(float(sto["rewards"].sum()), 1),
-                "q_start": round(float(q[0]), 1),
+                "q_start": round(q_start, 1),
                 "soft_return_start": round(float(g[0]), 1) if len(g) else None,
                 "q_bias_mean": round(float(bias.mean()), 1) if len(g) else None,
                 "q_bias_max": round(float(bias.max()), 1) if len(g) else None,
@@ -134,6 +162,8 @@ def diagnose(run: LoadedRun, seeds: list[int]) -> list[dict[str, Any]]:
 
 def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> int:
     """`maac-robot diagnose`: one line per episode, then the critic's mean bias and the ensemble's mean foresight."""
+    from maac_robot.trainer import load_run
+
     if episodes <= 0:
         raise UserError(f"--episodes must be positive, got {episodes}")
     run = load_run(run_dir)
@@ -159,5 +189,5 @@ def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> i
     return 0
 
 
-__all__ = ["diagnose", "diagnose_from_cli", "elites_predicting_end", "measured_soft_returns", "rollout_episode",
+__all__ = ["critic_bias", "diagnose", "diagnose_from_cli", "mean_critic_bias", "elites_predicting_end", "measured_soft_returns", "rollout_episode",
            "soft_returns"]

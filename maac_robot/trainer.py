@@ -42,6 +42,7 @@ from tqdm import tqdm
 from maac_robot.agent import MAACAgent
 from maac_robot.buffer import Batch, ReplayBuffer
 from maac_robot.config import Config, load_config, save_config
+from maac_robot.diagnostics import mean_critic_bias
 from maac_robot.ensemble import GaussianEnsemble
 from maac_robot.envs import make_env
 from maac_robot.errors import UserError
@@ -283,12 +284,16 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         returns = evaluate_policy(self.agent, self.cfg.env.id, self.eval_seeds, self.cfg.env.max_episode_steps)
+        # Q − realised soft return on stochastic episodes: an overestimating critic shows here before the curve falls.
+        bias = (mean_critic_bias(self.agent, self.cfg.env.id, self.eval_seeds, self.cfg.agent.gamma,
+                                 self.cfg.env.max_episode_steps) if self.env_step > self.learning_starts else None)
         losses = {k: v / self.update_count for k, v in self.update_sums.items()} if self.update_count else {}
         record = {
             "env_step": self.env_step,
             "eval_return_mean": float(returns.mean()),
             "eval_return_std": float(returns.std()),
             "eval_returns": [float(x) for x in returns],
+            "critic_bias": None if bias is None else round(bias, 3),
             "train_return_mean": (float(np.mean(self.episode_returns_since_eval))
                                   if self.episode_returns_since_eval else None),
             "losses": losses,

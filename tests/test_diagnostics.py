@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from maac_robot import cli
 from maac_robot.config import config_from_dict
-from maac_robot.diagnostics import diagnose, measured_soft_returns, soft_returns
+from maac_robot.diagnostics import diagnose, mean_critic_bias, measured_soft_returns, soft_returns
 from maac_robot.trainer import load_run, train
 
 from test_trainer import _tiny
@@ -62,3 +63,15 @@ def test_diagnose_cli(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert cli.main(["diagnose", str(tiny_run), "--episodes", "0"]) == 2
     assert "--episodes must be positive" in capsys.readouterr().err
     assert cli.main(["diagnose", str(tiny_run / "missing")]) == 2
+
+
+def test_mean_critic_bias_leaves_the_training_rng_alone(tiny_run: Path) -> None:
+    run = load_run(tiny_run)
+    state = torch.get_rng_state()
+    bias = mean_critic_bias(run.agent, run.config.env.id, [5, 6], run.config.agent.gamma, 60)
+    assert torch.equal(torch.get_rng_state(), state)  # the trainer calls it between G2 steps
+    assert bias is not None and math.isfinite(bias)
+    rows = diagnose(run, [5, 6])  # the same episodes, steps weighted by episode instead of pooled
+    lengths = [r["stochastic_length"] for r in rows]
+    pooled = sum(r["q_bias_mean"] * n for r, n in zip(rows, lengths)) / sum(lengths)
+    assert bias == pytest.approx(pooled, abs=0.1)  # per-episode means are rounded to 0.1

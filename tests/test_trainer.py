@@ -90,6 +90,8 @@ def test_tiny_training_writes_run_files_and_evaluates(tmp_path: Path, capsys: py
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["env_step"] for r in rows] == [100, 200]
     assert all(math.isfinite(x) for r in rows for x in r["eval_returns"])
+    # the critic's bias is logged once it has trained (this policy drops the pole well inside the 60-step limit)
+    assert rows[0]["critic_bias"] is None and math.isfinite(rows[-1]["critic_bias"])
     trained = rows[-1]
     assert trained["losses"]["q_loss"] > 0 and math.isfinite(trained["losses"]["policy_loss"])
     assert trained["model"], "the ensemble was never fitted"
