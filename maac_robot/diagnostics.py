@@ -79,13 +79,13 @@ def _rollout(agent: MAACAgent, env: Any, seed: int, deterministic: bool) -> dict
     states, actions, rewards, entropies, terminated, truncated = [state], [], [], [], False, False
     while not (terminated or truncated):
         with torch.no_grad():
-            s = torch.as_tensor(state, dtype=torch.float32)
+            s = torch.as_tensor(state, dtype=torch.float32, device=agent.device)
             if deterministic:
                 action, entropy = agent.actor.deterministic(s), float("nan")
             else:
                 action, log_prob = agent.actor.sample(s)
                 entropy = -float(log_prob)
-        actions.append(action.numpy())
+        actions.append(action.cpu().numpy())
         entropies.append(entropy)
         state, reward, terminated, truncated, _ = env.step(actions[-1])
         states.append(state)
@@ -98,8 +98,9 @@ def _rollout(agent: MAACAgent, env: Any, seed: int, deterministic: bool) -> dict
 def critic_bias(agent: MAACAgent, episode: dict[str, Any], gamma: float) -> tuple[np.ndarray, np.ndarray]:
     """(min-twin Q(s_t, a_t), realised soft return G_t) on the steps of a stochastic episode whose return is known."""
     g = measured_soft_returns(episode, agent.alpha, gamma)
+    states, actions = (episode[k][: len(g)].to(agent.device) for k in ("states", "actions"))
     with torch.no_grad():
-        q = torch.min(*agent.critic(episode["states"][: len(g)], episode["actions"][: len(g)])).numpy()
+        q = torch.min(*agent.critic(states, actions)).cpu().numpy()
     return q, g
 
 
@@ -141,7 +142,7 @@ def diagnose(run: LoadedRun, seeds: list[int]) -> list[dict[str, Any]]:
             foresight = {k: elites_predicting_end(run, det["states"], det["actions"], k) for k in FORESIGHT_STEPS
                          if det["terminated"] and k <= len(det["actions"])}
             with torch.no_grad():
-                q_start = float(torch.min(*agent.critic(sto["states"][:1], sto["actions"][:1])))
+                q_start = float(torch.min(*agent.critic(*(sto[k][:1].to(agent.device) for k in ("states", "actions")))))
             q, g = critic_bias(agent, sto, gamma)
             bias = q - g
             out.append({
