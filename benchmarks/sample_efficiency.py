@@ -652,6 +652,13 @@ def report(note: str | None = None) -> str:
             ratio = f"{maac_hit / sac_hit:.2f}" if maac_hit and sac_hit else f"n/a ({_display(algo)} has not reached it)"
             lines.append(f"- SAC's final return {sac_final:.1f} (at {sac_steps[-1]} steps, first reached at {sac_hit}): "
                          f"{_display(algo)} first reached it at {maac_hit}; env-step ratio {ratio} (goal ≤ 0.25)")
+        for algo in algos_sorted:
+            for r in algos[algo]:
+                logged = [(x["env_step"], x["critic_bias"]) for x in r["rows"] if x.get("critic_bias") is not None]
+                if logged:
+                    lines.append(f"- critic bias (min-twin Q − realised soft return, logged at each evaluation), "
+                                 f"{_display(algo)} seed {r['meta']['seed']}: "
+                                 + ", ".join(f"{step}: {b:+.1f}" for step, b in logged))
         lines.append("")
     text = "\n".join(lines)
     _replace_section(text)
