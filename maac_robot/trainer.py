@@ -284,7 +284,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         returns = evaluate_policy(self.agent, self.cfg.env.id, self.eval_seeds, self.cfg.env.max_episode_steps)
-        # Q − realised soft return on stochastic episodes: how far the critic over- or underestimates, run over run.
+        # Q − realised soft return on stochastic episodes: how far the critic over- or underestimates at each evaluation.
         bias = (mean_critic_bias(self.agent, self.cfg.env.id, self.eval_seeds, self.cfg.agent.gamma,
                                  self.cfg.env.max_episode_steps) if self.env_step > self.learning_starts else None)
         losses = {k: v / self.update_count for k, v in self.update_sums.items()} if self.update_count else {}
