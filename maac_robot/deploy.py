@@ -75,7 +75,7 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM (docker stop, systemd) stops the children exactly like Ctrl-C does."""
+    """SIGTERM and SIGINT stop the children exactly like Ctrl-C in a terminal does."""
     raise KeyboardInterrupt
 
 
@@ -86,7 +86,9 @@ def supervise(commands: dict[str, list[str]], wait_for: str) -> int:
     """
     procs: dict[str, subprocess.Popen] = {}
     pumps = []
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM (docker stop, systemd) and SIGINT stop the children alike. SIGINT is set explicitly: a process
+    # started with `&` from a script inherits it ignored, and `kill -INT` would then leave everything running.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for name, cmd in commands.items():
             procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -110,7 +112,8 @@ def supervise(commands: dict[str, list[str]], wait_for: str) -> int:
         _stop(procs)
         for pump in pumps:
             pump.join(timeout=1.0)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _cli() -> list[str]:

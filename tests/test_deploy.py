@@ -66,15 +66,21 @@ def test_other_process_dying_stops_the_waited_one(tmp_path, capsys):
     assert "sim exited with code 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_no_orphans_when_supervisor_is_signalled(how):
+@pytest.mark.parametrize("how, sigint_ignored_by_parent", [
+    (signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGKILL, False),
+    (signal.SIGINT, True),  # started with `&` from a script: SIGINT arrives inherited as ignored
+])
+def test_no_orphans_when_supervisor_is_signalled(how, sigint_ignored_by_parent):
     script = textwrap.dedent(f"""
         import sys
         from maac_robot.deploy import supervise
         sleeper = {SLEEPER!r}
         sys.exit(supervise({{"sim": sleeper, "controller": sleeper}}, wait_for="controller"))
     """)
-    sup = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    # Set the inherited disposition both ways: pytest itself may run under an ignored SIGINT.
+    disposition = signal.SIG_IGN if sigint_ignored_by_parent else signal.SIG_DFL
+    sup = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     pids = []
     while len(pids) < 2:
         line = sup.stdout.readline()
