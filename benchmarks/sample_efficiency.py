@@ -432,7 +432,7 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
 
     from maac_robot.buffer import Batch
     from maac_robot.config import load_config
-    from maac_robot.diagnostics import measured_soft_returns, rollout_episode
+    from maac_robot.diagnostics import critic_bias, measured_soft_returns, rollout_episode
     from maac_robot.envs import make_env
     from maac_robot.trainer import Trainer, eval_seeds, load_checkpoint
 
@@ -452,16 +452,10 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
         eps = [rollout_episode(agent, env, seed, deterministic=False) for seed in eval_seeds(cfg.train.seed, episodes)]
     finally:
         env.close()
-    states, actions, returns = [], [], []
-    for ep in eps:
-        g = measured_soft_returns(ep, agent.alpha, gamma)
-        states.append(ep["states"][: len(g)]), actions.append(ep["actions"][: len(g)]), returns.append(g)
-    states, actions = torch.cat(states), torch.cat(actions)
-    returns = torch.as_tensor(np.concatenate(returns), dtype=torch.float32)
 
     def bias() -> float:
-        with torch.no_grad():
-            return round(float((torch.min(*agent.critic(states, actions)) - returns).mean()), 2)
+        diffs = np.concatenate([q - g for q, g in (critic_bias(agent, ep, gamma) for ep in eps)])
+        return round(float(diffs.mean()), 2)
 
     curves = {}
     for name, (steve, imagined) in PROBE_VARIANTS.items():
@@ -477,7 +471,8 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
                 curve.append((step, bias()))
         curves[name] = curve
     return {"run": _run_name(run_dir), "env_step": trainer.env_step, "alpha": round(agent.alpha, 4),
-            "steps_measured": int(len(returns)), "episodes": episodes,
+            "steps_measured": sum(len(measured_soft_returns(ep, agent.alpha, gamma)) for ep in eps),
+            "episodes": episodes,
             "stochastic_return": round(float(np.mean([ep["rewards"].sum() for ep in eps])), 1),
             "bias_by_updates": curves}
 
