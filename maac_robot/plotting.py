@@ -14,34 +14,41 @@ import numpy as np  # noqa: E402
 
 
 def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
-                         path: str | Path, title: str, target: float | None = None,
+                         path: str | Path, title: str, targets: Sequence[tuple[float, int]] = (),
                          members: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]] | None = None
                          ) -> None:
     """Plot `label -> (env_steps, mean_return, std_return)` with a ±std band; written atomically.
+
+    Each `(level, budget)` target is a dashed line at `level` that stops at `budget` env steps, so
+    the plot shows both what was asked and by when.
 
     `members` optionally adds, per label, thin lines in the same colour for the individual seeds
     (so seeds that stopped early stay visible without bending the mean). Atomic (tmp + rename)
     because the trainer refreshes the PNG at every evaluation and a viewer or a kill -9 must never
     see half a file.
     """
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     for label, (steps, mean, std) in curves.items():
         x, m, s = (np.asarray(v, dtype=float) for v in (steps, mean, std))
         (line,) = ax.plot(x, m, marker="o", markersize=3, label=label)
         ax.fill_between(x, m - s, m + s, alpha=0.2, color=line.get_color())
         for seed_steps, seed_values in (members or {}).get(label, ()):
             ax.plot(seed_steps, seed_values, linewidth=0.8, alpha=0.5, color=line.get_color())
-    if target is not None:
-        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+    for level, budget in targets:
+        ax.hlines(level, 0, budget, color="grey", linestyle="--", linewidth=1,
+                  label=f"target {level:g} by {budget / 1000:g}k steps")
     ax.set_xlabel("env steps")
     ax.set_ylabel("evaluation return (deterministic policy)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if curves or target is not None:
-        ax.legend(loc="best", fontsize="small")
+    if curves or targets:
+        # below the axes: a legend inside would hide curves or target lines, whichever way they run
+        labels = [*curves, *(str(level) for level, _ in targets)]
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if max(map(len, labels)) < 36 else 1,
+                  fontsize="small", frameon=False)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, bbox_inches="tight")  # grows the figure to hold the legend
     plt.close(fig)
     os.replace(tmp, path)

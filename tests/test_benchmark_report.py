@@ -1,0 +1,52 @@
+"""benchmarks/sample_efficiency.py report helpers: target verdicts, legend names, the learning-curve PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+from maac_robot.plotting import plot_learning_curves
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "sample_efficiency.py"
+_spec = importlib.util.spec_from_file_location("sample_efficiency", _PATH)
+sample_efficiency = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sample_efficiency)
+
+
+def _run(seed: int, returns: list[float], planned: int, every: int = 1000) -> dict[str, Any]:
+    return {"meta": {"seed": seed, "planned_steps": planned},
+            "rows": [{"env_step": every * (i + 1), "eval_return_mean": r} for i, r in enumerate(returns)]}
+
+
+@pytest.mark.parametrize(("runs", "budget", "expected"), [
+    # the mean of the two seeds first reaches 100 at 3000 (seed 1 alone already at 2000)
+    ([_run(0, [0, 50, 100], 3), _run(1, [0, 140, 100], 3)], 3000, "reached at 3000 env steps (meets it)"),
+    ([_run(0, [0, 50, 100], 3)], 2000, "reached at 3000 env steps (misses it)"),
+    ([_run(0, [0, 50, 60], 3)], 3000, "not reached by 3000 (misses it)"),
+    ([_run(0, [0, 50], 5000)], 3000, "not reached by 2000 (open: the runs continue to 5000)"),
+    ([_run(0, [0, 50], 2000)], 3000, "not reached by 2000 (not run to 3000)"),
+])
+def test_target_verdict_calls_a_miss_only_when_the_runs_got_to_the_budget(runs, budget, expected) -> None:
+    verdict = sample_efficiency._target_verdict(runs, 100.0, budget)
+    assert verdict.startswith(f"mean over seeds {expected}")
+
+
+def test_target_verdict_names_each_seeds_first_hit() -> None:
+    verdict = sample_efficiency._target_verdict([_run(0, [0, 50, 100], 3), _run(1, [0, 140, 100], 3)], 100.0, 3000)
+    assert verdict.endswith("per seed: seed 0: 3000, seed 1: 2000")
+
+
+def test_legend_name_abbreviates_overrides() -> None:
+    assert sample_efficiency._legend_name("sac") == "SAC"
+    assert sample_efficiency._legend_name("maac[num_samples=1,updates_per_step=2,precision=bfloat16,horizon=10]") \
+        == "MAAC [ns=1, ups=2, bf16, horizon=10]"
+
+
+def test_learning_curve_png_with_targets(tmp_path: Path) -> None:
+    path = tmp_path / "curve.png"
+    plot_learning_curves({"MAAC, 1 seed": ([1000, 2000], [10.0, 20.0], [0.0, 0.0])}, path, "t",
+                         targets=[(50.0, 2000), (100.0, 5000)], members={"MAAC, 1 seed": [([1000, 2000], [10, 20])]})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp.png"))  # written atomically: no temporary left behind
