@@ -68,8 +68,10 @@ def measured_soft_returns(episode: dict[str, Any], alpha: float, gamma: float) -
 def rollout_episode(agent: MAACAgent, env: Any, seed: int, deterministic: bool) -> dict[str, Any]:
     """One real episode from reset `seed`: states [T+1, S], actions [T, A], rewards [T], −log π of the taken
     actions [T] (NaN when deterministic) and whether it terminated. The policy noise is seeded by `seed`
-    too, so a rerun measures the same episode; the caller's torch RNG stream is left where it was."""
-    with torch.random.fork_rng(devices=[]):
+    too, so a rerun measures the same episode; the caller's torch RNG streams are left where they were, the
+    agent's CUDA one included (manual_seed reseeds every device: unrestored, each evaluation would restart
+    the trainer's GPU noise from the same seed)."""
+    with torch.random.fork_rng(devices=[agent.device] if agent.device.type == "cuda" else []):
         torch.manual_seed(seed)
         return _rollout(agent, env, seed, deterministic)
 
