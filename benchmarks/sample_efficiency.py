@@ -7,8 +7,12 @@
     python benchmarks/sample_efficiency.py profile --task half_cheetah --steps 50
     # FLOPs and CPU time of one G2 update, authors' settings vs cheaper variants
     python benchmarks/sample_efficiency.py update-cost --task half_cheetah
+    # why a curve falls: how episodes end, the ensemble's foresight, the critic's bias (latest checkpoints)
+    python benchmarks/sample_efficiency.py diagnose --task hopper        # or --run RUN_DIR [RUN_DIR ...]
+    # where that bias comes from: the critic alone, policy frozen, under each target and data choice
+    python benchmarks/sample_efficiency.py critic-probe --run RUN_DIR --updates 6000
     # aggregate whatever has run (finished or not) into benchmarks/RESULTS.md + a PNG per task
-    python benchmarks/sample_efficiency.py report
+    python benchmarks/sample_efficiency.py report --note STATUS.md
 
 Both algorithms get the same env-step budget, the same number of uniformly random initial
 steps (the MAAC config's `train.initial_random_steps`), the same torch thread count, the same
@@ -478,10 +482,12 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
             "bias_by_updates": curves}
 
 
-def diagnose(task: str, episodes: int, out: Path) -> list[dict[str, Any]]:
-    """`diagnose_run` for every MAAC run of `task` with a checkpoint; results merged into `out` by run."""
-    rows = [{**diagnose_run(p.parent.parent, episodes), **_provenance()}
-            for p in sorted((RUNS / task).glob("maac*/checkpoints/latest.pt"))]
+def diagnose(task: str | None, runs: list[Path], episodes: int, out: Path) -> list[dict[str, Any]]:
+    """`diagnose_run` for the given run directories, or every MAAC run of `task` with a checkpoint;
+    results merged into `out` by run (a rerun replaces that run's row, other rows stay)."""
+    if task is not None:
+        runs = [p.parent.parent for p in sorted((RUNS / task).glob("maac*/checkpoints/latest.pt"))]
+    rows = [{**diagnose_run(run_dir, episodes), **_provenance()} for run_dir in runs]
     _merge_runs(out, rows)
     return rows
 
@@ -773,7 +779,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=FLOPS_JSON)
     p = sub.add_parser("diagnose")
-    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", choices=sorted(TASKS), help="every MAAC run of this task")
+    which.add_argument("--run", type=Path, nargs="+", default=[], help="these run directories")
     p.add_argument("--episodes", type=int, default=3)
     p.add_argument("--out", type=Path, default=DIAGNOSE_JSON)
     p = sub.add_parser("critic-probe")
@@ -802,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         _merge_runs(args.out, [result])
         print(json.dumps(result))
     elif args.command == "diagnose":
-        for r in diagnose(args.task, args.episodes, args.out):
+        for r in diagnose(args.task, args.run, args.episodes, args.out):
             print(json.dumps(r))
     else:
         print(report(args.note.read_text() if args.note else None))
