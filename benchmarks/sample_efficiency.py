@@ -621,19 +621,23 @@ def report(note: str | None = None) -> str:
     if CRITIC_PROBE_JSON.is_file():
         lines += _probe_table(json.loads(CRITIC_PROBE_JSON.read_text()))
     for task, algos in sorted(found.items()):
-        curves, members, table = {}, {}, {}
+        curves, members, partial, table = {}, {}, {}, {}
         for algo, runs in sorted(algos.items()):
             steps, means, stds, counts = _curve(runs)
             common = [i for i, n in enumerate(counts) if n == len(runs)]  # the mean line: steps every seed reached
             short = _legend_name(algo)
             label = f"{short}, 1 seed" if len(runs) == 1 else f"{short}, mean ± std of {len(runs)} seeds"
+            if len(common) < len(steps):  # some seeds are further on: their mean continues dashed
+                label += " (dashed: fewer seeds)"
+                beyond = range(common[-1] if common else 0, len(steps))
+                partial[label] = ([steps[i] for i in beyond], [means[i] for i in beyond])
             curves[label] = tuple([seq[i] for i in common] for seq in (steps, means, stds))
             members[label] = [([x["env_step"] for x in r["rows"]], [x["eval_return_mean"] for x in r["rows"]])
                               for r in runs]
             table[algo] = {s: (m, sd, n) for s, m, sd, n in zip(steps, means, stds, counts)}
         png = ROOT / "benchmarks" / f"{task}_learning_curve.png"
         targets = TARGETS.get(task, [])
-        plot_learning_curves(curves, png, targets=targets, members=members,
+        plot_learning_curves(curves, png, targets=targets, members=members, partial=partial,
                              title=f"{TASKS[task]}: MAAC vs SAC\n(MAAC: configs/{task}.yaml [with overrides])")
         env_id = TASKS[task]
         lines += [f"### {env_id}", "", f"![{env_id}]({png.name})", ""]

@@ -15,15 +15,16 @@ import numpy as np  # noqa: E402
 
 def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
                          path: str | Path, title: str, targets: Sequence[tuple[float, int]] = (),
-                         members: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]] | None = None
-                         ) -> None:
+                         members: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]] | None = None,
+                         partial: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> None:
     """Plot `label -> (env_steps, mean_return, std_return)` with a ±std band; written atomically.
 
     Each `(level, budget)` target is a dashed line at `level` that stops at `budget` env steps, so
     the plot shows both what was asked and by when.
 
     `members` optionally adds, per label, thin lines in the same colour for the individual seeds
-    (so seeds that stopped early stay visible without bending the mean). Atomic (tmp + rename)
+    (so seeds that stopped early stay visible without bending the mean), and `partial` a dashed
+    continuation of a label's mean over the steps only some of its seeds reached. Atomic (tmp + rename)
     because the trainer refreshes the PNG at every evaluation and a viewer or a kill -9 must never
     see half a file.
     """
@@ -32,6 +33,8 @@ def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
         x, m, s = (np.asarray(v, dtype=float) for v in (steps, mean, std))
         (line,) = ax.plot(x, m, marker="o", markersize=3, label=label)
         ax.fill_between(x, m - s, m + s, alpha=0.2, color=line.get_color())
+        if label in (partial or {}):
+            ax.plot(*partial[label], linestyle="--", linewidth=1.2, color=line.get_color())  # type: ignore[index]
         for seed_steps, seed_values in (members or {}).get(label, ()):
             ax.plot(seed_steps, seed_values, linewidth=0.8, alpha=0.5, color=line.get_color())
     for level, budget in targets:

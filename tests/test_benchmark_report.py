@@ -47,6 +47,7 @@ def test_legend_name_abbreviates_overrides() -> None:
 def test_learning_curve_png_with_targets(tmp_path: Path) -> None:
     path = tmp_path / "curve.png"
     plot_learning_curves({"MAAC, 1 seed": ([1000, 2000], [10.0, 20.0], [0.0, 0.0])}, path, "t",
-                         targets=[(50.0, 2000), (100.0, 5000)], members={"MAAC, 1 seed": [([1000, 2000], [10, 20])]})
+                         targets=[(50.0, 2000), (100.0, 5000)], members={"MAAC, 1 seed": [([1000, 2000], [10, 20])]},
+                         partial={"MAAC, 1 seed": ([2000, 3000], [20.0, 30.0])})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp.png"))  # written atomically: no temporary left behind
