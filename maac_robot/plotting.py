@@ -37,17 +37,17 @@ def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
             ax.plot(*partial[label], linestyle="--", linewidth=1.2, color=line.get_color())  # type: ignore[index]
         for seed_steps, seed_values in (members or {}).get(label, ()):
             ax.plot(seed_steps, seed_values, linewidth=0.8, alpha=0.5, color=line.get_color())
-    for level, budget in targets:
-        ax.hlines(level, 0, budget, color="grey", linestyle="--", linewidth=1,
-                  label=f"target {level:g} by {budget / 1000:g}k steps")
+    target_labels = [f"target {level:g} by {budget / 1000:g}k steps" for level, budget in targets]
+    for (level, budget), label in zip(targets, target_labels):
+        ax.hlines(level, 0, budget, color="grey", linestyle="--", linewidth=1, label=label)
     ax.set_xlabel("env steps")
     ax.set_ylabel("evaluation return (deterministic policy)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if curves or targets:
         # below the axes: a legend inside would hide curves or target lines, whichever way they run
-        labels = [*curves, *(str(level) for level, _ in targets)]
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if max(map(len, labels)) < 36 else 1,
+        longest = max(map(len, [*curves, *target_labels]))
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if longest < 36 else 1,
                   fontsize="small", frameon=False)
     fig.tight_layout()
     path = Path(path)
