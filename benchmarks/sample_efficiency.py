@@ -412,6 +412,7 @@ def diagnose_run(run_dir: Path, episodes: int) -> dict[str, Any]:
 
 
 CRITIC_PROBE_JSON = ROOT / "benchmarks" / "critic_probe.json"
+PROBE_FIT_ROWS = 5000  # rows per data slice in the probe's fit check
 PROBE_VARIANTS = {  # name -> (STEVE-expanded targets, D_model rows in the batch)
     "as trained (STEVE, real + imagined)": (True, True),
     "one-step targets, real + imagined": (False, True),
@@ -462,6 +463,25 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
         diffs = np.concatenate([q - g for q, g in (critic_bias(agent, ep, gamma) for ep in eps)])
         return round(float(diffs.mean()), 2)
 
+    # Before any probe update: does the critic fit its own targets on the data it trains on? A critic that
+    # does, yet misjudges the frozen policy's episodes, was taught by data unlike them (older or other behaviour).
+    rng = np.random.default_rng(cfg.train.seed)
+    slices = {"D_env, last 1000 steps": (trainer.d_env, trainer.d_env.recent_indices(1000)),
+              "D_env, all": (trainer.d_env, rng.permutation(len(trainer.d_env))[:PROBE_FIT_ROWS]),
+              "D_model, all": (trainer.d_model, rng.permutation(len(trainer.d_model))[:PROBE_FIT_ROWS])}
+    fit = {}
+    torch.manual_seed(cfg.train.seed)
+    for name, (buffer, idx) in slices.items():
+        if len(idx) == 0:
+            continue
+        batch = buffer.batch(idx)
+        with torch.no_grad():
+            q = torch.min(*agent.critic(batch.state, batch.action))
+            target = agent.critic_targets(batch, model)
+        fit[name] = {"rows": len(idx), "reward": round(float(batch.reward.mean()), 3),
+                     "terminal": round(float(batch.terminated.float().mean()), 4),
+                     "q": round(float(q.mean()), 2), "target": round(float(target.mean()), 2)}
+
     curves = {}
     for name, (steve, imagined) in PROBE_VARIANTS.items():
         agent.load_state_dict(saved)
@@ -479,7 +499,9 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
             "steps_measured": sum(len(measured_soft_returns(ep, agent.alpha, gamma)) for ep in eps),
             "episodes": episodes,
             "stochastic_return": round(float(np.mean([ep["rewards"].sum() for ep in eps])), 1),
-            "bias_by_updates": curves}
+            "episode_steps": sum(len(ep["rewards"]) for ep in eps),
+            "episode_reward": round(float(np.mean(np.concatenate([ep["rewards"] for ep in eps]))), 3),
+            "fit_at_checkpoint": fit, "bias_by_updates": curves}
 
 
 def diagnose(task: str | None, runs: list[Path], episodes: int, out: Path) -> list[dict[str, Any]]:
@@ -689,13 +711,15 @@ def _diagnosis_table(d: dict[str, Any]) -> list[str]:
              "in `benchmarks/diagnose.json`); means over the evaluation reset seeds. *Deterministic* episodes (what "
              "the evaluation scores): return, length, last state, and foresight = share of elites whose open-loop "
              "mean prediction from k steps before a termination, under the real actions, ends in a terminal state "
-             "(k = 1 / 5 / 20). *Stochastic* episodes from the same resets: Q(s₀) is the min-twin critic at the "
+             "(k = 1 / 5 / 20); model return = the H-step discounted reward the elites predict from each state of "
+             "the episode under the real actions (open loop, H the actor's horizon), against the realised one: a "
+             "model the actor exploits predicts more than the policy gets. *Stochastic* episodes from the same resets: Q(s₀) is the min-twin critic at the "
              "first state and action, G(s₀) the realised soft return (reward plus α·(−log π) of each later action "
              "taken, γ-discounted: an unbiased sample of what the critic estimates), bias = mean of "
              "Q(s_t, a_t) − G_t over the episode (steps within log 0.01 / log γ of a time-limit cut left out).", "",
              "| run | env step | return | length | last state (1st episode) | foresight k=1/5/20 "
-             "| stochastic return | Q(s₀) | G(s₀) | bias |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model return: predicted / real | stochastic return | Q(s₀) | G(s₀) | bias |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["runs"]:
         eps = r["episodes"]
         biases = [e["q_bias_mean"] for e in eps if e["q_bias_mean"] is not None]
@@ -703,13 +727,29 @@ def _diagnosis_table(d: dict[str, Any]) -> list[str]:
         foresight = "/".join(f"{np.mean([f[k] for f in ends if k in f]):.2f}" if any(k in f for f in ends) else "–"
                              for k in ("1", "5", "20"))
         last = ", ".join(f"{k} {v}" for k, v in eps[0]["final_state"].items())
+        imagined = [e["model_return"] for e in eps if e.get("model_return")]  # absent from rows diagnosed before it
+        model = (f"{np.mean([m['predicted'] for m in imagined]):.2f} / {np.mean([m['real'] for m in imagined]):.2f} "
+                 f"(H={eps[0]['model_return_steps']})" if imagined else "–")
         lines.append(
             f"| {r['run'].removeprefix('benchmarks/runs/')} | {r['env_step']} | {np.mean([e['return'] for e in eps]):.0f} | "
-            f"{np.mean([e['length'] for e in eps]):.0f} | {last} | {foresight if ends else '– (none terminated)'} | "
+            f"{np.mean([e['length'] for e in eps]):.0f} | {last} | {foresight if ends else '– (none terminated)'} | {model} | "
             f"{np.mean([e['stochastic_return'] for e in eps]):.0f} | {np.mean([e['q_start'] for e in eps]):.1f} | "
             f"{np.mean([e['soft_return_start'] for e in eps if e['soft_return_start'] is not None]):.1f} | "
             f"{f'{np.mean(biases):.1f}' if biases else '– (all cut by the time limit)'} |")
     return lines + [""]
+
+
+def _probe_fit_lines(r: dict[str, Any]) -> list[str]:
+    """The checkpoint's critic against its own targets per data slice, beside the frozen policy's episodes."""
+    fit = r.get("fit_at_checkpoint")
+    if not fit:  # probes run before the fit check was added
+        return []
+    lines = ["| data (before any probe update) | rows | mean reward | terminal | mean Q | mean target |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {f['rows']} | {f['reward']:.3f} | {f['terminal']:.4f} | {f['q']:.1f} | {f['target']:.1f} |"
+              for name, f in fit.items()]
+    return lines + [f"| the frozen policy's stochastic episodes | {r['episode_steps']} | "
+                    f"{r['episode_reward']:.3f} | | | |", ""]
 
 
 def _probe_table(d: dict[str, Any]) -> list[str]:
@@ -724,6 +764,7 @@ def _probe_table(d: dict[str, Any]) -> list[str]:
         lines += [f"`{r['command']}` ({r['date']}): {r['run'].removeprefix('benchmarks/runs/')} at {r['env_step']} "
                   f"env steps, α {r['alpha']}, stochastic return {r['stochastic_return']} "
                   f"({r['steps_measured']} steps of {r['episodes']} episodes measured).", "",
+                  *_probe_fit_lines(r),
                   "| critic-only updates | " + " | ".join(str(u) for u in steps) + " |",
                   "|---|" + "---|" * len(steps)]
         lines += [f"| {name} | " + " | ".join(f"{b:+.1f}" for _, b in curve) + " |" for name, curve in curves.items()]

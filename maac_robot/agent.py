@@ -356,33 +356,35 @@ class MAACAgent:
         stats = self.update_critic(batch, model)
         return stats | self.update_actor(batch.state.to(self.device), model)
 
-    def update_critic(self, batch: Batch, model: GaussianEnsemble | None, *, steve: bool | None = None
-                      ) -> dict[str, float]:
-        """One twin-Q step towards STEVE-expanded targets (or SAC's one-step ones), then the Polyak target step.
+    def critic_targets(self, batch: Batch, model: GaussianEnsemble | None, *, steve: bool | None = None) -> Tensor:
+        """The critic's regression targets for `batch`: STEVE-expanded (or SAC's one-step) soft targets.
 
         `steve` overrides the config's switch (benchmarks probe where the critic's bias comes from).
         """
         cfg = self.cfg
-        s, a, r, s2 = (x.to(self.device) for x in (batch.state, batch.action, batch.reward, batch.next_state))
-        done = batch.terminated.to(self.device, s.dtype)
-        alpha = self.alpha
+        r, s2 = batch.reward.to(self.device), batch.next_state.to(self.device)
+        done = batch.terminated.to(self.device, s2.dtype)
         steve = cfg.steve if steve is None else steve
         if steve and cfg.steve_horizon > 0 and model is not None:
             member_dynamics, num_members = _member_dynamics(model)
-            target = steve_targets(
-                r, done, s2, self._policy, member_dynamics, self.critic_target, self.task.reward_fn,
-                self.termination_fn, horizon=cfg.steve_horizon, num_members=num_members, gamma=cfg.gamma, alpha=alpha,
+            return steve_targets(
+                r, done, s2, self._policy, member_dynamics, self.critic_target, self.task.reward_fn, self.termination_fn,
+                horizon=cfg.steve_horizon, num_members=num_members, gamma=cfg.gamma, alpha=self.alpha,
             )
-        else:
-            target = soft_bellman_target(r, done, s2, self._policy, self.critic_target, gamma=cfg.gamma, alpha=alpha)
-        q1, q2 = self.critic(s, a)
+        return soft_bellman_target(r, done, s2, self._policy, self.critic_target, gamma=cfg.gamma, alpha=self.alpha)
+
+    def update_critic(self, batch: Batch, model: GaussianEnsemble | None, *, steve: bool | None = None
+                      ) -> dict[str, float]:
+        """One twin-Q step towards `critic_targets`, then the Polyak target step."""
+        target = self.critic_targets(batch, model, steve=steve)
+        q1, q2 = self.critic(batch.state.to(self.device), batch.action.to(self.device))
         q_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
         self.critic_opt.zero_grad(set_to_none=True)
         q_loss.backward()
         self.critic_opt.step()
         with torch.no_grad():
             for p_targ, p in zip(self.critic_target.parameters(), self.critic.parameters()):
-                p_targ.lerp_(p, cfg.tau)
+                p_targ.lerp_(p, self.cfg.tau)
         return {"q_loss": q_loss.item(), "q_mean": q1.detach().mean().item(), "target_mean": target.mean().item()}
 
     def update_actor(self, start_states: Tensor, model: GaussianEnsemble | None) -> dict[str, float]:

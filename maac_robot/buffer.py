@@ -98,10 +98,18 @@ class ReplayBuffer:
             raise ValueError("cannot sample from an empty replay buffer")
         return rng.integers(0, self.size, size=n)
 
+    def recent_indices(self, n: int) -> np.ndarray:
+        """Rows of the newest min(n, len) transitions, oldest first (the ring wraps at `ptr`)."""
+        n = min(n, self.size)
+        return (self.ptr - n + np.arange(n)) % self.capacity
+
+    def batch(self, idx: np.ndarray, device: torch.device | str = "cpu") -> Batch:
+        """The transitions at rows `idx`, as tensors on `device`."""
+        return Batch(*(torch.from_numpy(getattr(self, f)[idx]).to(device) for f in FIELDS))
+
     def sample(self, n: int, rng: np.random.Generator, device: torch.device | str = "cpu") -> Batch:
         """`n` transitions drawn uniformly with replacement, as tensors on `device`."""
-        idx = self.sample_indices(n, rng)
-        return Batch(*(torch.from_numpy(getattr(self, f)[idx]).to(device) for f in FIELDS))
+        return self.batch(self.sample_indices(n, rng), device)
 
     def empty_batch(self, device: torch.device | str = "cpu") -> Batch:
         """A zero-row batch with this buffer's field shapes (the unused side of a 0/1 real_ratio split)."""

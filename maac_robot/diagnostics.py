@@ -9,6 +9,9 @@ about but the objective barely sees. `diagnose` measures each on real episodes o
   unbiased one-sample estimate of the soft Q^π the critic is trained to fit;
 - model foresight: for an episode that terminated, the share of elites whose open-loop mean prediction
   from k steps before the end, under the real actions, ends in a terminal state;
+- model return: along a deterministic episode, the H-step discounted reward the elites predict from each
+  real state under the real actions, against the realised one (H the actor's horizon). A model the actor
+  exploits predicts more than the policy gets; one that predicts it right clears the model of a stall;
 - the last state of each deterministic episode (what the evaluation scores), by its leading dims.
 """
 
@@ -130,10 +133,35 @@ def elites_predicting_end(run: LoadedRun, states: Tensor, actions: Tensor, k: in
     return round(float(run.task.termination_fn(states[end - 1].expand_as(state), last_action, state).float().mean()), 2)
 
 
+@torch.no_grad()
+def model_return(run: LoadedRun, states: Tensor, actions: Tensor, rewards: np.ndarray, k: int) -> dict[str, float] | None:
+    """Mean over the start steps t with k real steps ahead of Σ_{j<k} γ^j r_{t+j}: as the elites predict it
+    (mean over elites of open-loop mean predictions under the real actions, terminations masked as in the
+    actor's objective) and as realised. None for an episode shorter than k."""
+    model, elites, gamma = run.model, run.model.elites, run.config.agent.gamma
+    starts = len(actions) - k + 1
+    if starts <= 0:
+        return None
+    reward_fn, termination_fn = run.task.reward_fn, run.task.termination_fn
+    state = states[:starts].expand(elites.numel(), starts, -1)
+    predicted = state.new_zeros(state.shape[:-1])
+    alive = state.new_ones(state.shape[:-1])
+    realised = np.zeros(starts)
+    for j in range(k):
+        action = actions[j:j + starts].expand(elites.numel(), starts, -1)
+        next_state, _, reward, _ = model.predict_members(state, action, elites)
+        reward = reward if reward is not None else reward_fn(state, action, next_state)
+        predicted += gamma**j * alive * reward
+        alive = alive * (~termination_fn(state, action, next_state)).to(alive.dtype)
+        realised += gamma**j * rewards[j:j + starts]
+        state = next_state
+    return {"predicted": round(float(predicted.mean()), 3), "real": round(float(realised.mean()), 3)}
+
+
 def diagnose(run: LoadedRun, seeds: list[int]) -> list[dict[str, Any]]:
-    """Per reset seed, a deterministic episode (how the evaluation ends, and the ensemble's foresight of a
-    termination) and a stochastic one from the same reset (the critic's bias against its realised soft return)."""
-    agent, gamma = run.agent, run.config.agent.gamma
+    """Per reset seed, a deterministic episode (how the evaluation ends, the ensemble's foresight of a
+    termination and of the actor's H-step return) and a stochastic one from the same reset (the critic's bias against its realised soft return)."""
+    agent, gamma, horizon = run.agent, run.config.agent.gamma, max(run.config.agent.horizon, 1)
     names = LEADING_STATE_NAMES.get(run.config.env.id, ())
     env = make_env(run.config.env.id, max_episode_steps=run.config.env.max_episode_steps)
     out = []
@@ -152,6 +180,8 @@ def diagnose(run: LoadedRun, seeds: list[int]) -> list[dict[str, Any]]:
                 "terminated": det["terminated"],
                 "final_state": {k: round(float(v), 3) for k, v in zip(names, det["states"][-1])},
                 "elites_predicting_end": foresight,
+                "model_return": model_return(run, det["states"], det["actions"], det["rewards"], horizon),
+                "model_return_steps": horizon,
                 "stochastic_length": len(sto["rewards"]), "stochastic_return": round(float(sto["rewards"].sum()), 1),
                 "q_start": round(q_start, 1),
                 "soft_return_start": round(float(g[0]), 1) if len(g) else None,
@@ -185,6 +215,10 @@ def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> i
     if biases:
         sign = "expects more than the policy gets" if np.mean(biases) > 0 else "expects less than the policy gets"
         print(f"critic bias over the episodes: {np.mean(biases):+.1f} (the critic {sign})")
+    imagined = [r["model_return"] for r in rows if r["model_return"] is not None]
+    if imagined:
+        print(f"ensemble's {rows[0]['model_return_steps']}-step return along the deterministic episodes: predicted "
+              f"{np.mean([m['predicted'] for m in imagined]):.3f} vs realised {np.mean([m['real'] for m in imagined]):.3f}")
     ends = [r["elites_predicting_end"] for r in rows if r["elites_predicting_end"]]
     if ends:
         print(f"ensemble foresight over {len(ends)} terminated episode(s): " + ", ".join(
@@ -192,5 +226,5 @@ def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> i
     return 0
 
 
-__all__ = ["critic_bias", "diagnose", "diagnose_from_cli", "mean_critic_bias", "elites_predicting_end", "measured_soft_returns", "rollout_episode",
-           "soft_returns"]
+__all__ = ["critic_bias", "diagnose", "diagnose_from_cli", "mean_critic_bias", "elites_predicting_end", "measured_soft_returns",
+           "model_return", "rollout_episode", "soft_returns"]

@@ -30,4 +30,9 @@ def test_critic_probe_restarts_each_variant_from_the_checkpoint(tmp_path: Path) 
     assert len(starts) == 1 and math.isfinite(next(iter(starts))[1])  # every variant starts from the same critic
     assert all([u for u, _ in curve] == [0, 20, 40] for curve in curves.values())
     assert len({tuple(curve) for curve in curves.values()}) > 1  # the variants train differently
+    fit = result["fit_at_checkpoint"]  # the critic against its own targets, before any probe update
+    assert set(fit) == {"D_env, last 1000 steps", "D_env, all", "D_model, all"}
+    assert fit["D_env, last 1000 steps"]["rows"] == 200 and fit["D_env, all"]["rows"] == 200  # a 200-step run
+    assert all(math.isfinite(v) for row in fit.values() for v in row.values())
+    assert math.isfinite(result["episode_reward"])
     assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == before  # the run itself is only read

@@ -10,7 +10,7 @@ import pytest
 import torch
 from maac_robot import cli
 from maac_robot.config import config_from_dict
-from maac_robot.diagnostics import diagnose, mean_critic_bias, measured_soft_returns, soft_returns
+from maac_robot.diagnostics import diagnose, mean_critic_bias, measured_soft_returns, model_return, soft_returns
 from maac_robot.trainer import load_run, train
 
 from test_trainer import _tiny
@@ -52,7 +52,29 @@ def test_diagnose_reports_each_episode(tiny_run: Path) -> None:
         # the stochastic episode's bias uses every step unless the time limit cut it (its tail is then unknown)
         cut = r["stochastic_length"] == 60
         assert (r["q_bias_mean"] is None) == cut and (cut or math.isfinite(r["q_bias_mean"]))
+        assert r["model_return_steps"] == 2  # the tiny config's actor horizon
+        if r["length"] >= 2:
+            assert all(math.isfinite(v) for v in r["model_return"].values())
     assert diagnose(load_run(tiny_run), [5, 6]) == rows  # seeded: a rerun measures the same episodes
+
+
+def test_model_return_masks_after_a_predicted_termination(tiny_run: Path) -> None:
+    """With every elite predicting Δstate = 0, a state stays put: an upright pole earns 1 per step for k steps,
+    a fallen one terminates on the first step and earns nothing after; the realised side is the plain sum."""
+    run = load_run(tiny_run)
+    with torch.no_grad():
+        run.model.weights[-1].zero_()
+        run.model.biases[-1].zero_()
+        run.model.out_mean.zero_()
+    upright, fallen = [0.0, 0.05, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0]
+    states = torch.tensor([upright, upright, upright, fallen, fallen])
+    actions, rewards, gamma = torch.zeros(4, 1), np.array([1.0, 2.0, 3.0, 4.0]), run.config.agent.gamma
+    m = model_return(run, states, actions, rewards, 2)  # start steps 0, 1, 2: upright, upright, upright
+    assert m == {"predicted": pytest.approx(1 + gamma, abs=1e-3),
+                 "real": pytest.approx(np.mean([1 + 2 * gamma, 2 + 3 * gamma, 3 + 4 * gamma]), abs=1e-3)}
+    m = model_return(run, states[3:], actions[3:], rewards[3:], 1)  # one start, fallen: terminal, reward 0
+    assert m == {"predicted": 0.0, "real": 4.0}
+    assert model_return(run, states[:2], actions[:1], rewards[:1], 2) is None  # shorter than k
 
 
 def test_diagnose_cli(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,6 +82,7 @@ def test_diagnose_cli(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     assert out.startswith("InvertedPendulum-v5 after 200 env steps") and out.count("\nseed ") == 2
     assert "Q(s0)" in out and "mean bias" in out and "ensemble foresight over" in out
+    assert "2-step return along the deterministic episodes: predicted" in out
     assert cli.main(["diagnose", str(tiny_run), "--episodes", "0"]) == 2
     assert "--episodes must be positive" in capsys.readouterr().err
     assert cli.main(["diagnose", str(tiny_run / "missing")]) == 2

@@ -59,6 +59,8 @@ def test_replay_buffer_ring_sampling_and_state_dict() -> None:
         buf.add(np.full(2, i), np.full(1, -i), float(i), np.full(2, i + 1), i % 2 == 0)
     assert (len(buf), buf.ptr, buf.total_added) == (5, 2, 7)
     assert sorted(buf.reward.tolist()) == [2, 3, 4, 5, 6]
+    assert buf.reward[buf.recent_indices(3)].tolist() == [4, 5, 6]  # newest last, across the wrap
+    assert buf.reward[buf.recent_indices(99)].tolist() == [2, 3, 4, 5, 6]
     b1 = buf.sample(16, np.random.default_rng(0))
     b2 = buf.sample(16, np.random.default_rng(0))
     assert torch.equal(b1.reward, b2.reward) and len(b1) == 16
