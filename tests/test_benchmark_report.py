@@ -51,3 +51,26 @@ def test_learning_curve_png_with_targets(tmp_path: Path) -> None:
                          partial={"MAAC, 1 seed": ([2000, 3000], [20.0, 30.0])})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp.png"))  # written atomically: no temporary left behind
+
+
+def _diagnosed_episode(**extra: Any) -> dict[str, Any]:
+    return {"return": 1050.0, "length": 1000, "final_state": {"x": 0.4}, "elites_predicting_end": {},
+            "stochastic_return": 1052.0, "q_start": 173.0, "soft_return_start": 80.0, "q_bias_mean": 88.0, **extra}
+
+
+def test_diagnosis_table_shows_the_model_return_and_tolerates_rows_diagnosed_before_it() -> None:
+    new = {"run": "benchmarks/runs/hopper/a", "env_step": 20000, "episodes": [
+        _diagnosed_episode(model_return={"predicted": 4.0, "real": 4.5}, model_return_steps=4),
+        _diagnosed_episode(model_return={"predicted": 5.0, "real": 4.5}, model_return_steps=4)]}
+    old = {"run": "benchmarks/runs/hopper/b", "env_step": 12000, "episodes": [_diagnosed_episode()]}
+    rows = [line for line in sample_efficiency._diagnosis_table({"runs": [new, old]}) if line.startswith("| hopper/")]
+    assert "| 4.50 / 4.50 (H=4) |" in rows[0] and "| – |" in rows[1]
+    assert all(row.count("|") == rows[0].count("|") for row in rows)  # same columns either way
+
+
+def test_probe_fit_lines_set_the_data_beside_the_frozen_policys_episodes() -> None:
+    fit = {"D_env, last 1000 steps": {"rows": 1000, "reward": 1.734, "terminal": 0.003, "q": 122.8, "target": 125.0}}
+    lines = sample_efficiency._probe_fit_lines({"fit_at_checkpoint": fit, "episode_steps": 5000, "episode_reward": 1.052})
+    assert "| D_env, last 1000 steps | 1000 | 1.734 | 0.0030 | 122.8 | 125.0 |" in lines
+    assert "| the frozen policy's stochastic episodes | 5000 | 1.052 | | | |" in lines
+    assert sample_efficiency._probe_fit_lines({}) == []  # probes from before the fit check
