@@ -413,11 +413,14 @@ def diagnose_run(run_dir: Path, episodes: int) -> dict[str, Any]:
 
 CRITIC_PROBE_JSON = ROOT / "benchmarks" / "critic_probe.json"
 PROBE_FIT_ROWS = 5000  # rows per data slice in the probe's fit check
-PROBE_VARIANTS = {  # name -> (STEVE-expanded targets, D_model rows in the batch)
-    "as trained (STEVE, real + imagined)": (True, True),
-    "one-step targets, real + imagined": (False, True),
-    "STEVE, real data only": (True, False),
-    "one-step targets, real data only": (False, False),
+PROBE_VARIANTS = {  # name -> (STEVE-expanded targets, D_model rows in the batch, factor on the Polyak rate τ)
+    "as trained (STEVE, real + imagined)": (True, True, 1.0),
+    "one-step targets, real + imagined": (False, True, 1.0),
+    "STEVE, real data only": (True, False, 1.0),
+    "one-step targets, real data only": (False, False, 1.0),
+    # Policy evaluation contracts the error by ~γ per target-network turnover (~1/τ updates): 10× τ tests
+    # whether the bias is the critic's propagation speed rather than its data or targets.
+    "as trained, 10× τ": (True, True, 10.0),
 }
 
 
@@ -429,7 +432,8 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
     checkpoint's critic. Its bias (as in `diagnose_run`: min-twin Q minus the realised soft return on
     `episodes` stochastic episodes of the frozen policy) is measured every `every` steps. A bias that
     shrinks under every variant means the critic only lagged the moving policy; one that stays (or
-    grows) under one target or data source names that source. The run directory is only read.
+    grows) under one target or data source names that source; one that shrinks much faster with a larger
+    τ says the lag is the target network's. The run directory is only read.
     """
     import shutil
     import tempfile
@@ -482,9 +486,10 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
                      "terminal": round(float(batch.terminated.float().mean()), 4),
                      "q": round(float(q.mean()), 2), "target": round(float(target.mean()), 2)}
 
-    curves = {}
-    for name, (steve, imagined) in PROBE_VARIANTS.items():
+    curves, agent_cfg = {}, agent.cfg
+    for name, (steve, imagined, tau_factor) in PROBE_VARIANTS.items():
         agent.load_state_dict(saved)
+        agent.cfg = agent_cfg.model_copy(update={"tau": agent_cfg.tau * tau_factor})
         torch.manual_seed(cfg.train.seed)
         rng = np.random.default_rng(cfg.train.seed)
         n_real, n_model = agent.batch_split(model_data=imagined)
@@ -495,6 +500,7 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
             if step % every == 0:
                 curve.append((step, bias()))
         curves[name] = curve
+    agent.cfg = agent_cfg
     return {"run": _run_name(run_dir), "env_step": trainer.env_step, "alpha": round(agent.alpha, 4),
             "steps_measured": sum(len(measured_soft_returns(ep, agent.alpha, gamma)) for ep in eps),
             "episodes": episodes,
