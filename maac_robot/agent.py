@@ -125,7 +125,7 @@ class TwinQ(nn.Module):
         return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
 
 
-def _reward(reward: Tensor | None, reward_fn: TransitionFn | None, s: Tensor, a: Tensor, s2: Tensor) -> Tensor:
+def transition_reward(reward: Tensor | None, reward_fn: TransitionFn | None, s: Tensor, a: Tensor, s2: Tensor) -> Tensor:
     """The model's learned reward if it predicts one, else the task's closed-form reward."""
     if reward is not None:
         return reward
@@ -134,7 +134,7 @@ def _reward(reward: Tensor | None, reward_fn: TransitionFn | None, s: Tensor, a:
     return reward_fn(s, a, s2)
 
 
-def _survive(alive: Tensor, termination_fn: TransitionFn | None, s: Tensor, a: Tensor, s2: Tensor) -> Tensor:
+def alive_after(alive: Tensor, termination_fn: TransitionFn | None, s: Tensor, a: Tensor, s2: Tensor) -> Tensor:
     """Alive mask after the transition s -> s2: zero from a predicted termination on."""
     if termination_fn is None:
         return alive
@@ -182,8 +182,8 @@ def maac_policy_loss(
         if t == 0:
             first_log_prob = log_prob
         next_state, reward = dynamics(state, action)  # type: ignore[misc]
-        model_return = model_return + gamma**t * alive * _reward(reward, reward_fn, state, action, next_state)
-        alive = _survive(alive, termination_fn, state, action, next_state)
+        model_return = model_return + gamma**t * alive * transition_reward(reward, reward_fn, state, action, next_state)
+        alive = alive_after(alive, termination_fn, state, action, next_state)
         state = next_state
     last, repeat = (state, terminal_q_samples) if horizon > 0 else (start_states, num_samples * terminal_q_samples)
     terminal_actions, terminal_log_prob = policy(last, repeat)
@@ -253,8 +253,8 @@ def steve_targets(
         if i == horizon:
             break
         nxt, r = member_dynamics(state, action)
-        partial = partial + gamma**i * alive * (_reward(r, reward_fn, state, action, nxt) - alpha * log_prob)
-        alive = _survive(alive, termination_fn, state, action, nxt)
+        partial = partial + gamma**i * alive * (transition_reward(r, reward_fn, state, action, nxt) - alpha * log_prob)
+        alive = alive_after(alive, termination_fn, state, action, nxt)
         state = nxt
     # One critic call for all horizons: [I, K, B].
     soft_value = torch.min(*target_critic(torch.stack(states), torch.stack(actions))) - alpha * torch.stack(log_probs)

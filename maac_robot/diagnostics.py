@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maac_robot.agent import MAACAgent, alive_after, transition_reward
 from maac_robot.envs import make_env
 from maac_robot.errors import UserError
 
 if TYPE_CHECKING:  # the trainer logs `critic_bias` at every evaluation, so it imports this module
-    from maac_robot.agent import MAACAgent
     from maac_robot.trainer import LoadedRun
 
 # The leading state dims that show how an episode ended (state = qpos + qvel, root position first).
@@ -150,9 +150,8 @@ def model_return(run: LoadedRun, states: Tensor, actions: Tensor, rewards: np.nd
     for j in range(k):
         action = actions[j:j + starts].expand(elites.numel(), starts, -1)
         next_state, _, reward, _ = model.predict_members(state, action, elites)
-        reward = reward if reward is not None else reward_fn(state, action, next_state)
-        predicted += gamma**j * alive * reward
-        alive = alive * (~termination_fn(state, action, next_state)).to(alive.dtype)
+        predicted += gamma**j * alive * transition_reward(reward, reward_fn, state, action, next_state)
+        alive = alive_after(alive, termination_fn, state, action, next_state)
         realised += gamma**j * rewards[j:j + starts]
         state = next_state
     return {"predicted": round(float(predicted.mean()), 3), "real": round(float(realised.mean()), 3)}
