@@ -559,6 +559,24 @@ def _first_reaching(steps: list[int], means: list[float], level: float) -> int |
     return next((s for s, m in zip(steps, means) if m >= level), None)
 
 
+def _planned(meta: dict[str, Any]) -> int:
+    """Where a run will end: its planned steps, or where `mark-stopped` recorded it was given up."""
+    return meta["stopped"]["env_step"] if "stopped" in meta else meta["planned_steps"]
+
+
+def mark_stopped(run_dir: Path, why: str) -> dict[str, Any]:
+    """Record in a run's meta.json that it will not be resumed (at its last evaluation), and why, so the
+    report stops calling its targets open."""
+    meta_path = run_dir / "meta.json"
+    rows = _read_jsonl(run_dir / "metrics.jsonl")
+    if not meta_path.is_file() or not rows:
+        raise SystemExit(f"{run_dir} is not a benchmark run with metrics")
+    meta = json.loads(meta_path.read_text())
+    meta["stopped"] = {"env_step": rows[-1]["env_step"], "why": why, **_provenance()}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return meta["stopped"]
+
+
 def _target_verdict(runs: list[dict[str, Any]], level: float, budget: int) -> str:
     """Whether the mean over seeds reached `level` within `budget` env steps, and where each seed first did.
 
@@ -568,7 +586,7 @@ def _target_verdict(runs: list[dict[str, Any]], level: float, budget: int) -> st
     steps, means, _, _ = _curve(runs)
     hit = _first_reaching(steps, means, level)
     furthest = max(r["rows"][-1]["env_step"] for r in runs)
-    planned = max(r["meta"]["planned_steps"] for r in runs)
+    planned = max(_planned(r["meta"]) for r in runs)
     verdict = ("meets it" if hit is not None and hit <= budget
                else "misses it" if hit is not None or furthest >= budget
                else f"open: the runs continue to {planned}" if planned > furthest
@@ -671,6 +689,7 @@ def report(note: str | None = None) -> str:
         lines += [f"### {env_id}", "", f"![{env_id}]({png.name})", ""]
         for algo, runs in sorted(algos.items()):
             seeds = ", ".join(f"seed {r['meta']['seed']}: {r['rows'][-1]['env_step']}/{r['meta']['planned_steps']} steps"
+                              + (f" (stopped: {r['meta']['stopped']['why']})" if "stopped" in r["meta"] else "")
                               for r in runs)
             commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["meta"]["command"] for r in runs))
             lines.append(f"- {_display(algo)}: {seeds}; training time per 1000 env steps: {_cost(runs)}; "
@@ -841,6 +860,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=1000)
     p.add_argument("--episodes", type=int, default=5)
     p.add_argument("--out", type=Path, default=CRITIC_PROBE_JSON)
+    p = sub.add_parser("mark-stopped", help="record that a run will not be resumed, and why")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--why", required=True)
     p = sub.add_parser("report")
     p.add_argument("--note", type=Path, help="markdown file whose text goes under the section's header (status)")
     args = parser.parse_args(argv)
@@ -860,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {**critic_probe(args.run, args.updates, args.every, args.episodes), **_provenance()}
         _merge_runs(args.out, [result])
         print(json.dumps(result))
+    elif args.command == "mark-stopped":
+        print(json.dumps(mark_stopped(args.run, args.why)))
     elif args.command == "diagnose":
         for r in diagnose(args.task, args.run, args.episodes, args.out):
             print(json.dumps(r))

@@ -74,3 +74,15 @@ def test_probe_fit_lines_set_the_data_beside_the_frozen_policys_episodes() -> No
     assert "| D_env, last 1000 steps | 1000 | 1.734 | 0.0030 | 122.8 | 125.0 |" in lines
     assert "| the frozen policy's stochastic episodes | 5000 | 1.052 | | | |" in lines
     assert sample_efficiency._probe_fit_lines({}) == []  # probes from before the fit check
+
+
+def test_a_run_marked_stopped_is_not_called_open(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "meta.json").write_text('{"seed": 0, "planned_steps": 5000}')
+    (run_dir / "metrics.jsonl").write_text('{"env_step": 1000, "eval_return_mean": 0}\n{"env_step": 2000, "eval_return_mean": 50}\n')
+    stopped = sample_efficiency.mark_stopped(run_dir, "a negative result")
+    assert stopped["env_step"] == 2000 and stopped["why"] == "a negative result"
+    meta = sample_efficiency.json.loads((run_dir / "meta.json").read_text())
+    runs = [{"meta": meta, "rows": [{"env_step": 1000, "eval_return_mean": 0}, {"env_step": 2000, "eval_return_mean": 50}]}]
+    assert "(not run to 3000)" in sample_efficiency._target_verdict(runs, 100.0, 3000)
