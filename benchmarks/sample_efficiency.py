@@ -738,8 +738,8 @@ def _diagnosis_table(d: dict[str, Any]) -> list[str]:
              "mean prediction from k steps before a termination, under the real actions, ends in a terminal state "
              "(k = 1 / 5 / 20); model return = the H-step discounted reward the elites predict from each state of "
              "the episode under the real actions (open loop, H the actor's horizon), against the realised one: a "
-             "model the actor exploits predicts more than the policy gets. *Stochastic* episodes from the same resets: Q(s₀) is the min-twin critic at the "
-             "first state and action, G(s₀) the realised soft return (reward plus α·(−log π) of each later action "
+             "model the actor exploits predicts more than the policy gets. *Stochastic* episodes from the same "
+             "resets: Q(s₀) is the min-twin critic at the first state and action, G(s₀) the realised soft return (reward plus α·(−log π) of each later action "
              "taken, γ-discounted: an unbiased sample of what the critic estimates), bias = mean of "
              "Q(s_t, a_t) − G_t over the episode (steps within log 0.01 / log γ of a time-limit cut left out).", "",
              "| run | env step | return | length | last state (1st episode) | foresight k=1/5/20 "

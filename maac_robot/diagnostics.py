@@ -134,7 +134,8 @@ def elites_predicting_end(run: LoadedRun, states: Tensor, actions: Tensor, k: in
 
 
 @torch.no_grad()
-def model_return(run: LoadedRun, states: Tensor, actions: Tensor, rewards: np.ndarray, k: int) -> dict[str, float] | None:
+def model_return(run: LoadedRun, states: Tensor, actions: Tensor, rewards: np.ndarray, k: int
+                 ) -> dict[str, float] | None:
     """Mean over the start steps t with k real steps ahead of Σ_{j<k} γ^j r_{t+j}: as the elites predict it
     (mean over elites of open-loop mean predictions under the real actions, terminations masked as in the
     actor's objective) and as realised. None for an episode shorter than k."""
@@ -159,7 +160,8 @@ def model_return(run: LoadedRun, states: Tensor, actions: Tensor, rewards: np.nd
 
 def diagnose(run: LoadedRun, seeds: list[int]) -> list[dict[str, Any]]:
     """Per reset seed, a deterministic episode (how the evaluation ends, the ensemble's foresight of a
-    termination and of the actor's H-step return) and a stochastic one from the same reset (the critic's bias against its realised soft return)."""
+    termination and of the actor's H-step return) and a stochastic one from the same reset (the critic's
+    bias against its realised soft return)."""
     agent, gamma, horizon = run.agent, run.config.agent.gamma, max(run.config.agent.horizon, 1)
     names = LEADING_STATE_NAMES.get(run.config.env.id, ())
     env = make_env(run.config.env.id, max_episode_steps=run.config.env.max_episode_steps)
