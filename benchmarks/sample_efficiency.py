@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -132,6 +133,23 @@ def run_maac(task: str, seed: int, steps: int, run_dir: Path, threads: int | Non
     _write_meta(run_dir, _label("maac", variant), task, seed, steps, cfg.train.num_threads or os.cpu_count() or 1,
                 resumed=resume)
     train(cfg, run_dir, resume=resume, progress=False)
+
+
+def branch_run(source: Path, run_dir: Path) -> dict[str, Any]:
+    """Start `run_dir` as a copy of `source` at its latest checkpoint (same buffers, model, agent, RNG), so a
+    variant resumed from it differs from the source's own continuation only in what the variant changes.
+    The copy's meta.json records where it branched; its curve up to that step is the source's."""
+    from maac_robot.trainer import RunPaths, load_checkpoint
+
+    if RunPaths(run_dir).checkpoint.is_file():
+        raise SystemExit(f"{run_dir} already has a checkpoint; --branch-from starts a run, it does not replace one")
+    env_step = int(load_checkpoint(RunPaths(source).checkpoint)["env_step"])
+    shutil.copytree(source, run_dir, dirs_exist_ok=True)
+    meta_path = run_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["branched_from"] = {"run": f"{meta['algo']}-s{meta['seed']}", "env_step": env_step}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return meta["branched_from"]
 
 
 # ---- SAC (Stable-Baselines3) ----------------------------------------------------------------------
@@ -394,11 +412,14 @@ def _provenance() -> dict[str, str]:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def _merge_runs(out: Path, rows: list[dict[str, Any]]) -> None:
-    """Add or replace `rows` (keyed by their "run") in the JSON file `out`, keeping the other runs' results."""
-    merged = {r["run"]: r for r in (json.loads(out.read_text())["runs"] if out.is_file() else [])}
-    merged.update({r["run"]: r for r in rows})
-    out.write_text(json.dumps({"runs": sorted(merged.values(), key=lambda r: r["run"])}, indent=1))
+def _merge_runs(out: Path, rows: list[dict[str, Any]], keys: tuple[str, ...] = ("run",)) -> None:
+    """Add or replace `rows` (keyed by their `keys`) in the JSON file `out`, keeping the other rows."""
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(r[k] for k in keys)
+
+    merged = {key(r): r for r in (json.loads(out.read_text())["runs"] if out.is_file() else [])}
+    merged.update({key(r): r for r in rows})
+    out.write_text(json.dumps({"runs": sorted(merged.values(), key=key)}, indent=1))
 
 
 def diagnose_run(run_dir: Path, episodes: int) -> dict[str, Any]:
@@ -409,6 +430,35 @@ def diagnose_run(run_dir: Path, episodes: int) -> dict[str, Any]:
     run = load_run(run_dir)
     return {"run": _run_name(run_dir), "env_step": run.env_step, "alpha": round(run.agent.alpha, 4),
             "episodes": diagnose(run, eval_seeds(run.config.train.seed, episodes))}
+
+
+ENTROPY_PRESSURE_JSON = ROOT / "benchmarks" / "entropy_pressure.json"
+
+
+def entropy_pressure_run(run_dir: Path, states: int, draws: int, name: str | None = None) -> dict[str, Any]:
+    """`maac_robot.diagnostics.entropy_pressure` of a run's latest checkpoint, from `states` start states drawn
+    from its D_env and D_model in the proportions of an actor batch (the run directory is only read)."""
+    import torch
+
+    from maac_robot.buffer import Batch, ReplayBuffer
+    from maac_robot.diagnostics import entropy_pressure
+    from maac_robot.trainer import RunPaths, load_checkpoint, load_run
+
+    run = load_run(run_dir)
+    torch.set_num_threads(1)
+    ckpt = load_checkpoint(RunPaths(run_dir).checkpoint, run.config.env.id)
+    info, rng = run.task.info, np.random.default_rng(0)
+    n_real, n_model = run.agent.batch_split(model_data=int(ckpt["d_model"]["size"]) > 0)
+    parts = []
+    for key, share in (("d_env", n_real), ("d_model", n_model)):
+        rows = round(states * share / (n_real + n_model))
+        if rows:
+            buffer = ReplayBuffer(info.state_dim, info.act_dim, int(ckpt[key]["capacity"]))
+            buffer.load_state_dict(ckpt[key])
+            parts.append(buffer.sample(rows, rng))
+    result = entropy_pressure(run, Batch.cat(parts).state, draws=draws)
+    return {"run": name or _run_name(run_dir), "env_step": run.env_step, "states": states, "draws": draws,
+            **json.loads(json.dumps(result), parse_float=lambda x: round(float(x), 4))}
 
 
 CRITIC_PROBE_JSON = ROOT / "benchmarks" / "critic_probe.json"
@@ -839,6 +889,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads for both algorithms (default 1: this machine's 2 cores are shared)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="MAAC config override (a variant, labelled as such in the report)")
+    p.add_argument("--branch-from", type=Path, metavar="RUN_DIR",
+                   help="start from this MAAC run's latest checkpoint instead of from scratch (one seed)")
     p = sub.add_parser("profile")
     p.add_argument("--task", choices=sorted(TASKS), default="half_cheetah")
     p.add_argument("--steps", type=int, default=50)
@@ -854,6 +906,12 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--run", type=Path, nargs="+", default=[], help="these run directories")
     p.add_argument("--episodes", type=int, default=3)
     p.add_argument("--out", type=Path, default=DIAGNOSE_JSON)
+    p = sub.add_parser("entropy-pressure", help="what sets α: the entropy push against the objective's pull on log σ")
+    p.add_argument("--run", type=Path, nargs="+", required=True, help="MAAC run directories with a checkpoint")
+    p.add_argument("--states", type=int, default=1024)
+    p.add_argument("--draws", type=int, default=8)
+    p.add_argument("--name", help="the run's name in the results, for a copy kept of an earlier checkpoint (one --run)")
+    p.add_argument("--out", type=Path, default=ENTROPY_PRESSURE_JSON)
     p = sub.add_parser("critic-probe")
     p.add_argument("--run", type=Path, required=True, help="a MAAC run directory with a checkpoint (not one training)")
     p.add_argument("--updates", type=int, default=4000)
@@ -870,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             variant = _parse_set(args.set)
             run_dir = RUNS / args.task / f"{_label(args.algo, variant)}-s{seed}"
+            if args.branch_from:
+                print(f"branched from {branch_run(args.branch_from, run_dir)}", flush=True)
             start = time.perf_counter()
             (run_maac if args.algo == "maac" else run_sac)(args.task, seed, args.steps, run_dir, args.threads, variant)
             print(f"{args.algo} {args.task} seed {seed}: {args.steps} steps in {time.perf_counter() - start:.0f} s",
@@ -882,6 +942,14 @@ def main(argv: list[str] | None = None) -> int:
         result = {**critic_probe(args.run, args.updates, args.every, args.episodes), **_provenance()}
         _merge_runs(args.out, [result])
         print(json.dumps(result))
+    elif args.command == "entropy-pressure":
+        if args.name and len(args.run) > 1:
+            raise SystemExit("--name names one run; give one --run with it")
+        rows = [{**entropy_pressure_run(run_dir, args.states, args.draws, args.name), **_provenance()}
+                for run_dir in args.run]
+        _merge_runs(args.out, rows, keys=("run", "env_step"))  # one row per checkpoint measured
+        for r in rows:
+            print(json.dumps(r))
     elif args.command == "mark-stopped":
         print(json.dumps(mark_stopped(args.run, args.why)))
     elif args.command == "diagnose":

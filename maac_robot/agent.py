@@ -90,12 +90,15 @@ class Actor(nn.Module):
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(raw) + 1)
         return mean, log_std
 
-    def sample(self, state: Tensor, noise: Tensor | None = None, *, repeat: int = 1) -> tuple[Tensor, Tensor]:
+    def sample(self, state: Tensor, noise: Tensor | None = None, *, repeat: int = 1,
+               log_std_shift: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
         """Reparameterised action a = scale·tanh(μ + σ·ε) + bias and its log-density in env units.
 
         `repeat` > 1 draws that many actions per state (rows in repeat_interleave order) from one forward pass.
+        `log_std_shift` is added to log σ: a diagnostic differentiates objectives through it (`entropy_pressure`).
         """
         mean, log_std = self(state)
+        log_std = log_std + log_std_shift
         if repeat > 1:
             mean, log_std = mean.repeat_interleave(repeat, dim=0), log_std.repeat_interleave(repeat, dim=0)
         if noise is None:

@@ -13,6 +13,11 @@ about but the objective barely sees. `diagnose` measures each on real episodes o
   real state under the real actions, against the realised one (H the actor's horizon). A model the actor
   exploits predicts more than the policy gets; one that predicts it right clears the model of a stall;
 - the last state of each deterministic episode (what the evaluation scores), by its leading dims.
+
+`entropy_pressure` asks a different question, why the temperature α settles where it does: automatic
+tuning holds the entropy of the first action at its target, so α rises until the entropy bonus's push
+on the policy's log-std balances the objective's pull against action noise. It splits that pull by
+imagined step and by source (model rewards, terminal Q) and compares it with SAC's (horizon 0).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maac_robot.agent import MAACAgent, alive_after, transition_reward
+from maac_robot.agent import MAACAgent, alive_after, frozen, maac_policy_loss, transition_reward
 from maac_robot.envs import make_env
 from maac_robot.errors import UserError
 
@@ -158,6 +163,59 @@ def model_return(run: LoadedRun, states: Tensor, actions: Tensor, rewards: np.nd
     return {"predicted": round(float(predicted.mean()), 3), "real": round(float(realised.mean()), 3)}
 
 
+def std_pull(run: LoadedRun, start_states: Tensor, horizon: int, *, rewards: bool = True, terminal_q: bool = True,
+             draws: int = 8, seed: int = 0) -> Tensor:
+    """∂J/∂δ_t for t = 0..horizon, δ_t a shift added to the policy's log σ at imagined step t (t = horizon: the
+    terminal actions), J the actor's objective without its entropy term (`maac_policy_loss` at α = 0) from
+    `start_states`, mean over `draws` noise draws. Negative: noise at that step costs return, so the
+    objective pulls σ down there. `rewards` / `terminal_q` False zero that part of J, splitting the pull by
+    source; the same `seed` draws the same noise, so the two parts sum to the whole."""
+    agent, cfg = run.agent, run.config.agent
+
+    def no_q(s: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        return s.new_zeros(s.shape[0]), s.new_zeros(s.shape[0])
+
+    def no_reward(s: Tensor, a: Tensor, s2: Tensor) -> Tensor:
+        return s.new_zeros(s.shape[0])
+
+    delta = torch.zeros(horizon + 1, requires_grad=True)
+    grads = []
+    with torch.random.fork_rng(), frozen(agent.critic, run.model):
+        torch.manual_seed(seed)
+        for _ in range(draws):
+            step = iter(range(horizon + 1))  # maac_policy_loss calls the policy once per imagined step, in order
+            pl = maac_policy_loss(
+                start_states, lambda s, r: agent.actor.sample(s, repeat=r, log_std_shift=delta[next(step)]),
+                run.model.step, agent.critic if terminal_q else no_q, run.task.reward_fn if rewards else no_reward,
+                agent.termination_fn, horizon=horizon, num_samples=cfg.num_samples,
+                terminal_q_samples=cfg.terminal_q_samples, gamma=cfg.gamma, alpha=0.0)
+            grads.append(torch.autograd.grad(-pl.loss, delta)[0])
+    return torch.stack(grads).mean(0)
+
+
+def entropy_pressure(run: LoadedRun, start_states: Tensor, *, draws: int = 8, seed: int = 0) -> dict[str, Any]:
+    """What sets α: the entropy bonus's push on the first action's log σ against the objective's pull.
+
+    push = α·∂E[−log π(a_0|s_0)]/∂δ_0; pull = `std_pull` at the run's horizon, per imagined step and, at the
+    first step, split into model rewards and terminal Q; and the first step's pull at horizons 0 (SAC's
+    Q-only actor), 1, 2 and the run's own. An actor at its entropy target has push + Σ pull ≈ 0, so α is
+    roughly −Σ pull / (∂E[−log π]/∂δ_0): whatever inflates the pull inflates α."""
+    agent, horizon = run.agent, run.config.agent.horizon
+    delta = torch.zeros((), requires_grad=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        _, log_prob = agent.actor.sample(start_states, log_std_shift=delta)
+    (entropy_slope,) = torch.autograd.grad(-log_prob.mean(), delta)
+    pull = std_pull(run, start_states, horizon, draws=draws, seed=seed)
+    by_horizon = {h: float(std_pull(run, start_states, h, draws=draws, seed=seed)[0])
+                  for h in sorted({0, 1, 2, horizon})}
+    first = {name: float(std_pull(run, start_states, horizon, rewards=r, terminal_q=q, draws=draws, seed=seed)[0])
+             for name, r, q in (("rewards_only", True, False), ("terminal_q_only", False, True))}
+    return {"alpha": agent.alpha, "entropy": -float(log_prob.detach().mean()), "entropy_slope": float(entropy_slope),
+            "push": agent.alpha * float(entropy_slope), "pull_by_step": pull.tolist(),
+            "pull_first_step": first, "pull_first_step_by_horizon": by_horizon}
+
+
 def diagnose(run: LoadedRun, seeds: list[int]) -> list[dict[str, Any]]:
     """Per reset seed, a deterministic episode (how the evaluation ends, the ensemble's foresight of a
     termination and of the actor's H-step return) and a stochastic one from the same reset (the critic's
@@ -227,5 +285,5 @@ def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> i
     return 0
 
 
-__all__ = ["critic_bias", "diagnose", "diagnose_from_cli", "mean_critic_bias", "elites_predicting_end", "measured_soft_returns",
-           "model_return", "rollout_episode", "soft_returns"]
+__all__ = ["critic_bias", "diagnose", "diagnose_from_cli", "elites_predicting_end", "entropy_pressure",
+           "mean_critic_bias", "measured_soft_returns", "model_return", "rollout_episode", "soft_returns", "std_pull"]

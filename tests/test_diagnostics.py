@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 from maac_robot import cli
+from maac_robot.agent import maac_policy_loss
 from maac_robot.config import config_from_dict
-from maac_robot.diagnostics import diagnose, mean_critic_bias, measured_soft_returns, model_return, soft_returns
+from maac_robot.diagnostics import (diagnose, entropy_pressure, mean_critic_bias, measured_soft_returns, model_return,
+                                    soft_returns, std_pull)
 from maac_robot.trainer import load_run, train
 
 from test_trainer import _tiny
@@ -98,3 +100,45 @@ def test_mean_critic_bias_leaves_the_training_rng_alone(tiny_run: Path) -> None:
     lengths = [r["stochastic_length"] for r in rows]
     pooled = sum(r["q_bias_mean"] * n for r, n in zip(rows, lengths)) / sum(lengths)
     assert bias == pytest.approx(pooled, abs=0.1)  # per-episode means are rounded to 0.1
+
+
+def _objective(run, starts: torch.Tensor, shift: torch.Tensor, seed: int) -> float:
+    """The actor's objective without entropy, with `shift` added to log σ at each imagined step, seeded as std_pull."""
+    cfg, agent = run.config.agent, run.agent
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        step = iter(range(len(shift)))
+        pl = maac_policy_loss(starts, lambda s, r: agent.actor.sample(s, repeat=r, log_std_shift=shift[next(step)]),
+                              run.model.step, agent.critic, run.task.reward_fn, agent.termination_fn,
+                              horizon=len(shift) - 1, num_samples=cfg.num_samples,
+                              terminal_q_samples=cfg.terminal_q_samples, gamma=cfg.gamma, alpha=0.0)
+    return -float(pl.loss)
+
+
+def test_std_pull_is_the_derivative_of_the_objective_in_each_steps_log_std(tiny_run: Path) -> None:
+    run = load_run(tiny_run)
+    horizon = run.config.agent.horizon
+    starts = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)) * 0.02  # near upright: no terminations
+    pull = std_pull(run, starts, horizon, draws=1, seed=3)
+    assert pull.shape == (horizon + 1,)
+    eps = 1e-2
+    for t in range(horizon + 1):
+        e = torch.zeros(horizon + 1)
+        e[t] = eps
+        fd = (_objective(run, starts, e, 3) - _objective(run, starts, -e, 3)) / (2 * eps)
+        assert float(pull[t]) == pytest.approx(fd, rel=0.05, abs=1e-4)
+
+
+def test_entropy_pressure_splits_the_first_steps_pull_by_source_and_horizon(tiny_run: Path) -> None:
+    run = load_run(tiny_run)
+    starts = torch.randn(32, 4, generator=torch.Generator().manual_seed(1)) * 0.02
+    p = entropy_pressure(run, starts, draws=2)
+    horizon = run.config.agent.horizon
+    assert len(p["pull_by_step"]) == horizon + 1
+    parts = p["pull_first_step"]
+    # same noise for each part: model rewards and terminal Q add up to the whole pull
+    assert parts["rewards_only"] + parts["terminal_q_only"] == pytest.approx(p["pull_by_step"][0], rel=1e-4, abs=1e-6)
+    assert set(p["pull_first_step_by_horizon"]) == {0, 1, 2}
+    assert p["pull_first_step_by_horizon"][horizon] == pytest.approx(p["pull_by_step"][0])
+    assert p["push"] == pytest.approx(p["alpha"] * p["entropy_slope"]) and p["entropy_slope"] > 0
+    assert entropy_pressure(run, starts, draws=2) == p  # seeded
