@@ -716,6 +716,8 @@ def report(note: str | None = None) -> str:
         lines += _diagnosis_table(json.loads(DIAGNOSE_JSON.read_text()))
     if CRITIC_PROBE_JSON.is_file():
         lines += _probe_table(json.loads(CRITIC_PROBE_JSON.read_text()))
+    if ENTROPY_PRESSURE_JSON.is_file():
+        lines += _entropy_pressure_table(json.loads(ENTROPY_PRESSURE_JSON.read_text()))
     for task, algos in sorted(found.items()):
         curves, members, partial, table = {}, {}, {}, {}
         for algo, runs in sorted(algos.items()):
@@ -845,6 +847,29 @@ def _probe_table(d: dict[str, Any]) -> list[str]:
         lines += [f"| {name} | " + " | ".join(f"{b:+.1f}" for _, b in curve) + " |" for name, curve in curves.items()]
         lines.append("")
     return lines
+
+
+def _entropy_pressure_table(d: dict[str, Any]) -> list[str]:
+    """Per checkpoint: the entropy bonus's push on the first action's log σ against the objective's pull."""
+    lines = ["### What sets the temperature α: entropy push against the objective's pull on log σ", "",
+             "`python benchmarks/sample_efficiency.py entropy-pressure --run RUN_DIR` (each row's exact command and "
+             "date are in `benchmarks/entropy_pressure.json`); `maac_robot.diagnostics.entropy_pressure` on start "
+             "states drawn from the checkpoint's D_env and D_model as an actor batch is. A shift δ_t added to the "
+             "policy's log σ at imagined step t: *pull* = ∂J/∂δ_t of the actor's objective without its entropy term "
+             "(negative: noise there costs return), *push* = α·∂E[−log π(a₀)]/∂δ₀. Auto-α holds the first "
+             "action's entropy at its target, so it settles where push ≈ −Σ pull: a larger pull means a larger α. "
+             "First-step pull split by source (model rewards / terminal Q, same noise) and by actor horizon "
+             "(0 = SAC's Q-only actor on the same checkpoint).", "",
+             "| run | env step | α | push | pull by step t = 0…H (H: terminal actions) | 1st-step pull: rewards / "
+             "terminal Q | 1st-step pull at horizon " + "/".join(["0", "1", "2", "H"]) + " |",
+             "|---|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        by_h = r["pull_first_step_by_horizon"]
+        lines.append(f"| {r['run'].removeprefix('benchmarks/runs/')} | {r['env_step']} | {r['alpha']:.3f} | "
+                     f"{r['push']:+.3f} | {' '.join(f'{v:+.3f}' for v in r['pull_by_step'])} | "
+                     f"{r['pull_first_step']['rewards_only']:+.3f} / {r['pull_first_step']['terminal_q_only']:+.3f} | "
+                     + " / ".join(f"{v:+.3f}" for v in by_h.values()) + f" (H={len(r['pull_by_step']) - 1}) |")
+    return lines + [""]
 
 
 def _legend_name(algo: str) -> str:

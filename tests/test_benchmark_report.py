@@ -86,3 +86,16 @@ def test_a_run_marked_stopped_is_not_called_open(tmp_path: Path) -> None:
     meta = sample_efficiency.json.loads((run_dir / "meta.json").read_text())
     runs = [{"meta": meta, "rows": [{"env_step": 1000, "eval_return_mean": 0}, {"env_step": 2000, "eval_return_mean": 50}]}]
     assert "(not run to 3000)" in sample_efficiency._target_verdict(runs, 100.0, 3000)
+
+
+def test_entropy_pressure_table_one_row_per_checkpoint() -> None:
+    row = {"run": "benchmarks/runs/half_cheetah/a", "env_step": 16000, "alpha": 0.3047, "push": 1.4846,
+           "pull_by_step": [-1.4998, -0.1078, -0.028, -0.0193, -0.0212],
+           "pull_first_step": {"rewards_only": -0.0819, "terminal_q_only": -1.4179},
+           "pull_first_step_by_horizon": {"0": -0.0645, "1": -0.2784, "2": -0.6643, "4": -1.4998}}
+    lines = sample_efficiency._entropy_pressure_table({"runs": [row, {**row, "env_step": 20000}]})
+    rows = [line for line in lines if line.startswith("| half_cheetah/a |")]
+    assert len(rows) == 2 and "| 16000 | 0.305 | +1.485 |" in rows[0] and "| 20000 |" in rows[1]
+    assert "-0.082 / -1.418" in rows[0] and "-0.065 / -0.278 / -0.664 / -1.500 (H=4)" in rows[0]
+    header = next(line for line in lines if line.startswith("| run |"))
+    assert all(r.count("|") == header.count("|") for r in rows)

@@ -36,3 +36,28 @@ def test_critic_probe_restarts_each_variant_from_the_checkpoint(tmp_path: Path) 
     assert all(math.isfinite(v) for row in fit.values() for v in row.values())
     assert math.isfinite(result["episode_reward"])
     assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == before  # the run itself is only read
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("bench") / "run"
+    train(config_from_dict(_tiny(train={"total_steps": 200})), run_dir, progress=False)
+    sample_efficiency._write_meta(run_dir, "maac", "inverted_pendulum", 0, 200, 1)
+    return run_dir
+
+
+def test_entropy_pressure_run_draws_start_states_from_the_checkpoints_buffers(tiny_run: Path) -> None:
+    before = (tiny_run / "checkpoints" / "latest.pt").read_bytes()
+    row = sample_efficiency.entropy_pressure_run(tiny_run, states=64, draws=2, name="tiny")
+    assert (row["run"], row["env_step"], row["states"]) == ("tiny", 200, 64)
+    assert len(row["pull_by_step"]) == 3 and all(math.isfinite(v) for v in row["pull_by_step"])  # horizon 2
+    assert row == sample_efficiency.entropy_pressure_run(tiny_run, states=64, draws=2, name="tiny")  # seeded
+    assert (tiny_run / "checkpoints" / "latest.pt").read_bytes() == before
+
+
+def test_branch_run_copies_the_checkpoint_and_records_where_it_branched(tiny_run: Path, tmp_path: Path) -> None:
+    branch = tmp_path / "maac[horizon=1]-s0"
+    assert sample_efficiency.branch_run(tiny_run, branch) == {"run": "maac-s0", "env_step": 200}
+    assert (branch / "checkpoints" / "latest.pt").read_bytes() == (tiny_run / "checkpoints" / "latest.pt").read_bytes()
+    with pytest.raises(SystemExit, match="already has a checkpoint"):
+        sample_efficiency.branch_run(tiny_run, branch)
