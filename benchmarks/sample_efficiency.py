@@ -148,6 +148,8 @@ def branch_run(source: Path, run_dir: Path) -> dict[str, Any]:
     meta_path = run_dir / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["branched_from"] = {"run": f"{meta['algo']}-s{meta['seed']}", "env_step": env_step}
+    meta["algo"] = run_dir.name.rpartition("-s")[0]  # the variant's label: the report groups runs by it
+    meta["command"] = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     meta_path.write_text(json.dumps(meta, indent=1))
     return meta["branched_from"]
 
@@ -742,6 +744,8 @@ def report(note: str | None = None) -> str:
         for algo, runs in sorted(algos.items()):
             seeds = ", ".join(f"seed {r['meta']['seed']}: {r['rows'][-1]['env_step']}/{r['meta']['planned_steps']} steps"
                               + (f" (stopped: {r['meta']['stopped']['why']})" if "stopped" in r["meta"] else "")
+                              + (" (branched from {run} at its {env_step}-step checkpoint: the curve up to there is "
+                                 "that run's)".format(**r["meta"]["branched_from"]) if "branched_from" in r["meta"] else "")
                               for r in runs)
             commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["meta"]["command"] for r in runs))
             lines.append(f"- {_display(algo)}: {seeds}; training time per 1000 env steps: {_cost(runs)}; "

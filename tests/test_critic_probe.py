@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def test_entropy_pressure_run_draws_start_states_from_the_checkpoints_buffers(ti
 def test_branch_run_copies_the_checkpoint_and_records_where_it_branched(tiny_run: Path, tmp_path: Path) -> None:
     branch = tmp_path / "maac[horizon=1]-s0"
     assert sample_efficiency.branch_run(tiny_run, branch) == {"run": "maac-s0", "env_step": 200}
+    assert json.loads((branch / "meta.json").read_text())["algo"] == "maac[horizon=1]"  # reported as the variant
     assert (branch / "checkpoints" / "latest.pt").read_bytes() == (tiny_run / "checkpoints" / "latest.pt").read_bytes()
     with pytest.raises(SystemExit, match="already has a checkpoint"):
         sample_efficiency.branch_run(tiny_run, branch)
