@@ -20,7 +20,9 @@ evaluation schedule and the same evaluation reset seeds (`maac_robot.trainer.eva
 deterministic policy. SAC uses SB3's SAC with the usual settings (256x256, lr 3e-4, batch 256,
 tau 5e-3, one gradient step per env step) on Gymnasium's default observation (SAC has no
 reason to see the root position). MAAC uses configs/<task>.yaml unchanged apart from seed and
-budget. Runs live under benchmarks/runs/ (git-ignored); `report` summarises them.
+budget. Runs live under benchmarks/runs/TASK/LABEL-sSEED/: their checkpoints and logs are git-ignored,
+their records (meta.json, config.yaml, metrics.jsonl) are committed, so `report` can regenerate
+RESULTS.md from any clone (a lost machine once took sessions 1-7's records with it).
 """
 
 from __future__ import annotations

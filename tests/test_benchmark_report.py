@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +101,22 @@ def test_entropy_pressure_table_one_row_per_checkpoint() -> None:
     assert "-0.082 / -1.418" in rows[0] and "-0.065 / -0.278 / -0.664 / -1.500 (H=4)" in rows[0]
     header = next(line for line in lines if line.startswith("| run |"))
     assert all(r.count("|") == header.count("|") for r in rows)
+
+
+@pytest.mark.parametrize(("relpath", "ignored"), [
+    ("checkpoints/latest.pt", True),  # large, and only needed to resume on the machine that trained
+    ("checkpoints/latest.pt.tmp", True),
+    ("train.log", True),
+    ("learning_curve.png", True),
+    ("metrics.jsonl", False),  # the record the report is built from: committed, so a lost machine loses no result
+    ("meta.json", False),
+    ("config.yaml", False),
+])
+def test_benchmark_run_records_are_committed_and_checkpoints_are_not(relpath: str, ignored: bool) -> None:
+    git = shutil.which("git")
+    root = _PATH.parents[1]
+    if git is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    path = sample_efficiency.RUNS / "hopper" / "maac[num_samples=1]-s0" / relpath
+    result = subprocess.run([git, "check-ignore", "-q", "--no-index", str(path.relative_to(root))], cwd=root)
+    assert result.returncode == (0 if ignored else 1), f"{relpath}: git check-ignore exit {result.returncode}"
