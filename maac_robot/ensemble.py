@@ -42,15 +42,23 @@ class GaussianEnsemble(nn.Module):
     """M probabilistic MLPs over (state[net_obs_idx], action) -> N(Δstate [, reward]) in normalised units."""
 
     def __init__(self, state_dim: int, act_dim: int, *, num_models: int, num_elites: int, hidden: int, layers: int,
-                 learn_reward: bool, net_obs_idx: tuple[int, ...] | list[int], min_logvar: float, max_logvar: float):
+                 learn_reward: bool, net_obs_idx: tuple[int, ...] | list[int], min_logvar: float, max_logvar: float,
+                 scored_idx: tuple[int, ...] | list[int] | None = None):
+        """`scored_idx`: the state dims whose holdout error decides early stopping and elites (None: all).
+        Dims left out are still predicted, but sensor noise no model can fit does not stop the fit early."""
         super().__init__()
         if not 0 < num_elites <= num_models:
             raise ValueError(f"num_elites must be in 1..num_models ({num_models}), got {num_elites}")
-        if not all(0 <= i < state_dim for i in net_obs_idx):
-            raise ValueError(f"net_obs_idx must index into the {state_dim} state dims, got {tuple(net_obs_idx)}")
+        for name, idx in (("net_obs_idx", net_obs_idx), ("scored_idx", range(state_dim) if scored_idx is None else scored_idx)):
+            if not idx or not all(0 <= i < state_dim for i in idx):
+                raise ValueError(f"{name} must index into the {state_dim} state dims, got {tuple(idx)}")
         self.state_dim, self.act_dim, self.num_models, self.learn_reward = state_dim, act_dim, num_models, learn_reward
         self.register_buffer("net_obs_idx", torch.as_tensor(list(net_obs_idx), dtype=torch.long))
         in_dim, out_dim = len(net_obs_idx) + act_dim, state_dim + int(learn_reward)
+        # Output columns of the holdout error: the scored state dims and the learned reward. Derived from the
+        # env, not learned, so kept out of the state dict (checkpoints from before it still load).
+        scored = list(range(state_dim) if scored_idx is None else scored_idx) + ([state_dim] if learn_reward else [])
+        self.register_buffer("scored_idx", torch.as_tensor(scored, dtype=torch.long), persistent=False)
         dims = [in_dim] + [hidden] * layers + [2 * out_dim]
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_models, i, o)) for i, o in zip(dims, dims[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(num_models, 1, o)) for o in dims[1:])
@@ -148,12 +156,12 @@ class GaussianEnsemble(nn.Module):
 
     @torch.no_grad()
     def _holdout_mse(self, state: Tensor, action: Tensor, target: Tensor) -> Tensor:
-        """Per-member MSE of the mean on normalised targets, averaged over rows and output dims: [M]."""
+        """Per-member MSE of the mean on normalised targets, averaged over rows and the scored output dims: [M]."""
         m, total = self.num_models, torch.zeros(self.num_models, device=state.device)
         for i in range(0, state.shape[0], _HOLDOUT_CHUNK):
             s, a, y = (t[i:i + _HOLDOUT_CHUNK] for t in (state, action, target))
             mean, _ = self(s.expand(m, -1, -1), a.expand(m, -1, -1))
-            total += (mean - y).square().mean(-1).sum(-1)
+            total += (mean - y).index_select(-1, self.scored_idx).square().mean(-1).sum(-1)
         return total / state.shape[0]
 
     def fit(self, state: Tensor | np.ndarray, action: Tensor | np.ndarray, next_state: Tensor | np.ndarray,

@@ -156,6 +156,34 @@ def test_early_stopping_keeps_each_members_best_weights():
     assert model.elites.tolist() == per_member.argsort()[:3].tolist()
 
 
+def test_holdout_error_ignores_unscored_dims():
+    """A state dim that is pure noise (Ant's contact forces) is predicted but left out of the holdout error,
+    so it neither decides early stopping nor picks the elites; the learned reward column is always scored."""
+    g = torch.Generator().manual_seed(2)
+    state, action = torch.randn(400, S, generator=g), torch.rand(400, A, generator=g) * 2 - 1
+    next_state = state + 0.1 * action.sum(-1, keepdim=True)
+    next_state[:, 2] = 10 * torch.randn(400, generator=g)  # unpredictable sensor dim
+    reward = action.sum(-1)
+    torch.manual_seed(0)
+    model = GaussianEnsemble(S, A, num_models=4, num_elites=3, hidden=32, layers=2, learn_reward=True,
+                             net_obs_idx=(0, 1), min_logvar=-10.0, max_logvar=0.5, scored_idx=(0, 1))
+    assert "scored_idx" not in model.state_dict()  # derived from the env: old checkpoints still load
+    cfg = ModelConfig(num_models=4, num_elites=3, hidden=32, layers=2, lr=3e-3, batch_size=64, max_epochs=30)
+    stats = model.fit(state, action, next_state, reward, cfg, torch.Generator().manual_seed(4))
+    _, hold = holdout_split(400, cfg.holdout_ratio, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        mean, _ = model(state[hold].expand(4, -1, -1), action[hold].expand(4, -1, -1))
+    target = (torch.cat([next_state - state, reward[:, None]], -1)[hold] - model.out_mean) / model.out_std
+    per_dim = (mean - target).square().mean(1)  # [M, S + 1]
+    scored = per_dim[:, [0, 1, 3]].mean(-1)
+    assert scored.mean().item() == pytest.approx(stats["holdout_mse"], rel=1e-4)
+    assert per_dim[:, 2].mean() > 5 * scored.mean()  # the noise dim would have dominated an all-dims average
+    assert model.elites.tolist() == scored.argsort()[:3].tolist()
+    with pytest.raises(ValueError, match="scored_idx"):
+        ensemble().__class__(S, A, num_models=2, num_elites=1, hidden=8, layers=1, learn_reward=False,
+                             net_obs_idx=(0,), min_logvar=-10.0, max_logvar=0.5, scored_idx=(0, S))
+
+
 def test_learned_reward_head():
     """Envs without a closed-form reward: the ensemble's extra output learns r(s, a) = -|s|^2 - 0.1 |a|^2."""
     g = torch.Generator().manual_seed(0)
