@@ -7,16 +7,13 @@ evaluated from (state, action, next_state) alone. Networks must not see absolute
 unbounded and irrelevant to the dynamics): `EnvInfo.net_obs_idx` lists the dims they may use.
 
 Ant-v5's state also ends with 78 clipped contact forces (13 bodies x 6). The contact cost reads them, so
-they stay in the state and the ensemble predicts them, but no network sees them: they are mostly zero and
-the rest is noise a model cannot predict (holdout MSE ~0.5 in normalised units against ~0.1 for the joint
-positions), and with them as inputs and in the fit criterion an Ant run early-stopped its ensemble after
-5 epochs and its critic diverged (benchmarks/RESULTS.md, issue 2). The networks then see Ant's qpos[2:]
-and qvel, the 27-dim observation of the MAAC and MBPO papers. `EnvInfo.model_scored_idx` lists the state
-dims the ensemble's holdout error is measured on: the root position the reward reads plus what networks see.
-
-Any other Gymnasium env with a 1-D Box observation and a Box action space works too: its state is
-the default observation, networks see all of it, the ensemble learns its reward, and imagined
-rollouts assume it never terminates (`terminates=False`) because nothing tells us its rule.
+they stay in the state, but neither the networks see them nor the ensemble predicts them (imagined
+transitions carry them over unchanged): mostly zero with rare spikes, they kept an ensemble that also had
+to predict them from learning anything (holdout MSE 1.0 after 40 epochs against 0.43 without them), and
+that run's critic diverged (benchmarks/RESULTS.md, issue 2). The networks see Ant's qpos[2:] and qvel,
+the 27-dim observation of the MAAC and MBPO papers; `EnvInfo.modelled_idx` lists the dims the ensemble
+predicts. The contact cost of imagined steps is therefore that of the start state (5e-4 per unit force^2,
+~0.003 per step on real data).
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ class EnvError(UserError, ValueError):
 _KEEP_POSITIONS = {"exclude_current_positions_from_observation": False}
 
 # env id -> (gym.make kwargs, leading root-position dims hidden from networks, trailing sensor dims hidden from
-# networks (predicted, read by the reward), env has early termination)
+# networks and the ensemble (read by the reward), env has early termination)
 _BUILTIN: dict[str, tuple[dict, int, int, bool]] = {
     "InvertedPendulum-v5": ({}, 0, 0, True),  # cart position is part of the default observation and matters
     "Hopper-v5": (_KEEP_POSITIONS, 1, 0, True),
@@ -61,7 +58,7 @@ class EnvInfo:
     dt: float
     net_obs_idx: tuple[int, ...]
     terminates: bool
-    model_scored_idx: tuple[int, ...] | None = None  # state dims the ensemble's fit is judged on; None: all
+    modelled_idx: tuple[int, ...] | None = None  # state dims the ensemble predicts (others carried over); None: all
 
 
 def make_env(env_id: str, seed: int | None = None, max_episode_steps: int | None = None,
@@ -113,6 +110,6 @@ def env_info(env_id: str) -> EnvInfo:
         end = state_dim - sensors
         return EnvInfo(env_id=env_id, state_dim=state_dim, act_dim=int(low.shape[0]), act_low=low, act_high=high,
                        dt=_control_period(env), net_obs_idx=tuple(range(root, end)), terminates=terminates,
-                       model_scored_idx=tuple(range(end)))
+                       modelled_idx=tuple(range(end)))
     finally:
         env.close()

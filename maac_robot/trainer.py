@@ -117,7 +117,7 @@ def build_components(cfg: Config, device: torch.device) -> tuple[Task, MAACAgent
         info.state_dim, info.act_dim, num_models=cfg.model.num_models, num_elites=cfg.model.num_elites,
         hidden=cfg.model.hidden, layers=cfg.model.layers, learn_reward=task.reward_fn is None,
         net_obs_idx=info.net_obs_idx, min_logvar=cfg.model.min_logvar, max_logvar=cfg.model.max_logvar,
-        scored_idx=info.model_scored_idx,
+        modelled_idx=info.modelled_idx,
     ).to(device)
     return task, agent, model
 

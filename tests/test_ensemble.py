@@ -156,9 +156,9 @@ def test_early_stopping_keeps_each_members_best_weights():
     assert model.elites.tolist() == per_member.argsort()[:3].tolist()
 
 
-def test_holdout_error_ignores_unscored_dims():
-    """A state dim that is pure noise (Ant's contact forces) is predicted but left out of the holdout error,
-    so it neither decides early stopping nor picks the elites; the learned reward column is always scored."""
+def test_unmodelled_dims_are_carried_over_and_left_out_of_the_fit():
+    """A state dim that is pure noise (Ant's contact forces) is not predicted: imagined steps carry it over
+    unchanged (zero variance), and it neither shapes the fit nor the holdout error that picks the elites."""
     g = torch.Generator().manual_seed(2)
     state, action = torch.randn(400, S, generator=g), torch.rand(400, A, generator=g) * 2 - 1
     next_state = state + 0.1 * action.sum(-1, keepdim=True)
@@ -166,22 +166,25 @@ def test_holdout_error_ignores_unscored_dims():
     reward = action.sum(-1)
     torch.manual_seed(0)
     model = GaussianEnsemble(S, A, num_models=4, num_elites=3, hidden=32, layers=2, learn_reward=True,
-                             net_obs_idx=(0, 1), min_logvar=-10.0, max_logvar=0.5, scored_idx=(0, 1))
-    assert "scored_idx" not in model.state_dict()  # derived from the env: old checkpoints still load
+                             net_obs_idx=(0, 1), min_logvar=-10.0, max_logvar=0.5, modelled_idx=(0, 1))
+    assert "modelled_idx" not in model.state_dict() and model.out_std.shape == (3,)  # dims 0, 1 and the reward
     cfg = ModelConfig(num_models=4, num_elites=3, hidden=32, layers=2, lr=3e-3, batch_size=64, max_epochs=30)
     stats = model.fit(state, action, next_state, reward, cfg, torch.Generator().manual_seed(4))
     _, hold = holdout_split(400, cfg.holdout_ratio, torch.Generator().manual_seed(4))
     with torch.no_grad():
-        mean, _ = model(state[hold].expand(4, -1, -1), action[hold].expand(4, -1, -1))
-    target = (torch.cat([next_state - state, reward[:, None]], -1)[hold] - model.out_mean) / model.out_std
-    per_dim = (mean - target).square().mean(1)  # [M, S + 1]
-    scored = per_dim[:, [0, 1, 3]].mean(-1)
-    assert scored.mean().item() == pytest.approx(stats["holdout_mse"], rel=1e-4)
-    assert per_dim[:, 2].mean() > 5 * scored.mean()  # the noise dim would have dominated an all-dims average
-    assert model.elites.tolist() == scored.argsort()[:3].tolist()
-    with pytest.raises(ValueError, match="scored_idx"):
-        ensemble().__class__(S, A, num_models=2, num_elites=1, hidden=8, layers=1, learn_reward=False,
-                             net_obs_idx=(0,), min_logvar=-10.0, max_logvar=0.5, scored_idx=(0, S))
+        pred, logvar, pred_reward, _ = model.predict_all(state[hold], action[hold])
+        stepped, _ = model.step(state[hold], action[hold], generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(pred[..., 2], state[hold, 2].expand(4, -1))  # carried over
+    assert torch.equal(stepped[:, 2], state[hold, 2]) and (logvar[..., 2] < -19).all()
+    target = torch.cat([next_state[:, :2] - state[:, :2], reward[:, None]], -1)[hold]
+    per_member = ((torch.cat([pred[..., :2] - state[hold, :2], pred_reward[..., None]], -1) - target)
+                  / model.out_std).square().mean((1, 2))
+    assert per_member.mean().item() == pytest.approx(stats["holdout_mse"], rel=1e-4)
+    assert stats["holdout_mse"] < 0.2  # learnable once the noise dim is out of the targets
+    assert model.elites.tolist() == per_member.argsort()[:3].tolist()
+    with pytest.raises(ValueError, match="modelled_idx"):
+        GaussianEnsemble(S, A, num_models=2, num_elites=1, hidden=8, layers=1, learn_reward=False,
+                         net_obs_idx=(0,), min_logvar=-10.0, max_logvar=0.5, modelled_idx=(0, S))
 
 
 def test_learned_reward_head():

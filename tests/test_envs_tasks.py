@@ -11,7 +11,7 @@ from maac_robot.tasks import get_task
 
 BUILTIN = ["InvertedPendulum-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5"]
 ROOT_DIMS = {"InvertedPendulum-v5": 0, "Hopper-v5": 1, "HalfCheetah-v5": 1, "Walker2d-v5": 1, "Ant-v5": 2}
-SENSOR_DIMS = {"Ant-v5": 78}  # trailing dims predicted but hidden from networks: Ant's clipped contact forces
+SENSOR_DIMS = {"Ant-v5": 78}  # trailing dims neither networks see nor the ensemble predicts: Ant's contact forces
 
 
 def rollout(env_id: str, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -106,7 +106,7 @@ def test_state_holds_root_position_and_networks_do_not_see_it(env_id):
     np.testing.assert_array_equal(state[:k], env.unwrapped.data.qpos[:k])
     end = info.state_dim - SENSOR_DIMS.get(env_id, 0)
     assert info.net_obs_idx == tuple(range(k, end))
-    assert info.model_scored_idx == tuple(range(end))  # the root position the reward reads + what networks see
+    assert info.modelled_idx == tuple(range(end))  # the root position the reward reads + what networks see
     if env_id == "Ant-v5":  # what is hidden is exactly the contact forces; the networks see the papers' 27 dims
         np.testing.assert_array_equal(state[end:], env.unwrapped.contact_forces[1:].flatten())  # [0]: world body
         assert len(info.net_obs_idx) == 27
