@@ -67,6 +67,7 @@ class GaussianEnsemble(nn.Module):
             self._embed = None
         else:
             self.register_buffer("_embed", torch.eye(state_dim)[modelled], persistent=False)
+            self.register_buffer("_carried", 1.0 - self._embed.sum(0), persistent=False)  # 1 where carried over
         dims = [in_dim] + [hidden] * layers + [2 * out_dim]
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_models, i, o)) for i, o in zip(dims, dims[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(num_models, 1, o)) for o in dims[1:])
@@ -128,7 +129,8 @@ class GaussianEnsemble(nn.Module):
         """Modelled dims [..., K] -> full state dims [..., S], `fill` in the dims that are carried over."""
         if self._embed is None:
             return x
-        return x @ self._embed + fill * (1.0 - self._embed.sum(0))
+        full = x @ self._embed
+        return full if fill == 0.0 else full + fill * self._carried
 
     def step(self, state: Tensor, action: Tensor, *, sample: bool = True,
              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:

@@ -14,6 +14,10 @@ that run's critic diverged (benchmarks/RESULTS.md, issue 2). The networks see An
 the 27-dim observation of the MAAC and MBPO papers; `EnvInfo.modelled_idx` lists the dims the ensemble
 predicts. The contact cost of imagined steps is therefore that of the start state (5e-4 per unit force^2,
 ~0.003 per step on real data).
+
+Any other Gymnasium env with a 1-D Box observation and a Box action space works too: its state is
+the default observation, networks see all of it, the ensemble learns its reward, and imagined
+rollouts assume it never terminates (`terminates=False`) because nothing tells us its rule.
 """
 
 from __future__ import annotations
