@@ -91,6 +91,47 @@ def _label(algo: str, variant: dict[str, Any]) -> str:
     return algo + "[" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items()) + "]"
 
 
+# Fields that say how long or where a run ran, not what it computes: not part of a run's label.
+_NOT_VARIANT = ("train.seed", "train.total_steps", "train.num_threads")
+
+
+def config_variant(task: str, config_yaml: Path) -> dict[str, Any]:
+    """What a run's resolved config (its config.yaml) changes from configs/<task>.yaml, as dotted keys.
+
+    A run's label must equal this: labels are read against the config as it is now, so a change to
+    configs/<task>.yaml turns the label of every earlier run into a claim about a different config. The
+    test suite checks every committed record, and `run` refuses to resume one whose label went stale."""
+    from maac_robot.config import load_config
+
+    ran = load_config(config_yaml).model_dump(mode="json")
+    base = load_config(ROOT / "configs" / f"{task}.yaml").model_dump(mode="json")
+    return {f"{section}.{key}": value for section, fields in ran.items() for key, value in fields.items()
+            if f"{section}.{key}" not in _NOT_VARIANT and base[section][key] != value}
+
+
+def label_overrides(label: str) -> dict[str, str]:
+    """'maac[tau=0.02,steve_horizon=5]' -> {'tau': '0.02', 'steve_horizon': '5'} (short keys, as labels write them)."""
+    _, _, rest = label.partition("[")
+    return dict(item.split("=", 1) for item in rest.rstrip("]").split(",")) if rest else {}
+
+
+def _same_value(written: str, value: Any) -> bool:
+    import yaml
+
+    loaded = yaml.safe_load(written)
+    try:
+        return float(loaded) == float(value)  # '1e-3' (YAML 1.1 reads it as a string) == 0.001
+    except (TypeError, ValueError):
+        return loaded == value
+
+
+def label_matches(label: str, variant: dict[str, Any]) -> bool:
+    """Whether a label's overrides say exactly what `variant` (from `config_variant`) changes."""
+    written = label_overrides(label)
+    short = {key.split(".")[-1]: value for key, value in variant.items()}
+    return written.keys() == short.keys() and all(_same_value(written[k], short[k]) for k in written)
+
+
 def _display(label: str) -> str:
     name, bracket, rest = label.partition("[")
     return name.upper() + bracket + rest
@@ -132,6 +173,11 @@ def run_maac(task: str, seed: int, steps: int, run_dir: Path, threads: int | Non
 
     cfg = _config(task, seed, steps, threads, variant)
     resume = (run_dir / "checkpoints" / "latest.pt").is_file()
+    if resume and not label_matches(run_dir.name.rpartition("-s")[0], config_variant(task, run_dir / "config.yaml")):
+        raise SystemExit(
+            f"{run_dir} ran a config that its label no longer names (configs/{task}.yaml changed since): "
+            f"it changes {config_variant(task, run_dir / 'config.yaml')} from the config as it is now. "
+            "Rename the run after what it changes before resuming it, or start the variant afresh.")
     _write_meta(run_dir, _label("maac", variant), task, seed, steps, cfg.train.num_threads or os.cpu_count() or 1,
                 resumed=resume)
     train(cfg, run_dir, resume=resume, progress=False)

@@ -120,3 +120,34 @@ def test_benchmark_run_records_are_committed_and_checkpoints_are_not(relpath: st
     path = sample_efficiency.RUNS / "hopper" / "maac[num_samples=1]-s0" / relpath
     result = subprocess.run([git, "check-ignore", "-q", "--no-index", str(path.relative_to(root))], cwd=root)
     assert result.returncode == (0 if ignored else 1), f"{relpath}: git check-ignore exit {result.returncode}"
+
+
+def _maac_records() -> list[Path]:
+    return sorted(p.parent for p in sample_efficiency.RUNS.glob("*/maac*/config.yaml"))
+
+
+@pytest.mark.parametrize("run_dir", _maac_records(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_each_committed_runs_label_names_what_its_config_changes(run_dir: Path) -> None:
+    """The report groups runs by label and reads each label against configs/<task>.yaml as it is now; a
+    config change that is not followed by renaming the earlier runs would make their labels lie."""
+    label = run_dir.name.rpartition("-s")[0]
+    variant = sample_efficiency.config_variant(run_dir.parent.name, run_dir / "config.yaml")
+    assert sample_efficiency.label_matches(label, variant), f"{run_dir.name} ran {variant}"
+
+
+def test_label_matching_reads_values_and_keys() -> None:
+    variant = {"agent.tau": 0.02, "agent.lr": 0.001}
+    assert sample_efficiency.label_matches("maac[lr=1e-3,tau=0.02]", variant)
+    assert not sample_efficiency.label_matches("maac[tau=0.02]", variant)
+    assert not sample_efficiency.label_matches("maac[lr=1e-3,tau=0.05]", variant)
+    assert sample_efficiency.label_matches("maac", {})
+    assert sample_efficiency.label_matches("maac-contact-inputs", {})
+
+
+def test_config_variant_ignores_seed_budget_and_threads(tmp_path: Path) -> None:
+    from maac_robot.config import load_config, save_config
+
+    cfg = load_config(sample_efficiency.ROOT / "configs" / "hopper.yaml",
+                      {"train.seed": 3, "train.total_steps": 7, "train.num_threads": 2, "agent.tau": 0.5})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert sample_efficiency.config_variant("hopper", tmp_path / "config.yaml") == {"agent.tau": 0.5}
