@@ -165,6 +165,25 @@ def _write_meta(run_dir: Path, algo: str, task: str, seed: int, steps: int, thre
     path.write_text(json.dumps(meta, indent=1))
 
 
+def _claim_record(run_dir: Path, algo: str, restart: bool) -> None:
+    """Refuse to write into a committed record that this checkout cannot continue (unless `restart`).
+
+    A MAAC run resumes from its checkpoint; a record without one (trained on another machine: checkpoints
+    are not committed) or any SAC record (SB3 runs are not resumed) would otherwise be appended to or wiped
+    by a run that starts over, mixing two runs under one label or losing the record."""
+    metrics = run_dir / "metrics.jsonl"
+    resumable = algo == "maac" and (run_dir / "checkpoints" / "latest.pt").is_file()
+    if not metrics.is_file() or (resumable and not restart):
+        return
+    if not restart:
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        last = rows[-1]["env_step"] if rows else 0
+        raise SystemExit(f"{run_dir} already holds a record ({len(rows)} evaluations, to env step {last}) and no "
+                         "checkpoint to continue it from; --restart replaces it with a new run")
+    metrics.unlink()
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
 # ---- MAAC ---------------------------------------------------------------------------------------
 
 
@@ -219,7 +238,6 @@ def run_sac(task: str, seed: int, steps: int, run_dir: Path, threads: int | None
     torch.set_num_threads(threads)
     _write_meta(run_dir, "sac", task, seed, steps, threads)
     metrics = run_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)  # SB3 runs are not resumable here: a rerun starts over
     seeds = eval_seeds(seed, cfg.train.eval_episodes)
     eval_env = gym.make(cfg.env.id, max_episode_steps=cfg.env.max_episode_steps)
 
@@ -968,6 +986,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="MAAC config override (a variant, labelled as such in the report)")
     p.add_argument("--branch-from", type=Path, metavar="RUN_DIR",
                    help="start from this MAAC run's latest checkpoint instead of from scratch (one seed)")
+    p.add_argument("--restart", action="store_true",
+                   help="replace an existing record that cannot be continued (a SAC run, or a MAAC run whose "
+                        "checkpoint is not on this machine) with a new run")
     p = sub.add_parser("profile")
     p.add_argument("--task", choices=sorted(TASKS), default="half_cheetah")
     p.add_argument("--steps", type=int, default=50)
@@ -1007,6 +1028,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = RUNS / args.task / f"{_label(args.algo, variant)}-s{seed}"
             if args.branch_from:
                 print(f"branched from {branch_run(args.branch_from, run_dir)}", flush=True)
+            else:
+                _claim_record(run_dir, args.algo, args.restart)
             start = time.perf_counter()
             (run_maac if args.algo == "maac" else run_sac)(args.task, seed, args.steps, run_dir, args.threads, variant)
             print(f"{args.algo} {args.task} seed {seed}: {args.steps} steps in {time.perf_counter() - start:.0f} s",

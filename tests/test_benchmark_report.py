@@ -151,3 +151,21 @@ def test_config_variant_ignores_seed_budget_and_threads(tmp_path: Path) -> None:
                       {"train.seed": 3, "train.total_steps": 7, "train.num_threads": 2, "agent.tau": 0.5})
     save_config(cfg, tmp_path / "config.yaml")
     assert sample_efficiency.config_variant("hopper", tmp_path / "config.yaml") == {"agent.tau": 0.5}
+
+
+def test_a_record_that_cannot_be_continued_is_not_overwritten(tmp_path: Path) -> None:
+    run_dir = tmp_path / "maac-s0"
+    run_dir.mkdir()
+    record = '{"env_step": 500, "eval_return_mean": 14.2}\n'
+    (run_dir / "metrics.jsonl").write_text(record)
+    for algo in ("maac", "sac"):  # MAAC: its checkpoint is on another machine; SAC: never resumed
+        with pytest.raises(SystemExit, match="1 evaluations, to env step 500"):
+            sample_efficiency._claim_record(run_dir, algo, restart=False)
+        assert (run_dir / "metrics.jsonl").read_text() == record
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "latest.pt").write_bytes(b"x")
+    sample_efficiency._claim_record(run_dir, "maac", restart=False)  # resumable: left for the trainer
+    assert (run_dir / "metrics.jsonl").is_file()
+    sample_efficiency._claim_record(run_dir, "maac", restart=True)
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+    sample_efficiency._claim_record(tmp_path / "new-s0", "sac", restart=False)  # nothing there: nothing to do
