@@ -103,7 +103,13 @@ def config_variant(task: str, config_yaml: Path) -> dict[str, Any]:
     test suite checks every committed record, and `run` refuses to resume one whose label went stale."""
     from maac_robot.config import load_config
 
-    ran = load_config(config_yaml).model_dump(mode="json")
+    return _variant(task, load_config(config_yaml).model_dump(mode="json"))
+
+
+def _variant(task: str, ran: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`config_variant` of a resolved config (its model_dump), in the config's field order."""
+    from maac_robot.config import load_config
+
     base = load_config(ROOT / "configs" / f"{task}.yaml").model_dump(mode="json")
     return {f"{section}.{key}": value for section, fields in ran.items() for key, value in fields.items()
             if f"{section}.{key}" not in _NOT_VARIANT and base[section][key] != value}
@@ -197,8 +203,8 @@ def run_maac(task: str, seed: int, steps: int, run_dir: Path, threads: int | Non
             f"{run_dir} ran a config that its label no longer names (configs/{task}.yaml changed since): "
             f"it changes {config_variant(task, run_dir / 'config.yaml')} from the config as it is now. "
             "Rename the run after what it changes before resuming it, or start the variant afresh.")
-    _write_meta(run_dir, _label("maac", variant), task, seed, steps, cfg.train.num_threads or os.cpu_count() or 1,
-                resumed=resume)
+    threads_used = cfg.train.num_threads or os.cpu_count() or 1
+    _write_meta(run_dir, run_dir.name.rpartition("-s")[0], task, seed, steps, threads_used, resumed=resume)
     train(cfg, run_dir, resume=resume, progress=False)
 
 
@@ -1025,7 +1031,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         for seed in args.seeds:
             variant = _parse_set(args.set)
-            run_dir = RUNS / args.task / f"{_label(args.algo, variant)}-s{seed}"
+            # The label is what the resolved config changes, in field order: the same variant always lands
+            # in the same directory, and an override that restates the config is no variant at all.
+            resolved = _config(args.task, seed, args.steps, args.threads, variant).model_dump(mode="json")
+            run_dir = RUNS / args.task / f"{_label(args.algo, _variant(args.task, resolved))}-s{seed}"
             if args.branch_from:
                 print(f"branched from {branch_run(args.branch_from, run_dir)}", flush=True)
             else:

@@ -169,3 +169,14 @@ def test_a_record_that_cannot_be_continued_is_not_overwritten(tmp_path: Path) ->
     sample_efficiency._claim_record(run_dir, "maac", restart=True)
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
     sample_efficiency._claim_record(tmp_path / "new-s0", "sac", restart=False)  # nothing there: nothing to do
+
+
+def test_run_labels_follow_the_config_not_the_command_line() -> None:
+    def label(overrides: dict[str, Any]) -> str:
+        resolved = sample_efficiency._config("inverted_pendulum", 0, 100, 1, overrides).model_dump(mode="json")
+        return sample_efficiency._label("maac", sample_efficiency._variant("inverted_pendulum", resolved))
+
+    steve = sample_efficiency._config("inverted_pendulum", 0, 100).agent.steve_horizon
+    assert label({"agent.steve_horizon": steve}) == "maac"  # restating the config is no variant
+    assert label({"agent.tau": 0.02, "model.train_every": 100}) == label({"model.train_every": 100, "agent.tau": 0.02})
+    assert label({"agent.lr": "1e-3"}) == "maac[lr=0.001]"
