@@ -22,7 +22,11 @@ tau 5e-3, one gradient step per env step) on Gymnasium's default observation (SA
 reason to see the root position). MAAC uses configs/<task>.yaml unchanged apart from seed and
 budget. Runs live under benchmarks/runs/TASK/LABEL-sSEED/: their checkpoints and logs are git-ignored,
 their records (meta.json, config.yaml, metrics.jsonl) are committed, so `report` can regenerate
-RESULTS.md from any clone (a lost machine once took sessions 1-7's records with it).
+RESULTS.md from any clone (a lost machine once took sessions 1-7's records with it). LABEL is `maac`
+or `maac[key=value,...]`: what the run's config changes from configs/TASK.yaml *as it is now*. When a
+task's config changes, rename its earlier runs after what they change from the new one (meta.json
+keeps a `relabelled` entry); a test checks every record's label against its config.yaml. A record
+whose checkpoint is not on this machine is not continued or overwritten (`run --restart` replaces it).
 """
 
 from __future__ import annotations
