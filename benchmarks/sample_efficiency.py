@@ -12,7 +12,7 @@
     # where that bias comes from: the critic alone, policy frozen, under each target and data choice
     python benchmarks/sample_efficiency.py critic-probe --run RUN_DIR --updates 6000
     # aggregate whatever has run (finished or not) into benchmarks/RESULTS.md + a PNG per task
-    python benchmarks/sample_efficiency.py report --note STATUS.md
+    python benchmarks/sample_efficiency.py report      # status prose from benchmarks/sample_efficiency_status.md
 
 Both algorithms get the same env-step budget, the same number of uniformly random initial
 steps (the MAAC config's `train.initial_random_steps`), the same torch thread count, the same
@@ -51,6 +51,7 @@ RUNS = ROOT / "benchmarks" / "runs"
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Sample efficiency and training cost (issue 2)"
 PROFILE_JSON = ROOT / "benchmarks" / "profile_half_cheetah.json"
+STATUS_MD = ROOT / "benchmarks" / "sample_efficiency_status.md"  # the prose under the section's header
 TASKS = {"inverted_pendulum": "InvertedPendulum-v5", "hopper": "Hopper-v5", "half_cheetah": "HalfCheetah-v5",
          "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
 TARGETS = {"inverted_pendulum": [(1000.0, 3000)], "hopper": [(2500.0, 20000)],  # task -> [(return, within env steps)]
@@ -1030,7 +1031,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--why", required=True)
     p = sub.add_parser("report")
-    p.add_argument("--note", type=Path, help="markdown file whose text goes under the section's header (status)")
+    p.add_argument("--note", type=Path, default=STATUS_MD,
+                   help="markdown file whose text goes under the section's header (default: the committed status, "
+                        "so regenerating the tables keeps it)")
     args = parser.parse_args(argv)
     if args.command == "run":
         for seed in args.seeds:
@@ -1069,7 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in diagnose(args.task, args.run, args.episodes, args.out):
             print(json.dumps(r))
     else:
-        print(report(args.note.read_text() if args.note else None))
+        print(report(args.note.read_text() if args.note.is_file() else None))
     return 0
 
 

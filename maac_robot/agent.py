@@ -199,13 +199,25 @@ def maac_policy_loss(
     return PolicyLoss(loss, first_log_prob.detach(), model_return.detach().mean())
 
 
+def twin_value(q1: Tensor, q2: Tensor, pessimism: float = 1.0) -> Tensor:
+    """mean(Q1, Q2) − pessimism·|Q1 − Q2|/2: 1 is clipped double Q's min(Q1, Q2), 0 the twins' mean.
+
+    The min's per-backup underestimate compounds over the ~1/(1−γ) steps a target looks ahead: on
+    InvertedPendulum, with the policy frozen, the critic settles ~20 below the realised soft return under it
+    (RESULTS.md, critic probe); the knob lets a task trade that pessimism back."""
+    if pessimism == 1.0:
+        return torch.min(q1, q2)
+    return 0.5 * (q1 + q2) - pessimism * 0.5 * (q1 - q2).abs()
+
+
 @torch.no_grad()
 def soft_bellman_target(
-    reward: Tensor, done: Tensor, next_state: Tensor, policy: Policy, target_critic: Critic, *, gamma: float, alpha: float
+    reward: Tensor, done: Tensor, next_state: Tensor, policy: Policy, target_critic: Critic, *, gamma: float,
+    alpha: float, pessimism: float = 1.0,
 ) -> Tensor:
-    """SAC's target r + γ(1 − d)(min Q_targ(s', a') − α log π(a'|s')), a' ~ π(s')."""
+    """SAC's target r + γ(1 − d)(min Q_targ(s', a') − α log π(a'|s')), a' ~ π(s') (min: see `twin_value`)."""
     next_action, log_prob = policy(next_state, 1)
-    soft_value = torch.min(*target_critic(next_state, next_action)) - alpha * log_prob
+    soft_value = twin_value(*target_critic(next_state, next_action), pessimism) - alpha * log_prob
     return reward + gamma * (1 - done) * soft_value
 
 
@@ -234,6 +246,7 @@ def steve_targets(
     num_members: int,
     gamma: float,
     alpha: float,
+    pessimism: float = 1.0,
 ) -> Tensor:
     """Model-expanded critic targets in the spirit of STEVE (Buckman et al. 2018), soft and clipped-double-Q.
 
@@ -242,7 +255,8 @@ def steve_targets(
         T^i = r + γ(1 − d)[ Σ_{j<i} γ^j m_j (r'_j − α log π(a'_j|s'_j)) + γ^i m_i (min Q_targ(s'_i, a'_i) − α log π(a'_i|s'_i)) ]
     T^0 is SAC's one-step target. The intermediate entropy terms keep every T^i an unbiased unrolling
     of the same soft Q (unlike the actor's, the critic's fixed point has entropy at every step). The K
-    estimates of each T^i give its mean and variance, combined by inverse-variance weighting.
+    estimates of each T^i give its mean and variance, combined by inverse-variance weighting. The min is
+    `twin_value` at `pessimism`.
     """
     state = next_state.expand(num_members, *next_state.shape)
     alive = state.new_ones(state.shape[:-1])
@@ -260,7 +274,8 @@ def steve_targets(
         alive = alive_after(alive, termination_fn, state, action, nxt)
         state = nxt
     # One critic call for all horizons: [I, K, B].
-    soft_value = torch.min(*target_critic(torch.stack(states), torch.stack(actions))) - alpha * torch.stack(log_probs)
+    q1, q2 = target_critic(torch.stack(states), torch.stack(actions))
+    soft_value = twin_value(q1, q2, pessimism) - alpha * torch.stack(log_probs)
     discount = gamma ** torch.arange(horizon + 1, dtype=soft_value.dtype, device=soft_value.device).view(-1, 1, 1)
     candidates = reward + gamma * (1 - done) * (torch.stack(partials) + discount * torch.stack(alives) * soft_value)
     return inverse_variance_combine(candidates)
@@ -373,8 +388,10 @@ class MAACAgent:
             return steve_targets(
                 r, done, s2, self._policy, member_dynamics, self.critic_target, self.task.reward_fn, self.termination_fn,
                 horizon=cfg.steve_horizon, num_members=num_members, gamma=cfg.gamma, alpha=self.alpha,
+                pessimism=cfg.critic_pessimism,
             )
-        return soft_bellman_target(r, done, s2, self._policy, self.critic_target, gamma=cfg.gamma, alpha=self.alpha)
+        return soft_bellman_target(r, done, s2, self._policy, self.critic_target, gamma=cfg.gamma, alpha=self.alpha,
+                                   pessimism=cfg.critic_pessimism)
 
     def update_critic(self, batch: Batch, model: GaussianEnsemble | None, *, steve: bool | None = None
                       ) -> dict[str, float]:

@@ -71,6 +71,8 @@ class AgentConfig(_Section):
     real_data_only: bool = Field(False, description="ablation: policy/Q trained on D_env only, no D_model")
     gamma: float = Field(0.99, gt=0, le=1)
     tau: float = Field(5e-3, gt=0, le=1)
+    critic_pessimism: float = Field(1.0, ge=0, le=1, description="critic targets use mean(Q1,Q2) − this·|Q1−Q2|/2: "
+                                    "1 is clipped double Q (min), 0 the twins' mean")
     lr: float = Field(3e-4, gt=0)
     hidden: int = Field(256, gt=0)
     layers: int = Field(2, gt=0)

@@ -17,6 +17,7 @@ from maac_robot.agent import (
     inverse_variance_combine,
     soft_bellman_target,
     steve_targets,
+    twin_value,
 )
 from maac_robot.buffer import Batch
 from maac_robot.config import AgentConfig
@@ -142,6 +143,24 @@ def test_steve_horizon_zero_with_perfect_model_is_the_soft_bellman_target() -> N
                           horizon=0, num_members=3, gamma=0.9, alpha=0.2)
     plain = soft_bellman_target(r, done, s2, _det_policy, _target_critic, gamma=0.9, alpha=0.2)
     torch.testing.assert_close(steve, plain)
+
+
+@pytest.mark.parametrize("pessimism", [0.0, 0.5, 1.0])
+def test_critic_pessimism_moves_the_target_from_the_twin_min_to_their_mean(pessimism: float) -> None:
+    """_target_critic's twins differ by 0.5 everywhere: the one-step target's bootstrapped value is
+    min + (1 − pessimism)·0.25, and the STEVE expansion (H=0) applies the same twin reduction."""
+    g = torch.Generator().manual_seed(1)
+    s2, r = torch.randn(16, 4, generator=g, dtype=F64), torch.randn(16, generator=g, dtype=F64)
+    done = torch.zeros(16, dtype=F64)
+    clipped = soft_bellman_target(r, done, s2, _det_policy, _target_critic, gamma=0.9, alpha=0.2)
+    target = soft_bellman_target(r, done, s2, _det_policy, _target_critic, gamma=0.9, alpha=0.2, pessimism=pessimism)
+    torch.testing.assert_close(target - clipped, torch.full_like(r, 0.9 * (1 - pessimism) * 0.25))
+    perfect = lambda s, a: (s, None)  # noqa: E731
+    steve = steve_targets(r, done, s2, _det_policy, perfect, _target_critic, fake_reward, None,
+                          horizon=0, num_members=2, gamma=0.9, alpha=0.2, pessimism=pessimism)
+    torch.testing.assert_close(steve, target)
+    q1, q2 = torch.tensor([1.0, 4.0]), torch.tensor([3.0, 2.0])
+    torch.testing.assert_close(twin_value(q1, q2, pessimism), torch.minimum(q1, q2) + (1 - pessimism) * 1.0)
 
 
 @pytest.mark.parametrize("horizon", [1, 2, 3])
