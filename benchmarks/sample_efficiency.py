@@ -542,14 +542,18 @@ def entropy_pressure_run(run_dir: Path, states: int, draws: int, name: str | Non
 
 CRITIC_PROBE_JSON = ROOT / "benchmarks" / "critic_probe.json"
 PROBE_FIT_ROWS = 5000  # rows per data slice in the probe's fit check
-PROBE_VARIANTS = {  # name -> (STEVE-expanded targets, D_model rows in the batch, factor on the Polyak rate τ)
-    "as trained (STEVE, real + imagined)": (True, True, 1.0),
-    "one-step targets, real + imagined": (False, True, 1.0),
-    "STEVE, real data only": (True, False, 1.0),
-    "one-step targets, real data only": (False, False, 1.0),
+PROBE_VARIANTS = {  # name -> (STEVE-expanded targets, D_model rows in the batch, factor on the Polyak rate τ,
+    #                      agent.critic_pessimism, None: the run's own)
+    "as trained (STEVE, real + imagined)": (True, True, 1.0, None),
+    "one-step targets, real + imagined": (False, True, 1.0, None),
+    "STEVE, real data only": (True, False, 1.0, None),
+    "one-step targets, real data only": (False, False, 1.0, None),
     # Policy evaluation contracts the error by ~γ per target-network turnover (~1/τ updates): 10× τ tests
     # whether the bias is the critic's propagation speed rather than its data or targets.
-    "as trained, 10× τ": (True, True, 10.0),
+    "as trained, 10× τ": (True, True, 10.0, None),
+    # The twin min underestimates a little per backup, and that compounds over ~1/(1−γ) steps.
+    "as trained, twin mean": (True, True, 1.0, 0.0),
+    "one-step targets, real data only, twin mean": (False, False, 1.0, 0.0),
 }
 
 
@@ -616,9 +620,11 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
                      "q": round(float(q.mean()), 2), "target": round(float(target.mean()), 2)}
 
     curves, agent_cfg = {}, agent.cfg
-    for name, (steve, imagined, tau_factor) in PROBE_VARIANTS.items():
+    for name, (steve, imagined, tau_factor, pessimism) in PROBE_VARIANTS.items():
         agent.load_state_dict(saved)
-        agent.cfg = agent_cfg.model_copy(update={"tau": agent_cfg.tau * tau_factor})
+        agent.cfg = agent_cfg.model_copy(update={
+            "tau": agent_cfg.tau * tau_factor,
+            "critic_pessimism": agent_cfg.critic_pessimism if pessimism is None else pessimism})
         torch.manual_seed(cfg.train.seed)
         rng = np.random.default_rng(cfg.train.seed)
         n_real, n_model = agent.batch_split(model_data=imagined)
