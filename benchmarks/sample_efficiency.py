@@ -718,7 +718,7 @@ def _target_verdict(runs: list[dict[str, Any]], level: float, budget: int) -> st
     A miss is only called one when the runs got to the budget: runs still under way are 'open', and runs
     planned shorter than the budget say so, rather than counting as failures of a test never taken.
     """
-    steps, means, _, _ = _curve(runs)
+    steps, means, _, counts = _curve(runs)
     hit = _first_reaching(steps, means, level)
     furthest = max(r["rows"][-1]["env_step"] for r in runs)
     planned = max(_planned(r["meta"]) for r in runs)
@@ -726,13 +726,19 @@ def _target_verdict(runs: list[dict[str, Any]], level: float, budget: int) -> st
                else "misses it" if hit is not None or furthest >= budget
                else f"open: the runs continue to {planned}" if planned > furthest
                else f"not run to {budget}")
-    reached = f"reached at {hit} env steps" if hit is not None else f"not reached by {furthest}"
+    reached = f"reached at {hit} env steps{_over_fewer(counts[steps.index(hit)], len(runs))}" if hit is not None \
+        else f"not reached by {furthest}"
     per_seed = ", ".join(
         f"seed {r['meta']['seed']}: "
         + str(_first_reaching([x["env_step"] for x in r["rows"]], [x["eval_return_mean"] for x in r["rows"]], level)
               or f"not by {r['rows'][-1]['env_step']}")
-        for r in runs)
+        for r in sorted(runs, key=lambda r: r["meta"]["seed"]))
     return f"mean over seeds {reached} ({verdict}); first evaluation at or above it per seed: {per_seed}"
+
+
+def _over_fewer(n: int, of: int) -> str:
+    """A mean over fewer than all of a variant's seeds (the others stopped earlier) says so."""
+    return f" (a mean over {n} of its {of} seeds: the others stopped earlier)" if n < of else ""
 
 
 def _cost(runs: list[dict[str, Any]]) -> str:
@@ -853,8 +859,9 @@ def report(note: str | None = None) -> str:
             maac_steps = sorted(table[algo])
             maac_hit = _first_reaching(maac_steps, [table[algo][s][0] for s in maac_steps], sac_final)
             ratio = f"{maac_hit / sac_hit:.2f}" if maac_hit and sac_hit else f"n/a ({_display(algo)} has not reached it)"
+            fewer = _over_fewer(table[algo][maac_hit][2], len(algos[algo])) if maac_hit else ""
             lines.append(f"- SAC's final return {sac_final:.1f} (at {sac_steps[-1]} steps, first reached at {sac_hit}): "
-                         f"{_display(algo)} first reached it at {maac_hit}; env-step ratio {ratio} (goal ≤ 0.25)")
+                         f"{_display(algo)} first reached it at {maac_hit}{fewer}; env-step ratio {ratio} (goal ≤ 0.25)")
         for algo in algos_sorted:
             for r in algos[algo]:
                 logged = [(x["env_step"], x["critic_bias"]) for x in r["rows"] if x.get("critic_bias") is not None]

@@ -40,6 +40,13 @@ def test_target_verdict_names_each_seeds_first_hit() -> None:
     assert verdict.endswith("per seed: seed 0: 3000, seed 1: 2000")
 
 
+def test_target_verdict_says_when_the_mean_that_reached_it_is_over_fewer_seeds() -> None:
+    # seed 10 stopped at 2000; the "mean" at 3000 is seed 2's alone, and seeds sort as numbers
+    verdict = sample_efficiency._target_verdict([_run(10, [0, 50], 2), _run(2, [0, 50, 100], 3)], 100.0, 3000)
+    assert "reached at 3000 env steps (a mean over 1 of its 2 seeds: the others stopped earlier) (meets it)" in verdict
+    assert verdict.endswith("per seed: seed 2: 3000, seed 10: not by 2000")
+
+
 def test_legend_name_abbreviates_overrides() -> None:
     assert sample_efficiency._legend_name("sac") == "SAC"
     assert sample_efficiency._legend_name("maac[num_samples=1,updates_per_step=2,precision=bfloat16,horizon=10]") \
