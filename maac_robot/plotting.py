@@ -29,6 +29,8 @@ def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
     see half a file.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    if len(curves) > 10:  # the default cycle has 10 colours: a benchmark with many variants would repeat them
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for label, (steps, mean, std) in curves.items():
         x, m, s = (np.asarray(v, dtype=float) for v in (steps, mean, std))
         (line,) = ax.plot(x, m, marker="o", markersize=3, label=label)
@@ -49,7 +51,8 @@ def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
         longest = max(map(len, [*curves, *target_labels]))
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if longest < 36 else 1,
                   fontsize="small", frameon=False)
-    fig.tight_layout()
+    # No tight_layout: it would shrink the axes to fit a long legend into the figure; savefig's tight
+    # bounding box grows the figure around the legend instead.
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, bbox_inches="tight")  # grows the figure to hold the legend
