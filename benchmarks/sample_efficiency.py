@@ -203,10 +203,11 @@ def run_maac(task: str, seed: int, steps: int, run_dir: Path, threads: int | Non
 
     cfg = _config(task, seed, steps, threads, variant)
     resume = (run_dir / "checkpoints" / "latest.pt").is_file()
-    if resume and not label_matches(run_dir.name.rpartition("-s")[0], config_variant(task, run_dir / "config.yaml")):
+    ran = config_variant(task, run_dir / "config.yaml") if resume else {}
+    if resume and not label_matches(run_dir.name.rpartition("-s")[0], ran):
         raise SystemExit(
             f"{run_dir} ran a config that its label no longer names (configs/{task}.yaml changed since): "
-            f"it changes {config_variant(task, run_dir / 'config.yaml')} from the config as it is now. "
+            f"it changes {ran} from the config as it is now. "
             "Rename the run after what it changes before resuming it, or start the variant afresh.")
     threads_used = cfg.train.num_threads or os.cpu_count() or 1
     _write_meta(run_dir, run_dir.name.rpartition("-s")[0], task, seed, steps, threads_used, resumed=resume)
