@@ -187,3 +187,17 @@ def test_run_labels_follow_the_config_not_the_command_line() -> None:
     assert label({"agent.steve_horizon": steve}) == "maac"  # restating the config is no variant
     assert label({"agent.tau": 0.02, "model.train_every": 100}) == label({"model.train_every": 100, "agent.tau": 0.02})
     assert label({"agent.lr": "1e-3"}) == "maac[lr=0.001]"
+
+
+def test_run_refuses_to_resume_a_record_whose_label_went_stale(tmp_path: Path) -> None:
+    from maac_robot.config import save_config
+
+    run_dir = tmp_path / "maac-s0"  # says "the config as it is now"...
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest.pt").write_bytes(b"x")
+    steve = sample_efficiency._config("inverted_pendulum", 0, 100).agent.steve_horizon
+    ran = sample_efficiency._config("inverted_pendulum", 0, 100, 1, {"agent.steve_horizon": steve + 1})
+    save_config(ran, run_dir / "config.yaml")  # ...but it ran another STEVE horizon
+    with pytest.raises(SystemExit, match="no longer names"):
+        sample_efficiency.run_maac("inverted_pendulum", 0, 100, run_dir, 1, {})
+    assert not (run_dir / "meta.json").exists()  # refused before touching the record
