@@ -120,6 +120,11 @@ def _variant(task: str, ran: dict[str, dict[str, Any]]) -> dict[str, Any]:
             if f"{section}.{key}" not in _NOT_VARIANT and base[section][key] != value}
 
 
+def _run_label(run_dir: Path) -> str:
+    """benchmarks/runs/TASK/LABEL-sSEED -> LABEL (what the report groups the run under)."""
+    return run_dir.name.rpartition("-s")[0]
+
+
 def label_overrides(label: str) -> dict[str, str]:
     """'maac[tau=0.02,steve_horizon=5]' -> {'tau': '0.02', 'steve_horizon': '5'} (short keys, as labels write them)."""
     _, _, rest = label.partition("[")
@@ -187,7 +192,7 @@ def _claim_record(run_dir: Path, algo: str, restart: bool) -> None:
     if not metrics.is_file() or (resumable and not restart):
         return
     if not restart:
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        rows = _read_jsonl(metrics)
         last = rows[-1]["env_step"] if rows else 0
         raise SystemExit(f"{run_dir} already holds a record ({len(rows)} evaluations, to env step {last}) and no "
                          "checkpoint to continue it from; --restart replaces it with a new run")
@@ -204,13 +209,13 @@ def run_maac(task: str, seed: int, steps: int, run_dir: Path, threads: int | Non
     cfg = _config(task, seed, steps, threads, variant)
     resume = (run_dir / "checkpoints" / "latest.pt").is_file()
     ran = config_variant(task, run_dir / "config.yaml") if resume else {}
-    if resume and not label_matches(run_dir.name.rpartition("-s")[0], ran):
+    if resume and not label_matches(_run_label(run_dir), ran):
         raise SystemExit(
             f"{run_dir} ran a config that its label no longer names (configs/{task}.yaml changed since): "
             f"it changes {ran} from the config as it is now. "
             "Rename the run after what it changes before resuming it, or start the variant afresh.")
     threads_used = cfg.train.num_threads or os.cpu_count() or 1
-    _write_meta(run_dir, run_dir.name.rpartition("-s")[0], task, seed, steps, threads_used, resumed=resume)
+    _write_meta(run_dir, _run_label(run_dir), task, seed, steps, threads_used, resumed=resume)
     train(cfg, run_dir, resume=resume, progress=False)
 
 
@@ -227,7 +232,7 @@ def branch_run(source: Path, run_dir: Path) -> dict[str, Any]:
     meta_path = run_dir / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["branched_from"] = {"run": f"{meta['algo']}-s{meta['seed']}", "env_step": env_step}
-    meta["algo"] = run_dir.name.rpartition("-s")[0]  # the variant's label: the report groups runs by it
+    meta["algo"] = _run_label(run_dir)
     meta["command"] = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     meta_path.write_text(json.dumps(meta, indent=1))
     return meta["branched_from"]
@@ -970,12 +975,12 @@ def _entropy_pressure_table(d: dict[str, Any]) -> list[str]:
 def _legend_name(algo: str) -> str:
     """'maac[num_samples=1,updates_per_step=2,precision=bfloat16]' -> 'MAAC [ns=1, ups=2, bf16]': multi-word
     keys by their initials, the numerics-only precision switch by its dtype."""
-    base, _, overrides = algo.partition("[")
+    base = algo.partition("[")[0]
+    overrides = label_overrides(algo)
     if not overrides:
         return base.upper()
     parts = []
-    for item in overrides.rstrip("]").split(","):
-        key, _, value = item.partition("=")
+    for key, value in overrides.items():
         if key == "precision":
             parts.append({"bfloat16": "bf16"}.get(value, value))
             continue

@@ -205,7 +205,7 @@ def twin_value(q1: Tensor, q2: Tensor, pessimism: float = 1.0) -> Tensor:
     The min's per-backup underestimate compounds over the ~1/(1−γ) steps a target looks ahead: on
     InvertedPendulum, with the policy frozen, the critic settles ~20 below the realised soft return under it
     (RESULTS.md, critic probe); the knob lets a task trade that pessimism back."""
-    if pessimism == 1.0:
+    if pessimism == 1.0:  # the exact min: bit for bit what runs before the knob computed
         return torch.min(q1, q2)
     return 0.5 * (q1 + q2) - pessimism * 0.5 * (q1 - q2).abs()
 

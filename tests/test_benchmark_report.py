@@ -137,7 +137,7 @@ def _maac_records() -> list[Path]:
 def test_each_committed_runs_label_names_what_its_config_changes(run_dir: Path) -> None:
     """The report groups runs by label and reads each label against configs/<task>.yaml as it is now; a
     config change that is not followed by renaming the earlier runs would make their labels lie."""
-    label = run_dir.name.rpartition("-s")[0]
+    label = sample_efficiency._run_label(run_dir)
     variant = sample_efficiency.config_variant(run_dir.parent.name, run_dir / "config.yaml")
     assert sample_efficiency.label_matches(label, variant), f"{run_dir.name} ran {variant}"
 
