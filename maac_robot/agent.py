@@ -325,6 +325,7 @@ class MAACAgent:
         # entropy: false is the "no max-entropy" ablation: α is 0 and never tuned.
         init_log_alpha = math.log(cfg.init_alpha) if cfg.entropy else -math.inf
         self.log_alpha = torch.tensor(init_log_alpha, device=self.device, requires_grad=cfg.entropy)
+        # log π is in env units (Actor.sample), so for bounds other than ±1 this −|A| is not SAC's: see AgentConfig.
         self.target_entropy = -float(info.act_dim) if cfg.target_entropy is None else cfg.target_entropy
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr)

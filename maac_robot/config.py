@@ -79,7 +79,9 @@ class AgentConfig(_Section):
     batch_size: int = Field(256, gt=0)
     real_ratio: float = Field(0.05, ge=0, le=1, description="share of real transitions in each G2 batch")
     updates_per_step: int = Field(8, gt=0, description="G2 gradient steps per env step")
-    target_entropy: float | None = Field(None, description="None: -|A|")
+    target_entropy: float | None = Field(None, description=(
+        "nats of log π in env units; None: -|A|. SAC sets -|A| on the [-1, 1]-normalised action, which for bounds "
+        "±c is -|A| + Σ log c here (InvertedPendulum, c = 3: 0.1)"))
     init_alpha: float = Field(1.0, gt=0)
 
 
