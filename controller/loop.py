@@ -7,8 +7,10 @@ another pass only while the time left exceeds the slowest recent pass (`keep_goi
 normally returns early; if a pass overruns anyway (a slow or stalled scorer, an OS hiccup), the
 deadline wins: this thread sends the policy action, tells the worker to stop, and counts a
 fallback. onnxruntime releases the GIL while it computes, so the wait costs nothing.
-A planning exception or a non-finite result is likewise replaced by the policy action and
-counted — a non-finite action is never sent; every action sent is clipped to the bounds.
+A planning exception, a non-finite result or a graph output of the wrong shape is likewise
+replaced by the policy action and counted — a non-finite or wrong-length action is never sent;
+every action sent is clipped to the bounds. The policy action itself has no fallback: a policy
+graph returning NaN or the wrong shape stops the controller with a ControllerError.
 Without a deadline (lockstep evaluation) planning runs all iterations inline, reproducibly.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,12 +28,13 @@ import numpy as np
 from maac_robot.config import ControllerConfig
 from maac_robot.errors import UserError
 
-from controller.planner import NonFiniteError, Plan, cem_plan, policy_prior, shift
+from controller.planner import NonFiniteError, Plan, ShapeError, cem_plan, policy_prior, shift
 
-FALLBACKS = ("budget", "late", "busy", "nonfinite", "error")
+FALLBACKS = ("budget", "late", "busy", "nonfinite", "shape", "error")
 """Why a step used the policy action instead of a plan: no CEM pass fitted in the time left; the
 deadline passed mid-pass; the worker was still finishing an overrun pass from an earlier step;
-NaN/inf from the model; any other exception (the latest is kept in `Controller.last_error`)."""
+NaN/inf from the model; a graph output (policy rollout, ensemble, plan) or the planned action of
+the wrong shape; any other exception. The latest failure is kept in `Controller.last_error`."""
 PASS_WINDOW_S = 1.0
 PASS_QUANTILE = 90
 """The per-pass cost estimate is the 90th percentile of the passes of the last second (their max while
@@ -41,7 +44,7 @@ deadline still wins). Old passes expire, so a slow spell does not disable planni
 
 
 class ControllerError(UserError):
-    """The controller cannot produce a safe action (e.g. the policy graph itself returns NaN)."""
+    """The controller cannot produce a safe action (the policy graph itself returns NaN or the wrong shape)."""
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Telemetry:
     records: list[StepRecord] = field(default_factory=list)
     held_ticks: int = 0  # realtime robot ticks that found no fresh action (robot-side deadline misses)
     dropped_observations: int = 0
+    missing_observations: int = 0  # realtime periods without a new observation (lost): the action was resent
 
     def summary(self) -> dict[str, Any]:
         lat = np.array([r.latency for r in self.records]) * 1e3
@@ -76,6 +80,7 @@ class Telemetry:
             "iterations_min": int(its.min()) if len(its) else 0,
             "deadline_misses": sum(r.missed for r in self.records),
             "held_ticks": self.held_ticks,
+            "missing_observations": self.missing_observations,
             "dropped_observations": self.dropped_observations,
         }
         out.update({f"fallback_{k}": sum(r.fallback == k for r in self.records) for k in FALLBACKS})
@@ -87,7 +92,8 @@ class Telemetry:
         return (f"{s['steps']} steps | planning latency median {s['latency_ms_median']:.2f} ms, "
                 f"p99 {s['latency_ms_p99']:.2f} ms, max {s['latency_ms_max']:.2f} ms | CEM iterations mean "
                 f"{s['iterations_mean']:.2f}, min {s['iterations_min']} | deadline misses {s['deadline_misses']}, "
-                f"robot held ticks {s['held_ticks']}, dropped observations {s['dropped_observations']} | "
+                f"robot held ticks {s['held_ticks']}, dropped observations {s['dropped_observations']}, "
+                f"missing observations {s['missing_observations']} | "
                 f"fallbacks: {falls}")
 
 
@@ -109,6 +115,7 @@ class Controller:
         self.low = np.asarray(m.act_low, np.float64)
         self.high = np.asarray(m.act_high, np.float64)
         self.horizon, self.num_elites = m.plan_horizon, m.num_elites
+        self.state_dim, self.act_dim, self.num_models = m.state_dim, m.act_dim, m.num_models
         self.num_policy_samples = round(cfg.policy_frac * cfg.population)
         room = -(-cfg.population // m.num_elites) * m.num_elites - 2 * m.num_elites - self.num_policy_samples
         if planner == "cem" and room < 1:
@@ -119,6 +126,9 @@ class Controller:
         self._zero_noise = np.zeros((1, m.act_dim), np.float32)
         self._pass_times: deque[tuple[float, float]] = deque(maxlen=4096)  # (end time, duration) of CEM passes
         self.last_error: str | None = None
+        # plans that failed during `warm_up`, by FALLBACKS reason: warm-up must not stop the controller
+        # (run time falls back per step), but a model that fails already there is worth reporting
+        self.warm_up_fallbacks: Counter[str] = Counter()
         self._previous: np.ndarray | None = None  # last executed plan (pre-tanh), for the shifted warm start
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cem")
         self._running: concurrent.futures.Future[Plan] | None = None
@@ -130,11 +140,30 @@ class Controller:
         """Forget the previous plan (a new episode starts from an unrelated state)."""
         self._previous = None
 
+    def _policy_batch(self, state: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The policy graph for the planner's rollout, its outputs checked to be [B, act_dim] each."""
+        outputs = self.artifacts.policy(state, noise)
+        expected = (len(state), self.act_dim)
+        for name, value in zip(("mean", "log_std", "action"), outputs, strict=True):
+            if np.shape(value) != expected:
+                raise ShapeError(f"policy graph returned {name} of shape {np.shape(value)} for {len(state)} "
+                                 f"states, expected {expected} [batch, act_dim]")
+        return outputs
+
     def _model_step(self, state: np.ndarray, action: np.ndarray) -> np.ndarray:
-        return self.artifacts.ensemble(state, action)["next_state_mean"][self._elites].mean(axis=0)
+        """The elite members' mean next state [B, S], the ensemble output checked to be [M, B, S] and finite."""
+        mean = np.asarray(self.artifacts.ensemble(state, action)["next_state_mean"])
+        expected = (self.num_models, len(state), self.state_dim)
+        if mean.shape != expected:
+            raise ShapeError(f"ensemble graph returned next_state_mean of shape {mean.shape}, expected {expected} "
+                             f"[num_models, batch, state_dim]")
+        if not np.isfinite(mean).all():
+            raise NonFiniteError(f"ensemble graph returned non-finite next_state_mean for "
+                                 f"{int((~np.isfinite(mean)).any(axis=(0, 2)).sum())} of {len(state)} states")
+        return mean[self._elites].mean(axis=0)
 
     def _plan(self, state: np.ndarray, keep_going: Callable[[], bool]) -> Plan:
-        prior = policy_prior(self.artifacts.policy, self._model_step, state, len(self.low), self.horizon,
+        prior = policy_prior(self._policy_batch, self._model_step, state, self.act_dim, self.horizon,
                              self.num_policy_samples, self.rng)
         warm = shift(self._previous, prior) if self._previous is not None else None
         plan = cem_plan(self.artifacts.plan, state, prior, warm, self.cfg, self.num_elites, self.low, self.high,
@@ -144,10 +173,19 @@ class Controller:
         return plan
 
     def warm_up(self, state: np.ndarray, steps: int = 3) -> None:
-        """Plan a few times without a deadline to measure the per-pass cost before real time starts."""
+        """Plan a few times without a deadline to measure the per-pass cost before real time starts.
+
+        The policy action is checked first, so a broken policy graph stops the controller (ControllerError)
+        before the robot moves. A failing plan does not: it is counted in `warm_up_fallbacks` (and kept
+        in `last_error`) and every step at run time falls back to the policy action while planning fails.
+        """
+        state = np.asarray(state, np.float32)
+        self._policy_action(state)
         if self.planner == "cem":
             for i in range(steps + 1):
-                self._plan(np.asarray(state, np.float32), lambda: True)
+                _, why = self._checked_plan(state, None)
+                if why is not None:
+                    self.warm_up_fallbacks[why] += 1
                 if i == 0:
                     self._pass_times.clear()  # the first plan pays one-off allocation costs: not a sample
         self.reset()
@@ -171,11 +209,7 @@ class Controller:
         fallback = self._policy_action(state)
         if self.planner == "policy":
             return fallback, StepRecord(latency=self.clock() - start, iterations=0)
-        plan, why = self._try_plan(state, deadline)
-        if plan is not None and not np.isfinite(plan.action).all():
-            plan, why = None, "nonfinite"
-        if plan is not None and plan.iterations == 0:
-            plan, why = None, "budget"
+        plan, why = self._checked_plan(state, deadline)
         if plan is None:
             self._previous = None
             return fallback, StepRecord(latency=self.clock() - start, iterations=0, fallback=why)
@@ -185,11 +219,33 @@ class Controller:
                                   policy_score=plan.policy_score)
 
     def _policy_action(self, state: np.ndarray) -> np.ndarray:
-        action = np.asarray(self.artifacts.policy(state[None], self._zero_noise)[2][0], np.float64)
+        """The deterministic policy action, refused unless it is [act_dim] and finite: it is always sendable."""
+        action = np.asarray(self.artifacts.policy(state[None], self._zero_noise)[2], np.float64)
+        if action.shape != (1, self.act_dim):
+            raise ControllerError(f"the policy graph returned an action of shape {action.shape} for one state, "
+                                  f"expected (1, {self.act_dim}) [batch, act_dim]; no action is sent: the "
+                                  f"artifacts disagree with their manifest (check them with `maac-robot inspect`, "
+                                  f"or re-export the run)")
+        action = action[0]
         if not np.isfinite(action).all():
             raise ControllerError(f"the policy graph returned a non-finite action {action} for state {state}; "
                                   f"the artifacts are broken or the state is far outside the training data")
         return np.clip(action, self.low, self.high)
+
+    def _checked_plan(self, state: np.ndarray, deadline: float | None) -> tuple[Plan | None, str | None]:
+        """A plan whose action is sendable ([act_dim], finite, from at least one refit), or (None, reason)."""
+        plan, why = self._try_plan(state, deadline)
+        if plan is None:
+            return None, why
+        if np.shape(plan.action) != (self.act_dim,):
+            self.last_error = f"planned action has shape {np.shape(plan.action)}, expected ({self.act_dim},)"
+            return None, "shape"
+        if not np.isfinite(plan.action).all():
+            self.last_error = f"planned action {plan.action} is not finite"
+            return None, "nonfinite"
+        if plan.iterations == 0:
+            return None, "budget"
+        return plan, None
 
     def _try_plan(self, state: np.ndarray, deadline: float | None) -> tuple[Plan | None, str | None]:
         try:
@@ -211,6 +267,9 @@ class Controller:
         except NonFiniteError as err:
             self.last_error = f"NonFiniteError: {err}"
             return None, "nonfinite"
+        except ShapeError as err:
+            self.last_error = f"ShapeError: {err}"
+            return None, "shape"
         except Exception as err:  # noqa: BLE001 - any planning failure must fall back to the policy, not stop the robot
             self.last_error = f"{type(err).__name__}: {err}"
             return None, "error"

@@ -45,6 +45,10 @@ class NonFiniteError(ArithmeticError):
     """The model or policy produced NaN/inf; the control loop falls back to the policy action."""
 
 
+class ShapeError(ValueError):
+    """A graph returned an output of the wrong shape; the control loop falls back to the policy action."""
+
+
 def squash(u: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Pre-tanh values -> env-unit actions, the same affine tanh map as the exported policy graph."""
     return low + (np.tanh(u) + 1.0) * (0.5 * (high - low))
@@ -120,7 +124,8 @@ def cem_plan(score: Scorer, state: np.ndarray, prior: Prior, warm: np.ndarray | 
     After the last refit one small pass scores the final mean (E particles), so every refit can
     be executed. `keep_going()` is asked before every pass (the control loop's deadline); with
     no pass done the answer is the policy's own sequence with its score unknown (nan).
-    Raises NonFiniteError if the model returns NaN/inf for any particle.
+    Raises ShapeError if `score` does not return one value per particle ([P]), NonFiniteError if
+    it returns NaN/inf for any particle.
     """
     horizon, act_dim = prior.mean.shape
     total = -(-cfg.population // num_elites) * num_elites
@@ -142,7 +147,8 @@ def cem_plan(score: Scorer, state: np.ndarray, prior: Prior, warm: np.ndarray | 
         population = np.concatenate([np.repeat(np.stack(anchors), num_elites, axis=0), *samples])
         returns = np.asarray(score(state, squash(population, low, high).astype(np.float32)), np.float64)
         if returns.shape != (len(population),):
-            raise ValueError(f"scorer returned shape {returns.shape} for {len(population)} particles")
+            raise ShapeError(f"plan graph returned returns of shape {returns.shape} for {len(population)} "
+                             f"particles, expected ({len(population)},)")
         if not np.isfinite(returns).all():
             raise NonFiniteError(f"model returned non-finite scores for {int((~np.isfinite(returns)).sum())} "
                                  f"of {len(population)} particles")

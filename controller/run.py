@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from maac_robot.config import ControllerConfig, load_section
 from maac_robot.errors import UserError
-from maac_robot.protocol import RobotClient, RobotInfo, RobotTimeout
+from maac_robot.protocol import ProtocolError, RobotClient, RobotInfo, RobotTimeout
 
 from controller.loop import Controller, Telemetry
 
@@ -83,22 +83,46 @@ class EpisodeResult:
     ret: float
     steps: int
     telemetry: Telemetry = field(default_factory=Telemetry)
+    interrupted: int = 0  # attempts of this episode cut short by a lost or restarted robot
+
+
+class RobotLost(RobotTimeout):
+    """The robot stopped publishing, or restarted (a new session), in the middle of an episode."""
+
+
+def reset_owned(client: RobotClient, seed: int, wait_s: float) -> Any:
+    """`client.reset(seed)`, waiting up to `wait_s` while another controller still owns the robot's episode."""
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        try:
+            return client.reset(seed)
+        except ProtocolError as err:
+            if err.code != "busy" or time.monotonic() > deadline:
+                raise
+            if not told:
+                print(f"[control] robot busy ({err}); waiting up to {wait_s:.1f} s", flush=True)
+                told = True
+            time.sleep(0.1)
 
 
 def run_episode(client: RobotClient, controller: Controller, seed: int,
                 clock: Any = time.perf_counter) -> EpisodeResult:
-    """One episode. Lockstep: every step plans without a deadline. Realtime: the planning deadline is
-    `budget_frac`·dt after the observation arrived; the next observation is the robot's next tick."""
+    """One episode. Lockstep: every step plans without a deadline; a lost message is retried by the client.
+    Realtime: the planning deadline is `budget_frac`·dt after the observation arrived; the next
+    observation is the robot's next tick. When it does not come within a period the controller resends
+    its action and keeps acting on the newest observation it has (`Telemetry.missing_observations`);
+    only `timeout_periods` without any observation, or a robot restart, end the episode (`RobotLost`)."""
     info = client.info
     if info is None:
         raise UserError("call client.hello() before running episodes")
     realtime = info.mode == "realtime"
     budget = controller.cfg.budget_frac * info.dt
-    timeout = controller.cfg.timeout_periods * info.dt
+    lost_after = controller.cfg.timeout_periods * info.dt
     tel = Telemetry()
     dropped_before = client.stats.dropped_observations
     controller.reset()
-    obs = client.reset(seed)
+    obs = reset_owned(client, seed, info.owner_timeout_s + 1.0)
     ret, steps = 0.0, 0
     while not obs.done:
         received = clock() - max(0.0, time.time() - obs.t_received)  # the observation's arrival, on `clock`
@@ -106,13 +130,19 @@ def run_episode(client: RobotClient, controller: Controller, seed: int,
         if realtime:
             client.send_action(action, obs_seq=obs.seq)
             record.missed = clock() - received > info.dt
-            nxt = client.latest_observation(timeout)
-            if nxt is None:
-                raise RobotTimeout(f"no observation from {client.endpoint} within {timeout:.3g} s "
-                                   f"({controller.cfg.timeout_periods:g} periods) during episode seed {seed}")
+            nxt = client.latest_observation(info.dt)
+            while nxt is None:
+                tel.missing_observations += 1
+                if clock() - received > lost_after:
+                    raise RobotLost(f"no observation from {client.endpoint} for {lost_after:.3g} s "
+                                    f"({controller.cfg.timeout_periods:g} periods) during episode seed {seed}")
+                client.send_action(action, obs_seq=obs.seq)  # in case the action was what got lost
+                nxt = client.latest_observation(info.dt)
             tel.held_ticks += int(bool(nxt.info.get("held", False)))
         else:
             nxt = client.step(action)
+        if nxt.session != obs.session:
+            raise RobotLost(f"the robot at {client.endpoint} restarted during episode seed {seed} (new session)")
         tel.records.append(record)
         ret += float(nxt.reward)
         steps += 1
@@ -123,10 +153,49 @@ def run_episode(client: RobotClient, controller: Controller, seed: int,
     return EpisodeResult(seed=seed, ret=ret, steps=steps, telemetry=tel)
 
 
-def run_episodes(client: RobotClient, controller: Controller, seeds: list[int], label: str) -> list[EpisodeResult]:
+def reconnect(client: RobotClient, manifest: Any, within_s: float) -> RobotInfo:
+    """Handshake again until the robot answers (a restarted sim, a healed link) or `within_s` passes."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            info = client.hello()
+            check_robot(info, manifest)
+            return info
+        except RobotTimeout:
+            if time.monotonic() > deadline:
+                raise RobotLost(f"the robot at {client.endpoint} did not come back within {within_s:g} s "
+                                f"(controller.reconnect_s)") from None
+
+
+def run_resilient(client: RobotClient, controller: Controller, seed: int, manifest: Any,
+                  reconnect_s: float) -> EpisodeResult:
+    """`run_episode`, reconnecting and starting the episode again when the robot is lost or restarts.
+
+    With `reconnect_s` 0 a lost robot is one clear line (UserError) instead.
+    """
+    interrupted = 0
+    while True:
+        try:
+            res = run_episode(client, controller, seed)
+            res.interrupted = interrupted
+            return res
+        except RobotTimeout as err:  # RobotLost included
+            if reconnect_s <= 0:
+                raise UserError(f"lost the robot: {err}; not reconnecting (controller.reconnect_s is 0 or "
+                                f"--no-reconnect)") from None
+            interrupted += 1
+            print(f"[control] lost the robot ({err}); reconnecting for up to {reconnect_s:g} s", flush=True)
+            start = time.monotonic()
+            reconnect(client, manifest, reconnect_s)
+            print(f"[control] reconnected after {time.monotonic() - start:.2f} s; episode seed {seed} starts again",
+                  flush=True)
+
+
+def run_episodes(client: RobotClient, controller: Controller, seeds: list[int], label: str,
+                 manifest: Any = None, reconnect_s: float = 0.0) -> list[EpisodeResult]:
     results = []
     for seed in seeds:
-        res = run_episode(client, controller, seed)
+        res = run_resilient(client, controller, seed, manifest, reconnect_s)
         results.append(res)
         s = res.telemetry.summary()
         print(f"[{label}] seed {seed}: return {res.ret:.1f} over {res.steps} steps | latency median "
@@ -136,6 +205,7 @@ def run_episodes(client: RobotClient, controller: Controller, seeds: list[int], 
     for res in results:
         total.records += res.telemetry.records
         total.held_ticks += res.telemetry.held_ticks
+        total.missing_observations += res.telemetry.missing_observations
         total.dropped_observations += res.telemetry.dropped_observations
     print(f"[{label}] {total.format()}")
     if controller.last_error:
@@ -163,18 +233,30 @@ def make_controller(artifacts: Any, cfg: ControllerConfig, planner: Literal["cem
 
 
 def control_from_cli(*, artifacts: Path, connect: str, planner: str | None, episodes: int, config: Path | None,
-                     seed: int, compare: bool) -> int:
+                     seed: int, compare: bool, client_key: Path | None = None, server_public: Path | None = None,
+                     reconnect: bool = True) -> int:
     """`maac-robot control`: run `episodes` episodes (reset seeds seed, seed+1, ...) and print the results."""
     from maac_robot.artifacts import load_artifacts
+    from maac_robot.auth import client_curve
 
     if episodes < 1:
         raise UserError(f"--episodes must be at least 1, got {episodes}")
     cfg = load_controller_config(config)
+    curve = client_curve(client_key or cfg.client_key, server_public or cfg.server_public)
+    reconnect_s = cfg.reconnect_s if reconnect else 0.0
     arts = load_artifacts(artifacts)
     apply_realtime_settings(cfg)  # before the client's socket: ZeroMQ's I/O thread must inherit the priority
-    client = RobotClient(connect, timeout_s=max(1.0, cfg.timeout_periods * arts.manifest.dt), name="controller")
+    client = RobotClient(connect, timeout_s=max(1.0, cfg.timeout_periods * arts.manifest.dt), name="controller",
+                         retry_s=cfg.retry_s, curve=curve)
     try:
-        info = client.hello()
+        try:
+            info = client.hello()
+        except RobotTimeout as err:
+            if curve is None:
+                raise
+            raise RobotTimeout(f"{err}; with CURVE keys a silent robot may also mean this controller's key is not "
+                               f"in the robot's authorized directory, or --server-public is not the robot's key") \
+                from None
         check_robot(info, arts.manifest)
         if info.mode != "realtime" and cfg.realtime_priority is not None:
             normal_scheduling()
@@ -191,14 +273,14 @@ def control_from_cli(*, artifacts: Path, connect: str, planner: str | None, epis
             for name in ("policy", "cem"):
                 controller = make_controller(arts, cfg, name, cfg.seed)  # type: ignore[arg-type]
                 try:
-                    rows[name] = run_episodes(client, controller, seeds, name)
+                    rows[name] = run_episodes(client, controller, seeds, name, arts.manifest, reconnect_s)
                 finally:
                     controller.close()
             print(compare_table(rows))
             return 0
         controller = make_controller(arts, cfg, planner or cfg.planner, cfg.seed)  # type: ignore[arg-type]
         try:
-            results = run_episodes(client, controller, seeds, planner or cfg.planner)
+            results = run_episodes(client, controller, seeds, planner or cfg.planner, arts.manifest, reconnect_s)
         finally:
             controller.close()
         rets = np.array([r.ret for r in results])

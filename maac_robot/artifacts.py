@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import io
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,15 @@ DEFAULT_ALLOW_SPINNING = False
 # Manifest fields copied into every graph's ONNX metadata_props (so a lone .onnx file is identifiable).
 METADATA_KEYS = ("format_version", "env_id", "state_dim", "act_dim", "dt", "gamma", "horizon", "plan_horizon",
                  "num_models", "num_elites", "reward", "train_steps", "opset")
+
+# Upper bounds checked (by `stat`) before a file is read, so a huge or sparse file is refused without
+# costing its size in RAM and seconds. An Ant-sized export (8 members x 4 layers x 200 units, 256-unit
+# actor/critic) has a 6.6 MB plan.onnx and a 5.5 MB ensemble.onnx, its manifest about 1 KB plus the run's
+# config; the limits leave ~40x (graphs) and far more (manifest) room for bigger networks while keeping
+# the memory a load can take bounded on a small robot computer.
+MAX_GRAPH_BYTES = 256 * 2**20
+MAX_MANIFEST_BYTES = 16 * 2**20
+READ_CHUNK_BYTES = 2**20
 
 Dim = int | str  # an int is a fixed size; a str names a dynamic axis
 
@@ -125,6 +135,30 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _read_bounded(file: Path, limit: int, what: str) -> tuple[bytes, str]:
+    """The bytes of `file` and their SHA-256 hex digest, refusing a file over `limit` bytes.
+
+    The size is checked before reading, and again while streaming (a file growing after the check
+    still cannot take more than `limit` bytes of memory); hashing happens chunk by chunk as the
+    bytes arrive, and the caller uses exactly these bytes, so nothing can change between check and use.
+    """
+    size = file.stat().st_size
+    if size > limit:
+        raise ArtifactError(f"{file}: {size} bytes, over the {limit}-byte limit for {what}; "
+                            f"this is not a file written by `maac-robot export` (re-export the run)")
+    digest = hashlib.sha256()
+    buffer = io.BytesIO()
+    with file.open("rb") as stream:
+        while chunk := stream.read(READ_CHUNK_BYTES):
+            if buffer.tell() + len(chunk) > limit:
+                raise ArtifactError(f"{file}: grew past the {limit}-byte limit for {what} while being read; "
+                                    f"do not load artifacts that are still being written")
+            digest.update(chunk)
+            buffer.write(chunk)
+    # getvalue() hands over the buffer without copying it, so a graph costs its size in memory once
+    return buffer.getvalue(), digest.hexdigest()
+
+
 def _dims_agree(actual: list[Any], expected: tuple[Dim, ...]) -> bool:
     """Fixed dims must be equal; a dynamic expected dim must not be fixed in the graph."""
     if len(actual) != len(expected):
@@ -168,8 +202,9 @@ def read_manifest(path: str | Path) -> Manifest:
         raise ArtifactError(f"artifact directory not found: {path}")
     if not file.is_file():
         raise ArtifactError(f"missing file: {file} (not an artifact directory written by `maac-robot export`?)")
+    text, _ = _read_bounded(file, MAX_MANIFEST_BYTES, "a manifest")
     try:
-        raw = json.loads(file.read_text())
+        raw = json.loads(text.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{file} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
@@ -333,10 +368,12 @@ def load_artifacts(path: str | Path, expected_env_id: str | None = None,
     """Load an artifact directory, verify everything, and return warmed-up sessions.
 
     Refuses (ArtifactError, naming the file and the disagreement) on: a missing directory or
-    file, a manifest of another format version or failing its schema, an env id other than
-    `expected_env_id`, a SHA-256 mismatch (tampered or truncated file), graphs whose input/output
-    names, types or shapes disagree with the manifest, and metadata_props from another export.
-    Each session is created from the very bytes that were hashed (no check-then-reload race).
+    file, a file over MAX_MANIFEST_BYTES / MAX_GRAPH_BYTES (checked before it is read), a manifest
+    of another format version or failing its schema, an env id other than `expected_env_id`, a
+    SHA-256 mismatch (tampered or truncated file; checked before onnxruntime parses anything),
+    graphs whose input/output names, types or shapes disagree with the manifest, and
+    metadata_props from another export. Each session is created from the very bytes that were
+    hashed (no check-then-reload race).
     """
     import onnxruntime as ort
 
@@ -351,8 +388,7 @@ def load_artifacts(path: str | Path, expected_env_id: str | None = None,
         file = path / f"{graph}.onnx"
         if not file.is_file():
             raise ArtifactError(f"missing file: {file} (listed in {path / MANIFEST_NAME})")
-        data = file.read_bytes()
-        digest = sha256_bytes(data)
+        data, digest = _read_bounded(file, MAX_GRAPH_BYTES, "a graph")
         if digest != manifest.files[file.name]:
             raise ArtifactError(f"{file}: SHA-256 mismatch (file {digest[:16]}…, manifest "
                                 f"{manifest.files[file.name][:16]}…, {len(data)} bytes): the file was "

@@ -46,7 +46,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from sim.server import sim_from_cli
 
     return sim_from_cli(config=args.config, bind=args.bind, mode=args.mode, render=args.render, seed=args.seed,
-                        record=args.record)
+                        record=args.record, server_key=args.server_key, authorized=args.authorized,
+                        admin_key=args.admin_key, insecure=args.insecure)
 
 
 def _cmd_control(args: argparse.Namespace) -> int:
@@ -54,7 +55,16 @@ def _cmd_control(args: argparse.Namespace) -> int:
 
     return control_from_cli(artifacts=args.artifacts, connect=args.connect, planner=args.planner,
                             episodes=args.episodes, config=args.config, seed=args.seed,
-                            compare=args.compare)
+                            compare=args.compare, client_key=args.client_key, server_public=args.server_public,
+                            reconnect=not args.no_reconnect)
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from maac_robot.auth import create_keys
+
+    public, secret = create_keys(args.dir, args.name)
+    print(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it here, mode 0600)")
+    return 0
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -112,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render", type=Path, help="write a video of the episodes (mp4)")
     p.add_argument("--record", type=Path, help="directory to record each episode's transitions (.npz)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--server-key", type=Path, help="CURVE: this sim's NAME.key_secret (see `maac-robot keys`)")
+    p.add_argument("--authorized", type=Path, help="CURVE: directory of the public NAME.key files of allowed controllers")
+    p.add_argument("--admin-key", type=Path, help="CURVE: public key allowed to stop the sim over the wire")
+    p.add_argument("--insecure", action="store_true", help="allow binding off loopback without keys (warns)")
     p.set_defaults(func=_cmd_sim)
 
     p = sub.add_parser("control", help="drive a sim or robot with the exported policy / CEM-MPC")
@@ -123,7 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", action="store_true",
                    help="policy-only vs CEM-MPC on the same seeds (lockstep), the paper's Table 1")
+    p.add_argument("--client-key", type=Path, help="CURVE: this controller's NAME.key_secret")
+    p.add_argument("--server-public", type=Path, help="CURVE: the robot's public NAME.key")
+    p.add_argument("--no-reconnect", action="store_true",
+                   help="exit with one line when the robot is lost, instead of reconnecting (controller.reconnect_s)")
     p.set_defaults(func=_cmd_control)
+
+    p = sub.add_parser("keys", help="write a CURVE key pair NAME.key / NAME.key_secret (zmq.auth format)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--name", required=True, help="e.g. server, controller, admin")
+    p.set_defaults(func=_cmd_keys)
 
     p = sub.add_parser("up", help="start sim and controller as two processes on loopback")
     p.add_argument("--artifacts", type=Path, required=True)

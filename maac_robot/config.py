@@ -122,8 +122,16 @@ class SimConfig(_Section):
     bind: str = "tcp://127.0.0.1:5555"
     mode: Literal["lockstep", "realtime"] = "lockstep"
     watchdog_periods: float = Field(3.0, gt=0, description="no valid action for this many dt: apply the safe action")
-    max_message_bytes: int = Field(1 << 16, gt=0)
+    max_message_bytes: int = Field(1 << 16, gt=0, description="largest message (all frames) a peer may send")
     seed: int = 0
+    owner_timeout_s: float = Field(2.0, gt=0, description="an episode's owner silent this long loses it to another "
+                                   "controller's reset (at least the watchdog period)")
+    server_key: Path | None = Field(None, description="CURVE: the sim's NAME.key_secret (maac-robot keys)")
+    authorized: Path | None = Field(None, description="CURVE: directory of the controllers' public NAME.key files")
+    admin_key: Path | None = Field(None, description="CURVE: public key allowed to send shutdown over the wire")
+    insecure: bool = Field(False, description="allow a bind off loopback without keys (warns)")
+    memory_headroom_mb: float = Field(256, gt=0, description="resident memory above the start-up size at which "
+                                      "every connection is dropped (ZeroMQ buffers multipart messages whole)")
 
 
 class ControllerConfig(_Section):
@@ -143,6 +151,11 @@ class ControllerConfig(_Section):
     budget_frac: float = Field(0.45, gt=0, lt=1, description="planning budget as a fraction of dt; latency p99 "
                                "is the budget plus ~0.5 ms wake-up jitter (measured), so 0.45 keeps it under dt/2")
     timeout_periods: float = Field(10.0, gt=0, description="observation receive timeout in dt")
+    retry_s: float = Field(0.1, gt=0, description="resend an unanswered request (same seq) after this long")
+    reconnect_s: float = Field(30.0, ge=0, description="after losing the robot, keep trying to reconnect and "
+                               "start a new episode for this long; 0: exit with one line instead")
+    client_key: Path | None = Field(None, description="CURVE: this controller's NAME.key_secret")
+    server_public: Path | None = Field(None, description="CURVE: the robot's public NAME.key")
     realtime_priority: int | None = Field(
         None, ge=1, le=99, description="real-time mode: SCHED_FIFO priority of the control process (Linux, needs "
         "CAP_SYS_NICE); None: normal scheduling, which misses deadlines on a loaded machine")

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -131,13 +132,30 @@ def up_from_cli(*, artifacts: Path, config: Path, bind: str, episodes: int, mode
                         f"(maac-robot train --config {config} --out runs/NAME; maac-robot export runs/NAME --out {artifacts})")
     load_artifacts(artifacts, expected_env_id=cfg.env.id)  # verify now, so a mismatch is one clear line here
     _check_endpoint_free(bind)
-    commands = {
-        "sim": [*_cli(), "sim", "--config", str(config), "--bind", bind, "--mode", mode],
-        "controller": [*_cli(), "control", "--artifacts", str(artifacts), "--connect", bind,
-                       "--planner", planner, "--episodes", str(episodes), "--config", str(config)],
-    }
-    print(f"[up] sim ({mode}) on {bind}; controller ({planner}) for {episodes} episode(s); Ctrl-C stops both")
-    return supervise(commands, wait_for="controller")
+    with tempfile.TemporaryDirectory(prefix="maac-robot-keys-") as tmp:
+        keys = session_keys(Path(tmp))
+        commands = {
+            "sim": [*_cli(), "sim", "--config", str(config), "--bind", bind, "--mode", mode, *keys["sim"]],
+            "controller": [*_cli(), "control", "--artifacts", str(artifacts), "--connect", bind,
+                           "--planner", planner, "--episodes", str(episodes), "--config", str(config),
+                           *keys["controller"]],
+        }
+        print(f"[up] sim ({mode}) on {bind}; controller ({planner}) for {episodes} episode(s); CURVE keys for this "
+              f"run only; Ctrl-C stops both")
+        return supervise(commands, wait_for="controller")
+
+
+def session_keys(directory: Path) -> dict[str, list[str]]:
+    """A server and a controller key pair made for one `up` run, as the sim's and the controller's flags.
+
+    Even on loopback the link is then authenticated: no other local process can drive the sim `up` started.
+    """
+    from maac_robot.auth import create_keys
+
+    server_public, server_secret = create_keys(directory, "server")
+    controller_public, controller_secret = create_keys(directory / "authorized", "controller")
+    return {"sim": ["--server-key", str(server_secret), "--authorized", str(controller_public.parent)],
+            "controller": ["--client-key", str(controller_secret), "--server-public", str(server_public)]}
 
 
 def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int) -> int:

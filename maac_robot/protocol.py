@@ -6,10 +6,17 @@ Design decisions, and why
 -------------------------
 Sockets. The robot side (sim or a real driver) *binds* a ZeroMQ ROUTER socket; a controller
 *connects* a DEALER. Neither is REQ/REP, whose strict send/recv alternation wedges forever when
-one message is lost. ROUTER knows each peer by identity and silently drops replies to peers that
+one message is lost. ROUTER knows each peer by routing id and silently drops replies to peers that
 vanished, so a dead controller never blocks the robot; the DEALER can send and receive in any
 order, so the client can drain stale observations. Every receive on both sides goes through a
 poller with a timeout (never a busy-poll: on 2 shared cores spinning raises p99 tenfold).
+
+Routing ids. libzmq numbers peers that bring no routing id from a counter seeded by libc's
+``rand()``, identical in every process, and aborts the whole process when a generated id is
+already held by a peer that chose it. So the client always sends its own random 16-byte id
+(first byte non-zero: ids starting with a zero byte are libzmq's), a peer repeating an id that is
+taken is ignored by libzmq (no handover), and the robot side seeds ``rand()`` from the OS before it
+creates its socket (``seed_routing_ids``) so the ids it generates for id-less peers cannot be guessed.
 
 Frames. A message is a multipart frame list ``[header, array_0, array_1, ...]``. The header is
 the JSON of a pydantic model: protocol version ``v``, ``type``, the sender's sequence number
@@ -19,16 +26,33 @@ travel as raw little-endian float32/float64 bytes (no JSON lists, no pickle): de
 ``np.frombuffer`` view, and the dtype/shape/byte count in the header are checked against the
 frame, so a truncated frame is an error, never a misread.
 
-Messages. Controller -> robot: ``hello`` (handshake), ``reset`` (optional seed; the sender now
-owns the episode, actions from other peers are refused), ``action``, ``heartbeat``, ``shutdown``.
-Robot -> controller: ``hello_reply`` (env id, state/action dims, action bounds as arrays, dt, mode,
-watchdog, limits, session), ``observation``, ``error`` (``code`` from ``ERROR_CODES``, ``ack`` = the
-offending message's seq when it could be read), ``heartbeat_reply`` (status), ``shutdown`` (ack).
+Messages. Controller -> robot: ``hello`` (handshake), ``reset`` (optional seed and the client's
+``token``), ``action``, ``heartbeat``, ``goodbye`` (the client gives up its episode; no reply),
+``shutdown``. Robot -> controller: ``hello_reply`` (env id, state/action dims, action bounds as
+arrays, dt, mode, watchdog, ownership timeout, limits, session), ``observation``, ``error`` (``code``
+from ``ERROR_CODES``, ``ack`` = the offending message's seq when it could be read),
+``heartbeat_reply`` (status), ``shutdown`` (ack).
+
+Episode ownership. The peer whose ``reset`` started the episode owns it: only it may act, reset or
+end it. Another peer's ``reset`` is refused with ``busy`` while the owner is alive; ownership passes
+when the owner says ``goodbye`` or has sent nothing for ``owner_timeout_s`` (announced in
+``hello_reply``; by then the real-time watchdog has long been applying the safe action). A client
+that reopened its socket (a new routing id) proves it is the same owner with the random ``token``
+it sent with its first reset, which the robot never shows anyone. ``shutdown`` over the wire is
+refused (``forbidden``) unless the robot was started with an admin key and the peer proved it.
 
 Limits. A message (all frames) may carry at most ``max_message_bytes`` (default 64 KiB; an Ant
 state is 840 B) and at most ``MAX_FRAMES`` frames; larger ones get a ``too_large`` error reply.
-The robot additionally sets ZMQ_MAXMSGSIZE to 4x that limit, where ZeroMQ drops the connection
-instead of buffering the message: a hard cap on memory a hostile peer can make it allocate.
+Both sides read frame by frame (``MessageReader``), keep nothing of a message past the limit and
+never copy it. The robot additionally sets ZMQ_MAXMSGSIZE to 4x the limit, where ZeroMQ drops the
+connection instead of buffering the frame. ZeroMQ holds a multipart message until its last frame
+arrives, out of the application's sight; the sim therefore watches its own resident memory and,
+past a cap, drops every connection (controllers reconnect by themselves).
+
+Lost messages. Requests (hello, reset, heartbeat, lockstep actions) are resent with the *same*
+seq every ``retry_s`` until ``timeout_s``; the robot answers a repeated reset or lockstep action
+from its owner with the reply it already sent, so a retry never steps the robot twice. In real
+time a lost observation costs one tick: the controller acts on the newest observation it has.
 
 Versions. Every header carries ``v``; a message from another protocol version is answered with a
 ``version`` error naming both versions (the client sees it at ``hello()``), never half-parsed.
@@ -71,10 +95,14 @@ when a real-time client skipped stale observations); ``env`` (the env's scalar i
 Heartbeat. ``heartbeat`` is answered at once in both modes, mid-episode too, with a small status;
 ``python -m sim.health tcp://host:port`` exits 0/1 on it (a docker health check).
 
-Reconnects. Client sockets use ZMQ_LINGER 0 and a 100 ms reconnect interval. On any timeout the
-client closes its socket and opens a fresh one (a new identity, and none of the stale requests
-that were queued while the robot was down are delivered later), then raises ``RobotTimeout``;
-after a robot restart the next ``reset()`` simply works.
+Reconnects. Client sockets use a 100 ms reconnect interval. On a timeout the client closes its
+socket and opens a fresh one (a new routing id, and none of the stale requests queued while the
+robot was down are delivered later), then raises ``RobotTimeout``; after a robot restart the next
+``reset()`` simply works, and after a transient outage the same client's ``reset`` reclaims its
+episode with its token.
+
+Authentication. With CURVE keys (``maac_robot.auth``) the robot admits only authorised client
+keys; an unauthenticated peer fails the handshake inside libzmq and gets nothing.
 
 Endpoints: ``tcp://127.0.0.1:5555`` (default, loopback only), ``ipc:///path`` or ``inproc://``.
 """
@@ -83,8 +111,9 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -92,9 +121,10 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from maac_robot.auth import ClientCurve
 from maac_robot.errors import UserError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 16
 MAX_FRAMES = 8
@@ -112,6 +142,8 @@ ERROR_CODES = (
     "unexpected",  # a valid message the robot does not accept (e.g. an observation)
     "bad_action",  # NaN/inf or wrong length: the safe action was applied instead
     "no_episode",  # an action before reset (or from a peer that does not own the episode)
+    "busy",  # a reset while another live controller owns the episode
+    "forbidden",  # shutdown from a peer without the admin key
     "episode_over",  # an action after terminated/truncated: reset first
     "stale",  # an action whose seq is not newer than one already received
     "internal",  # a robot-side failure; the episode was ended, the robot keeps serving
@@ -162,8 +194,11 @@ class Hello(_Message):
 
 
 class Reset(_Message):
+    """`token`: the client's secret, so the same client can reclaim its episode from a new socket."""
+
     type: Literal["reset"] = "reset"
     seed: Seq | None = None
+    token: str | None = Field(default=None, min_length=16, max_length=64)
 
 
 class Action(_Message):
@@ -176,6 +211,12 @@ class Action(_Message):
 
 class Heartbeat(_Message):
     type: Literal["heartbeat"] = "heartbeat"
+
+
+class Goodbye(_Message):
+    """The client gives up the episode it owns (no reply): another controller may reset at once."""
+
+    type: Literal["goodbye"] = "goodbye"
 
 
 class Shutdown(_Message):
@@ -196,6 +237,7 @@ class HelloReply(_Message):
     dt: float = Field(gt=0, allow_inf_nan=False)
     mode: Literal["lockstep", "realtime"]
     watchdog_s: float = Field(gt=0, allow_inf_nan=False)
+    owner_timeout_s: float = Field(gt=0, allow_inf_nan=False)
     max_message_bytes: int = Field(gt=0)
     session: str = Field(max_length=64)
 
@@ -233,13 +275,13 @@ class HeartbeatReply(_Message):
 
 
 Message = Annotated[
-    Hello | Reset | Action | Heartbeat | Shutdown | HelloReply | ObservationMsg | ErrorMsg | HeartbeatReply,
+    Hello | Reset | Action | Heartbeat | Goodbye | Shutdown | HelloReply | ObservationMsg | ErrorMsg | HeartbeatReply,
     Field(discriminator="type"),
 ]
 _MESSAGE = TypeAdapter(Message)
 MESSAGE_TYPES: dict[str, type[_Message]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Hello, Reset, Action, Heartbeat, Shutdown, HelloReply, ObservationMsg, ErrorMsg, HeartbeatReply)
+    for cls in (Hello, Reset, Action, Heartbeat, Goodbye, Shutdown, HelloReply, ObservationMsg, ErrorMsg, HeartbeatReply)
 }
 
 
@@ -331,6 +373,91 @@ def _header_error(raw: bytes, err: ValidationError) -> ProtocolError:
     return ProtocolError(f"{kind}: {_explain(err)}", seq=seq)
 
 
+# ---- reading and routing ids ----
+READ_FRAMES_PER_CALL = 4096
+"""Frames one `MessageReader.read` call consumes at most (~8 ms of discarding): a flood is served in slices."""
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One message as read: `frames` is empty when it was refused, and `refused` says why."""
+
+    peer: bytes | None
+    frames: list[zmq.Frame]
+    refused: str | None = None
+
+
+class MessageReader:
+    """Reads multipart messages frame by frame and stops keeping one as soon as it breaks the limits.
+
+    `recv_multipart` would copy a message of any size into this process before a size check could
+    run (a 1 GiB message of 256 KiB frames: 2.1 GB peak, 5 s). Here frames are taken without
+    copying, at most `max_bytes` and MAX_FRAMES of one message are kept, the rest is dropped as it
+    is read, and one call reads at most READ_FRAMES_PER_CALL frames: a call never takes long, and a
+    message that is cut by that budget is continued by the next call. `routed` (a ROUTER socket):
+    the first frame is the peer's routing id and does not count.
+    """
+
+    def __init__(self, sock: zmq.Socket, max_bytes: int, *, routed: bool) -> None:
+        self.sock, self.max_bytes, self.routed = sock, int(max_bytes), routed
+        self._reset()
+
+    def _reset(self) -> None:
+        self._peer: bytes | None = None
+        self._frames: list[zmq.Frame] = []
+        self._count = 0
+        self._size = 0
+        self._refused: str | None = None
+
+    def read(self) -> Incoming | None:
+        """The next complete message, or None when none is complete yet (call again once the socket is readable)."""
+        for _ in range(READ_FRAMES_PER_CALL):
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            self._count += 1
+            if self.routed and self._count == 1:
+                self._peer = frame.bytes[:256]
+            elif self._refused is None:
+                self._size += len(frame)
+                if len(self._frames) >= MAX_FRAMES:
+                    self._refused = f"more than {MAX_FRAMES} frames"
+                elif self._size > self.max_bytes:
+                    self._refused = f"more than {self.max_bytes} bytes"
+                if self._refused is None:
+                    self._frames.append(frame)
+                else:
+                    self._frames = []
+            if frame.more:
+                continue
+            out = Incoming(self._peer, self._frames, self._refused)
+            self._reset()
+            return out
+        return None
+
+
+def seed_routing_ids() -> None:
+    """Seed libc's `rand()`, which libzmq uses to number id-less peers, from the OS before a ROUTER socket exists.
+
+    Unseeded, every process hands out the same ids (0x006b8b4567, ...), so a local peer that claims
+    them first makes libzmq abort the robot process on the next id-less connection.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.srand(ctypes.c_uint(secrets.randbits(32)))
+    except (OSError, AttributeError):  # not glibc/musl: libzmq there has its own rand(); nothing to seed
+        pass
+
+
+def new_routing_id() -> bytes:
+    """A random 16-byte routing id whose first byte is not zero (zero-led ids are libzmq's own)."""
+    return bytes([1 + secrets.randbelow(255)]) + secrets.token_bytes(15)
+
+
 # ---- client side ----
 @dataclass(frozen=True, eq=False)
 class RobotInfo:
@@ -345,6 +472,7 @@ class RobotInfo:
     mode: str
     protocol_version: int
     watchdog_s: float
+    owner_timeout_s: float
     max_message_bytes: int
     session: str
 
@@ -386,6 +514,7 @@ class ClientStats:
     malformed: int = 0  # frames from the robot that did not decode
     errors: int = 0  # error replies
     timeouts: int = 0
+    retries: int = 0  # requests resent with the same seq because no reply came within retry_s
     reconnects: int = 0
     last_error: str | None = None
     recent_errors: list[str] = field(default_factory=list)
@@ -403,24 +532,39 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+DEFAULT_RETRY_S = 0.1
+"""Resend an unanswered request after this long. A loopback round trip is ~0.15 ms and a sim step
+well under 10 ms, so 0.1 s is far past a slow reply yet costs a lost message only 0.1 s."""
+GOODBYE_LINGER_MS = 100
+"""How long `close()` lets the goodbye of an episode owner reach the robot before dropping it."""
+
+
 class RobotClient:
     """Controller-side connection to a robot (or the sim). Not thread-safe; never blocks past its timeout.
 
     Typical lockstep use: ``info = c.hello(); obs = c.reset(seed=0); obs = c.step(action)``.
     Real-time use: ``c.reset()``, then every period ``obs = c.latest_observation(dt)`` and
-    ``c.send_action(action)``.
+    ``c.send_action(action)``. Requests are resent with the same seq every `retry_s` until
+    `timeout_s`; `curve` (``maac_robot.auth.ClientCurve``) connects with CURVE keys.
     """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 1.0, *, name: str = "",
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, context: zmq.Context | None = None) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, context: zmq.Context | None = None,
+                 retry_s: float = DEFAULT_RETRY_S, curve: ClientCurve | None = None) -> None:
         if not timeout_s > 0:
             raise ProtocolError(f"timeout_s must be positive, got {timeout_s}", "config")
+        if not retry_s > 0:
+            raise ProtocolError(f"retry_s must be positive, got {retry_s}", "config")
         self.endpoint = check_endpoint(endpoint)
         self.timeout_s = float(timeout_s)
+        self.retry_s = float(retry_s)
         self.name = name
         self.max_message_bytes = max_message_bytes
+        self.curve = curve
         self.info: RobotInfo | None = None
         self.stats = ClientStats()
+        self.token = secrets.token_hex(16)  # proves this client owns its episode, whatever socket it uses
+        self._owns = False  # a reset succeeded: say goodbye on close
         self._ctx = context or zmq.Context.instance()
         self._seq = 0
         self._last_obs: tuple[str, int] | None = None  # (session, seq) of the newest observation returned
@@ -432,13 +576,18 @@ class RobotClient:
     # -- socket lifecycle --
     def _open(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, new_routing_id())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sock.setsockopt(zmq.SNDHWM, 64)
         sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_message_bytes)
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.connect(self.endpoint)
         self._sock = sock
+        self._reader = MessageReader(sock, self.max_message_bytes, routed=False)
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
 
@@ -449,14 +598,27 @@ class RobotClient:
         self._open()
         self.stats.reconnects += 1
 
-    def _close_socket(self) -> None:
+    def _close_socket(self, linger_ms: int = 0) -> None:
         if self._sock is not None:
             self._poller.unregister(self._sock)
-            self._sock.close(linger=0)
+            self._sock.close(linger=linger_ms)
             self._sock = None
 
+    def goodbye(self) -> None:
+        """Give up the episode this client owns, so another controller may reset at once (no reply)."""
+        if self._sock is None or not self._owns:
+            return
+        self._owns = False
+        try:
+            self._sock.send_multipart(encode(Goodbye(seq=self._next_seq(), t=time.time())), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # robot unreachable: it hands the episode on after its owner timeout instead
+
     def close(self) -> None:
-        self._close_socket()
+        """Say goodbye if this client owns an episode, then close the socket."""
+        owned = self._owns
+        self.goodbye()
+        self._close_socket(GOODBYE_LINGER_MS if owned else 0)
 
     def __enter__(self) -> RobotClient:
         return self
@@ -469,11 +631,16 @@ class RobotClient:
         self._seq += 1
         return self._seq
 
-    def _send(self, msg: _Message, arrays: Sequence[np.ndarray] = ()) -> None:
+    def _send(self, msg: _Message, arrays: Sequence[np.ndarray] = ()) -> list[bytes]:
+        frames = encode(msg, arrays)
+        self._send_frames(frames)
+        return frames
+
+    def _send_frames(self, frames: list[bytes]) -> None:
         if self._sock is None:
             raise ProtocolError("client is closed", "closed")
         try:
-            self._sock.send_multipart(encode(msg, arrays), flags=zmq.NOBLOCK)
+            self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             self._timeout(f"cannot send to {self.endpoint}: send queue full (robot not reading or not running)")
         self.stats.sent += 1
@@ -484,7 +651,7 @@ class RobotClient:
         raise RobotTimeout(why)
 
     def _recv(self, deadline: float) -> tuple[_Message, list[np.ndarray]] | None:
-        """Next decodable message before `deadline` (monotonic), or None. Malformed frames are counted and skipped."""
+        """Next decodable message before `deadline` (monotonic), or None. Malformed or oversized ones are counted and skipped."""
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1000
             # whole milliseconds, rounded down: never wait past the deadline
@@ -492,9 +659,14 @@ class RobotClient:
                 if remaining_ms < 1:
                     return None
                 continue
-            frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            got = self._reader.read()
+            if got is None:
+                continue
+            if got.refused is not None:
+                self.stats.malformed += 1
+                continue
             try:
-                msg, arrays = decode(frames, self.max_message_bytes)
+                msg, arrays = decode(got.frames, self.max_message_bytes)
             except ProtocolError:
                 self.stats.malformed += 1
                 continue
@@ -526,88 +698,95 @@ class RobotClient:
         self._last_obs = (obs.session, obs.seq)
         return obs
 
-    def _await(self, seq: int, want: type[_Message], *, what: str) -> tuple[_Message, list[np.ndarray]]:
-        """Wait for the reply to request `seq`. Errors for it raise; other traffic is kept or counted."""
-        deadline = time.monotonic() + self.timeout_s
+    def _exchange(self, frames: list[bytes], seq: int, is_reply: Callable[[_Message], bool], *, what: str,
+                  tolerate: tuple[str, ...] = ()) -> tuple[_Message, list[np.ndarray]]:
+        """Wait for the reply to the request in `frames` (already sent once), resending it unchanged every
+        `retry_s` until `timeout_s`. Error replies to it raise unless their code is in `tolerate`;
+        observations meanwhile are kept as the newest pending one, anything else is counted."""
+        start = time.monotonic()
+        deadline = start + self.timeout_s
+        retry_at = start + self.retry_s
         while True:
-            got = self._recv(deadline)
+            got = self._recv(min(deadline, retry_at))
             if got is None:
-                self._timeout(f"no {what} reply from {self.endpoint} within {self.timeout_s:g} s "
-                              f"(is the robot/sim running?)")
+                if time.monotonic() >= deadline:
+                    self._timeout(f"no {what} reply from {self.endpoint} within {self.timeout_s:g} s "
+                                  f"(is the robot/sim running?)")
+                self._send_frames(frames)
+                self.stats.retries += 1
+                retry_at = time.monotonic() + self.retry_s
+                continue
             msg, arrays = got
             if isinstance(msg, ErrorMsg):
                 self.stats.note_error(msg)
-                if msg.ack == seq:
+                if msg.ack == seq and msg.code not in tolerate:
                     raise ProtocolError(f"robot refused {what}: {msg.message}", msg.code)
                 continue
-            if isinstance(msg, want) and msg.ack == seq:
+            if is_reply(msg):
                 return msg, arrays
             if isinstance(msg, ObservationMsg):
                 self._offer(self._observation(msg, arrays))
             else:
                 self.stats.unmatched_replies += 1
 
+    def _request(self, msg: _Message, want: type[_Message], *, what: str) -> tuple[_Message, list[np.ndarray]]:
+        frames = self._send(msg)
+        return self._exchange(frames, msg.seq, lambda m: isinstance(m, want) and m.ack == msg.seq, what=what)
+
     # -- API --
     def hello(self) -> RobotInfo:
         """Handshake: check the protocol version and learn the robot's spaces, dt and mode."""
-        seq = self._next_seq()
-        self._send(Hello(seq=seq, t=time.time(), client=self.name))
-        msg, (low, high) = self._await(seq, HelloReply, what="hello")
+        msg, (low, high) = self._request(Hello(seq=self._next_seq(), t=time.time(), client=self.name), HelloReply,
+                                         what="hello")
         if low.shape != (msg.act_dim,) or high.shape != (msg.act_dim,):
             raise ProtocolError(f"robot sent action bounds of shape {low.shape}/{high.shape} for act_dim {msg.act_dim}")
         self.info = RobotInfo(env_id=msg.env_id, state_dim=msg.state_dim, act_dim=msg.act_dim,
                               act_low=low.astype(np.float64), act_high=high.astype(np.float64), dt=msg.dt,
                               mode=msg.mode, protocol_version=msg.v, watchdog_s=msg.watchdog_s,
-                              max_message_bytes=msg.max_message_bytes, session=msg.session)
+                              owner_timeout_s=msg.owner_timeout_s, max_message_bytes=msg.max_message_bytes,
+                              session=msg.session)
         return self.info
 
     def reset(self, seed: int | None = None) -> Observation:
-        """Start a new episode (this client owns it) and return its first observation."""
-        seq = self._next_seq()
-        self._send(Reset(seq=seq, t=time.time(), seed=seed))
-        msg, arrays = self._await(seq, ObservationMsg, what="reset")
+        """Start a new episode (this client owns it) and return its first observation.
+
+        Refused with code ``busy`` while another live controller owns the robot's episode.
+        """
+        msg, arrays = self._request(Reset(seq=self._next_seq(), t=time.time(), seed=seed, token=self.token),
+                                    ObservationMsg, what="reset")
+        self._owns = True
         self._pending_obs = None
         return self._take(self._observation(msg, arrays))
 
     def send_action(self, action: Any, obs_seq: int | None = None) -> int:
         """Send an action without waiting; returns its seq. `obs_seq` defaults to the newest observation returned."""
+        return self._send_action(action, obs_seq)[0]
+
+    def _send_action(self, action: Any, obs_seq: int | None) -> tuple[int, list[bytes]]:
         seq = self._next_seq()
         if obs_seq is None and self._last_obs is not None:
             obs_seq = self._last_obs[1]
         arr = np.asarray(action, dtype=np.float64)
         # model_construct: these fields come from this client, validation would only cost time on the hot path
-        self._send(Action.model_construct(seq=seq, t=time.time(), obs_seq=obs_seq),
-                   [arr.reshape(-1) if arr.ndim == 0 else arr])
-        return seq
+        frames = self._send(Action.model_construct(seq=seq, t=time.time(), obs_seq=obs_seq),
+                            [arr.reshape(-1) if arr.ndim == 0 else arr])
+        return seq, frames
 
     def step(self, action: Any) -> Observation:
         """Send an action and wait for the observation that results from it (lockstep, or the next tick in realtime).
 
+        A lost action or observation is recovered by resending the action with the same seq: the
+        robot answers a repeat with the observation it already sent and never steps twice.
         A rejected action (NaN/inf, wrong length) is not an exception: the robot applied the safe
         action, the observation says so in ``info["rejected"]``, and ``stats.last_error`` has the reply.
         """
-        seq = self.send_action(action)
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            got = self._recv(deadline)
-            if got is None:
-                self._timeout(f"no observation for action {seq} from {self.endpoint} within {self.timeout_s:g} s")
-            msg, arrays = got
-            if isinstance(msg, ErrorMsg):
-                self.stats.note_error(msg)
-                if msg.ack == seq and msg.code != "bad_action":
-                    raise ProtocolError(f"robot refused action: {msg.message}", msg.code)
-                continue
-            if not isinstance(msg, ObservationMsg):
-                self.stats.unmatched_replies += 1
-                continue
-            obs = self._observation(msg, arrays)
-            if msg.action_seq == seq:
-                if self._pending_obs is not None:
-                    self.stats.dropped_observations += 1
-                    self._pending_obs = None
-                return self._take(obs)
-            self._offer(obs)
+        seq, frames = self._send_action(action, None)
+        msg, arrays = self._exchange(frames, seq, lambda m: isinstance(m, ObservationMsg) and m.action_seq == seq,
+                                     what=f"action {seq}", tolerate=("bad_action",))
+        if self._pending_obs is not None:
+            self.stats.dropped_observations += 1
+            self._pending_obs = None
+        return self._take(self._observation(msg, arrays))
 
     def latest_observation(self, timeout_s: float | None = None) -> Observation | None:
         """The newest observation not returned before, waiting up to `timeout_s`; None if none came.
@@ -643,13 +822,12 @@ class RobotClient:
 
     def status(self) -> HeartbeatReply:
         """The robot's heartbeat status (mode, episode, step, running, uptime)."""
-        seq = self._next_seq()
-        self._send(Heartbeat(seq=seq, t=time.time()))
-        msg, _ = self._await(seq, HeartbeatReply, what="heartbeat")
+        msg, _ = self._request(Heartbeat(seq=self._next_seq(), t=time.time()), HeartbeatReply, what="heartbeat")
         return msg
 
     def shutdown(self) -> None:
-        """Ask the robot process to stop serving, and wait for its acknowledgement."""
-        seq = self._next_seq()
-        self._send(Shutdown(seq=seq, t=time.time()))
-        self._await(seq, Shutdown, what="shutdown")
+        """Ask the robot process to stop serving, and wait for its acknowledgement.
+
+        Robots refuse it (``forbidden``) unless started with an admin key and this client connected with it.
+        """
+        self._request(Shutdown(seq=self._next_seq(), t=time.time()), Shutdown, what="shutdown")

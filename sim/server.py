@@ -18,13 +18,15 @@ robot side's behaviour:
   (`pip install 'maac-robot[render]'`; headless EGL renders ~0.3 s per 480x480 frame on the 2-core
   dev machine, so render lockstep runs: in real time it would overrun every tick).
 
-There is no authentication on the socket (no CURVE): the default bind is loopback, and anything
-wider must sit on a trusted network.
-
-The sim serves one controller at a time: the peer that sent the last `reset` owns the episode,
-and actions from any other peer are refused (`no_episode`). A client that vanishes mid-episode
-therefore costs nothing: the next client's reset starts a fresh episode (the cut one is recorded
-as truncated).
+* trust no peer: one controller owns the episode (others get `busy` / `no_episode`) until it says
+  goodbye or stays silent for `owner_timeout_s`; a repeated request from the owner is answered
+  with the reply already sent (a retry never steps twice); `shutdown` needs the admin key; log
+  lines a peer can trigger are rate-limited; each message is read frame by frame within a time
+  slice, and past a resident-memory cap every connection is dropped (ZeroMQ buffers a multipart
+  message whole before the application sees it);
+* CURVE authentication (`maac_robot.auth`): with `server_key` + `authorized`, only authorised
+  client keys get through the handshake. A bind off loopback without keys is refused unless
+  `insecure`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import zmq
 
+from maac_robot.auth import ServerAuth, check_bind_security, is_stale_socket_file
 from maac_robot.errors import UserError
 from maac_robot.protocol import (
     DEFAULT_ENDPOINT,
@@ -49,30 +53,75 @@ from maac_robot.protocol import (
     PROTOCOL_VERSION,
     Action,
     ErrorMsg,
+    Goodbye,
     Heartbeat,
     HeartbeatReply,
     Hello,
     HelloReply,
+    Incoming,
+    MessageReader,
     ObservationMsg,
     ProtocolError,
     Reset,
-    RobotClient,
-    RobotTimeout,
     Shutdown,
     _Message,
     check_endpoint,
     decode,
     encode,
+    seed_routing_ids,
 )
 from maac_robot.recording import EpisodeRecorder
 
 log = logging.getLogger("sim")
 
 Mode = Literal["lockstep", "realtime"]
-# a peer that floods the sim is served in slices, so real-time ticks stay on time
-_MAX_MESSAGES_PER_WAKEUP = 256
 # ZeroMQ drops the connection of a peer sending a frame above this multiple of the message limit
 _HARD_CAP_FACTOR = 4
+# reading input never holds the loop longer than this when no tick is due (lockstep, idle)
+_READ_SLICE_S = 0.05
+# the loop wakes at least this often to check memory, also while ZeroMQ buffers a message it cannot yet hand over
+_WAKE_S = 0.02
+DEFAULT_OWNER_TIMEOUT_S = 2.0
+DEFAULT_MEMORY_HEADROOM_MB = 256
+
+
+class _RateLimitedLog:
+    """At most `burst` lines per `window_s` per kind of event a peer can trigger; the rest are counted and summed up."""
+
+    def __init__(self, burst: int = 5, window_s: float = 10.0) -> None:
+        self.burst, self.window_s = burst, window_s
+        self._windows: dict[str, tuple[float, int, int]] = {}  # kind -> (window start, lines, suppressed)
+
+    def __call__(self, kind: str, level: int, fmt: str, *args: Any, **kwargs: Any) -> None:
+        now = time.monotonic()
+        start, lines, suppressed = self._windows.get(kind, (now, 0, 0))
+        if now - start > self.window_s:
+            if suppressed:
+                log.log(level, "%d more %r events in the last %.0f s were not logged", suppressed, kind,
+                        self.window_s)
+            start, lines, suppressed = now, 0, 0
+        if lines < self.burst:
+            log.log(level, fmt, *args, **kwargs)
+            lines += 1
+        else:
+            suppressed += 1
+        self._windows[kind] = (start, lines, suppressed)
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 where unavailable, which disables the memory guard)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _tag(peer: bytes | None) -> str:
+    """A short, stable tag for a peer in logs: never the routing id itself."""
+    import hashlib
+
+    return "-" if peer is None else hashlib.blake2b(peer, digest_size=4).hexdigest()
 
 
 class SimError(UserError):
@@ -92,6 +141,10 @@ class SafetyCounters:
     overruns: int = 0  # real-time periods skipped because the sim fell behind the wall clock
     bad_messages: int = 0  # malformed, oversized, wrong version, unknown or unexpected messages
     internal_errors: int = 0  # robot-side failures (env or bug): logged, answered, episode ended
+    refused_resets: int = 0  # resets from a peer while another live controller owned the episode
+    refused_shutdowns: int = 0  # shutdown from a peer without the admin key
+    repeated_requests: int = 0  # retries answered with the reply already sent
+    socket_resets: int = 0  # every connection dropped because resident memory passed the cap
 
 
 class ActionGate:
@@ -128,22 +181,33 @@ class _Pending:
 
 
 class SimServer:
-    """Serves `env_id` on `bind` until `stop()` is called (any thread) or a client sends shutdown."""
+    """Serves `env_id` on `bind` until `stop()` is called (any thread) or an admin sends shutdown."""
 
     def __init__(self, env_id: str, *, bind: str = DEFAULT_ENDPOINT, mode: Mode = "lockstep", seed: int | None = 0,
                  watchdog_periods: float = 3.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  max_episode_steps: int | None = None, record_dir: str | Path | None = None,
-                 render_path: str | Path | None = None, context: zmq.Context | None = None) -> None:
+                 render_path: str | Path | None = None, context: zmq.Context | None = None,
+                 owner_timeout_s: float = DEFAULT_OWNER_TIMEOUT_S, server_key: str | Path | None = None,
+                 authorized: str | Path | None = None, admin_key: str | Path | None = None, insecure: bool = False,
+                 memory_headroom_mb: float = DEFAULT_MEMORY_HEADROOM_MB) -> None:
         from maac_robot.envs import make_env
 
         if mode not in ("lockstep", "realtime"):
             raise SimError(f"mode must be 'lockstep' or 'realtime', got {mode!r}")
         if not watchdog_periods > 0:
             raise SimError(f"watchdog_periods must be positive, got {watchdog_periods}")
+        if not memory_headroom_mb > 0:
+            raise SimError(f"memory_headroom_mb must be positive, got {memory_headroom_mb}")
+        if (server_key is None) != (authorized is None):
+            raise SimError("CURVE needs both --server-key (the sim's NAME.key_secret) and --authorized (a directory "
+                           "of the controllers' NAME.key files)")
+        if admin_key is not None and server_key is None:
+            raise SimError("--admin-key needs --server-key and --authorized: an admin is known by the key it proves")
         try:
             check_endpoint(bind)
         except ProtocolError as err:
             raise SimError(str(err)) from None
+        check_bind_security(bind, keyed=server_key is not None, insecure=insecure)
         self.env_id = env_id
         self.mode: Mode = mode
         self.max_message_bytes = int(max_message_bytes)
@@ -153,11 +217,15 @@ class SimServer:
         self.env = make_env(env_id, seed=seed, max_episode_steps=max_episode_steps,
                             render_mode="rgb_array" if render_path else None)
         self.dt = float(self.env.unwrapped.dt)
-        self._video = _Video(render_path, fps=1.0 / self.dt) if render_path is not None else None
         self.state_dim = int(self.env.observation_space.shape[0])
         self.gate = ActionGate(self.env.action_space.low, self.env.action_space.high)
         self.watchdog_s = watchdog_periods * self.dt
+        if not owner_timeout_s >= self.watchdog_s:
+            raise SimError(f"owner_timeout_s ({owner_timeout_s}) must be at least the watchdog period "
+                           f"({self.watchdog_s:g} s): a silent owner's robot must be on the safe action first")
+        self.owner_timeout_s = float(owner_timeout_s)
         self.counters = SafetyCounters()
+        self._log = _RateLimitedLog()
         self._recorder = (EpisodeRecorder(record_dir, {"env_id": env_id, "dt": self.dt, "mode": mode,
                                                        "session": self.session,
                                                        "protocol_version": PROTOCOL_VERSION})
@@ -166,6 +234,9 @@ class SimServer:
         self._seq = 0
         # episode state
         self._owner: bytes | None = None
+        self._owner_token: str | None = None
+        self._owner_seen = 0.0  # monotonic time of the owner's latest message
+        self._displaced: dict[bytes, None] = {}  # recent owners whose episode passed on after their silence
         self._episode = 0  # number of resets served
         self._step = 0
         self._return = 0.0  # robot-side episode return: a controller that skips stale observations skips rewards
@@ -173,6 +244,10 @@ class SimServer:
         self._state: np.ndarray | None = None
         self._last_action_seq = -1
         self._latest_obs_seq = -1
+        # the owner's latest answered request: (peer, seq, reply frames), resent verbatim for a retry
+        self._answered: tuple[bytes, int, list[list[bytes]]] | None = None
+        self._capture: list[list[bytes]] | None = None
+        self._last_obs_frames: list[bytes] | None = None
         # real-time state
         self._pending: _Pending | None = None
         self._applied = self.gate.safe_action
@@ -182,14 +257,19 @@ class SimServer:
         self._stopping = threading.Event()
 
         self._ctx = context or zmq.Context.instance()
+        self._bind_endpoint = bind
+        self._auth: ServerAuth | None = None
+        self._video = None
         try:
+            if server_key is not None:
+                self._auth = ServerAuth(server_key, authorized, admin_key, self._ctx)  # type: ignore[arg-type]
+            self._video = _Video(render_path, fps=1.0 / self.dt) if render_path is not None else None
             self._sock = self._bind(bind)
         except BaseException:
-            self.env.close()
-            if self._video is not None:
-                self._video.close()
+            self._release()
             raise
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._reader = MessageReader(self._sock, self.max_message_bytes, routed=True)
         self._wake_endpoint = f"inproc://sim-wake-{self.session}"
         self._wake = self._ctx.socket(zmq.PULL)
         self._wake.setsockopt(zmq.LINGER, 0)
@@ -197,22 +277,46 @@ class SimServer:
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._wake, zmq.POLLIN)
+        self.memory_cap = _rss_bytes() + int(memory_headroom_mb * 2**20)
 
     # ---- setup / teardown ----
     def _bind(self, bind: str) -> zmq.Socket:
         if bind.startswith("ipc://"):
-            _remove_stale_ipc(bind, self._ctx)
+            _remove_stale_ipc(bind)
+        seed_routing_ids()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 64)  # a client that stops reading loses new observations, never blocks us
         sock.setsockopt(zmq.RCVHWM, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, _HARD_CAP_FACTOR * self.max_message_bytes)
+        if self._auth is not None:
+            self._auth.apply(sock)
         try:
             sock.bind(bind)
         except zmq.ZMQError as err:
             sock.close(linger=0)
             raise SimError(f"cannot bind {bind}: {err}") from None
         return sock
+
+    def _rebind(self) -> None:
+        """Drop every connection (and what ZeroMQ buffered for them) and listen again on the same endpoint.
+
+        Controllers reconnect by themselves within their reconnect interval; their routing ids and
+        the episode's owner are kept, so an owner just carries on.
+        """
+        self._poller.unregister(self._sock)
+        self._sock.close(linger=0)
+        deadline = time.monotonic() + 2.0
+        while True:  # ZeroMQ releases the port asynchronously
+            try:
+                self._sock = self._bind(self.endpoint)
+                break
+            except SimError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        self._reader = MessageReader(self._sock, self.max_message_bytes, routed=True)
+        self._poller.register(self._sock, zmq.POLLIN)
 
     def stop(self) -> None:
         """Ask `serve()` to return; safe from any thread and from a signal handler."""
@@ -231,12 +335,20 @@ class SimServer:
         """Release the sockets, env and video (call after `serve()` returned)."""
         self._sock.close(linger=0)
         if self.endpoint.startswith("ipc://"):  # ZeroMQ leaves the socket file behind
-            Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
+            path = Path(self.endpoint[len("ipc://"):])
+            if is_stale_socket_file(path):
+                path.unlink(missing_ok=True)
         self._wake.close(linger=0)
+        self._release()
+
+    def _release(self) -> None:
         self.env.close()
         if self._video is not None:
             self._video.close()
             self._video = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     def __enter__(self) -> SimServer:
         return self
@@ -255,6 +367,7 @@ class SimServer:
                     continue
                 if self._sock in events:
                     self._drain()
+                self._guard_memory()
                 if self.mode == "realtime" and self._running and time.monotonic() >= self._next_tick:
                     try:
                         self._tick()
@@ -265,8 +378,8 @@ class SimServer:
 
     def _poll_timeout_ms(self) -> int:
         if self.mode != "realtime" or not self._running:
-            return 1000  # only a safety net: stop() wakes the poll at once
-        remaining = self._next_tick - time.monotonic()
+            return int(_WAKE_S * 1000)
+        remaining = min(self._next_tick - time.monotonic(), _WAKE_S)
         if remaining < 1e-3:
             # poll has millisecond resolution: sleep the last fraction instead of spinning on poll(0)
             if remaining > 0:
@@ -275,62 +388,138 @@ class SimServer:
         return int(remaining * 1000)
 
     def _drain(self) -> None:
-        for _ in range(_MAX_MESSAGES_PER_WAKEUP):
-            try:
-                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
+        """Handle what has arrived, but never past the next tick (realtime) or a short slice: input cannot stall the loop."""
+        ticking = self.mode == "realtime" and self._running
+        deadline = self._next_tick if ticking else time.monotonic() + _READ_SLICE_S
+        while time.monotonic() < deadline:
+            incoming = self._reader.read()
+            if incoming is None:
                 return
-            self._handle(frames[0], frames[1:])
+            self._handle(incoming)
 
-    def _handle(self, peer: bytes, frames: list[bytes]) -> None:
+    def _guard_memory(self) -> None:
+        """Past the cap, drop every connection: ZeroMQ holds an incomplete multipart message where we cannot see it."""
+        rss = _rss_bytes()
+        if rss > self.memory_cap:
+            self.counters.socket_resets += 1
+            self._log("memory", logging.WARNING, "resident memory %.0f MB passed the cap of %.0f MB: dropping every "
+                      "connection (reset #%d)", rss / 2**20, self.memory_cap / 2**20, self.counters.socket_resets)
+            self._rebind()
+
+    def _handle(self, incoming: Incoming) -> None:
+        peer = incoming.peer or b""
+        if incoming.refused is not None:
+            self._refuse(peer, "too_large", f"message refused: {incoming.refused}", None)
+            return
         try:
-            msg, arrays = decode(frames, self.max_message_bytes)
+            msg, arrays = decode(incoming.frames, self.max_message_bytes)
         except ProtocolError as err:
             self._refuse(peer, err.code, str(err), err.seq)
             return
+        if peer == self._owner:
+            self._owner_seen = time.monotonic()
         try:
-            self._dispatch(peer, msg, arrays)
+            self._dispatch(peer, msg, arrays, incoming.frames[0])
         except Exception as err:  # noqa: BLE001 - a robot keeps serving; the failure is logged, counted, answered
             self._internal_error(peer, msg.seq, err)
 
     def _internal_error(self, peer: bytes | None, ack: int | None, err: Exception) -> None:
         """A bug or an env failure: end the episode (its state is suspect), tell the peer, keep serving."""
         self.counters.internal_errors += 1
-        log.exception("internal error (episode %d ended): %s", self._episode, err)
+        self._log("internal", logging.ERROR, "internal error (episode %d ended): %s", self._episode, err,
+                  exc_info=True)
         self._running = False
         if peer is not None:
             self._send(peer, ErrorMsg(seq=self._next_seq(), t=time.time(), ack=ack, code="internal",
                                       message=f"robot-side failure, episode ended: {type(err).__name__}: {err}"[:2000]))
 
-    def _dispatch(self, peer: bytes, msg: _Message, arrays: list[np.ndarray]) -> None:
+    def _dispatch(self, peer: bytes, msg: _Message, arrays: list[np.ndarray], header: zmq.Frame) -> None:
         if isinstance(msg, Action):
             self._on_action(peer, msg, arrays[0])
         elif isinstance(msg, Reset):
-            self._reset(peer, msg)
+            self._on_reset(peer, msg)
         elif isinstance(msg, Heartbeat):
             self._send(peer, HeartbeatReply(seq=self._next_seq(), t=time.time(), ack=msg.seq, session=self.session,
                                             mode=self.mode, env_id=self.env_id, episode=self._episode,
                                             step=self._step, running=self._running,
                                             uptime_s=time.monotonic() - self._started))
         elif isinstance(msg, Hello):
-            log.info("hello from %r (%s)", msg.client, peer.hex())
+            self._log("hello", logging.INFO, "hello from %r (peer %s)", msg.client[:40], _tag(peer))
             self._send(peer, HelloReply(seq=self._next_seq(), t=time.time(), ack=msg.seq, env_id=self.env_id,
                                         state_dim=self.state_dim, act_dim=int(self.gate.low.shape[0]), dt=self.dt,
                                         mode=self.mode, watchdog_s=self.watchdog_s,
+                                        owner_timeout_s=self.owner_timeout_s,
                                         max_message_bytes=self.max_message_bytes, session=self.session),
                        [self.gate.low, self.gate.high])
+        elif isinstance(msg, Goodbye):
+            if peer == self._owner:
+                self._release_episode()
         elif isinstance(msg, Shutdown):
-            log.info("shutdown requested by %s", peer.hex())
+            if self._auth is None or not self._auth.is_admin(header):
+                self.counters.refused_shutdowns += 1
+                self._log("shutdown", logging.WARNING, "shutdown refused for peer %s (no admin key)", _tag(peer))
+                self._refuse(peer, "forbidden", "shutdown over the wire needs the admin key (sim --admin-key); "
+                             "stop the sim with a signal instead", msg.seq)
+                return
+            log.info("shutdown requested by admin peer %s", _tag(peer))
             self._send(peer, Shutdown(seq=self._next_seq(), t=time.time(), ack=msg.seq))
             self._stopping.set()
         else:
             self._refuse(peer, "unexpected", f"a robot does not accept {msg.type!r} messages", msg.seq)
 
-    # ---- episode ----
-    def _reset(self, peer: bytes, msg: Reset) -> None:
+    # ---- episode ownership ----
+    def _owner_alive(self) -> bool:
+        return self._owner is not None and time.monotonic() - self._owner_seen <= self.owner_timeout_s
+
+    def _release_episode(self) -> None:
+        """The owner said goodbye: end its episode (recorded as cut short); the robot is free."""
+        self._finish_recording()
+        self._owner, self._owner_token = None, None
+        self._running = False
+        self._pending = None
+
+    def _repeat(self, peer: bytes, seq: int) -> bool:
+        """Resend the replies to the owner's request `seq` if it was already answered (a retry)."""
+        if self._answered is None or self._answered[:2] != (peer, seq):
+            return False
+        self.counters.repeated_requests += 1
+        for frames in self._answered[2]:
+            self._send_frames(peer, frames)
+        return True
+
+    def _answer(self, peer: bytes, seq: int, handler: Any, *args: Any) -> None:
+        """Run `handler`, keeping the replies it sends so a retry of request `seq` gets them again."""
+        self._capture = []
+        try:
+            handler(*args)
+        finally:
+            captured, self._capture = self._capture, None
+        self._answered = (peer, seq, captured)
+
+    def _on_reset(self, peer: bytes, msg: Reset) -> None:
+        if peer == self._owner and self._repeat(peer, msg.seq):
+            return
+        same_client = peer == self._owner or (msg.token is not None and msg.token == self._owner_token)
+        if not same_client and self._owner_alive():
+            self.counters.refused_resets += 1
+            self._log("busy", logging.WARNING, "reset from peer %s refused: the episode is owned by peer %s",
+                      _tag(peer), _tag(self._owner))
+            self._refuse(peer, "busy", f"another controller owns the robot's episode; it passes on when that "
+                         f"controller says goodbye or has been silent for {self.owner_timeout_s:g} s", msg.seq)
+            return
+        if not same_client and self._owner is not None:
+            self._displaced[self._owner] = None
+            while len(self._displaced) > 16:
+                self._displaced.pop(next(iter(self._displaced)))
+            self._log("takeover", logging.WARNING, "episode passes from silent peer %s to peer %s",
+                      _tag(self._owner), _tag(peer))
+        self._displaced.pop(peer, None)
+        self._owner, self._owner_token, self._owner_seen = peer, msg.token, time.monotonic()
+        self._answer(peer, msg.seq, self._reset, msg)
+
+    def _reset(self, msg: Reset) -> None:
         self._finish_recording()
         state, _ = self.env.reset(seed=msg.seed)
-        self._owner = peer
         self._episode += 1
         self._step = 0
         self._return = 0.0
@@ -346,31 +535,50 @@ class SimServer:
                       flags=_flags(), env_info={}, step_s=0.0)
 
     def _on_action(self, peer: bytes, msg: Action, action: np.ndarray) -> None:
-        if peer != self._owner or not self._running:
-            over = peer == self._owner and self._state is not None
-            code, why = (("episode_over", "the episode has ended: send reset") if over else
-                         ("no_episode", "no episode for this client: send reset first"))
-            self._refuse(peer, code, why, msg.seq)
+        if peer != self._owner:
+            why = ("this controller's episode passed to another one after it was silent for more than "
+                   f"{self.owner_timeout_s:g} s: reset to start a new episode" if peer in self._displaced else
+                   "this controller owns no episode: send reset first")
+            self._refuse(peer, "no_episode", why, msg.seq)
             return
-        if msg.seq <= self._last_action_seq:
+        if msg.seq == self._last_action_seq:  # a retry: never a second step
+            if self.mode == "lockstep":
+                self._repeat(peer, msg.seq)
+            else:
+                self.counters.dropped_actions += 1
+            return
+        if not self._running:
+            if self.mode == "realtime" and self._last_obs_frames is not None:
+                # the final observation may have been lost: the owner, still acting, gets it again
+                self._send_frames(peer, self._last_obs_frames)
+            else:
+                self._refuse(peer, "episode_over", "the episode has ended: send reset", msg.seq)
+            return
+        if msg.seq < self._last_action_seq:
             self.counters.dropped_actions += 1
             self._refuse(peer, "stale", f"action seq {msg.seq} is not newer than {self._last_action_seq}", msg.seq)
             return
         self._last_action_seq = msg.seq
         applied, rejected, clipped = self.gate.check(action)
-        if rejected is not None:
-            self.counters.rejected_actions += 1
-            self._refuse(peer, "bad_action", f"action rejected ({rejected}); the safe action is applied", msg.seq)
-        self.counters.clipped_actions += clipped
         late = msg.obs_seq is not None and msg.obs_seq < self._latest_obs_seq
-        self.counters.late_actions += late
         if self.mode == "lockstep":
-            self._advance(applied, action_seq=msg.seq, ack=msg.seq,
-                          flags=_flags(clipped=clipped, rejected=rejected, late=late))
+            self._answer(peer, msg.seq, self._lockstep_step, msg.seq, applied, rejected, clipped, late)
             return
+        self._count_checked(peer, msg.seq, rejected, clipped, late)
         if self._pending is not None:
             self.counters.dropped_actions += 1
         self._pending = _Pending(applied, msg.seq, rejected, clipped, late, time.monotonic())
+
+    def _count_checked(self, peer: bytes, seq: int, rejected: str | None, clipped: bool, late: bool) -> None:
+        if rejected is not None:
+            self.counters.rejected_actions += 1
+            self._refuse(peer, "bad_action", f"action rejected ({rejected}); the safe action is applied", seq)
+        self.counters.clipped_actions += clipped
+        self.counters.late_actions += late
+
+    def _lockstep_step(self, seq: int, applied: np.ndarray, rejected: str | None, clipped: bool, late: bool) -> None:
+        self._count_checked(self._owner or b"", seq, rejected, clipped, late)
+        self._advance(applied, action_seq=seq, ack=seq, flags=_flags(clipped=clipped, rejected=rejected, late=late))
 
     def _tick(self) -> None:
         """One real-time control period: choose the action (fresh, held or safe), step, publish, reschedule."""
@@ -425,9 +633,12 @@ class SimServer:
         seq = self._next_seq()
         self._latest_obs_seq = seq
         # built from trusted values on the hot path: skip validation (the receiver validates anyway)
-        self._send(self._owner, ObservationMsg.model_construct(
+        frames = encode(ObservationMsg.model_construct(
             seq=seq, t=time.time(), ack=ack, session=self.session, episode=self._episode, step=self._step,
             action_seq=action_seq, reward=reward, terminated=terminated, truncated=truncated, info=info), [state])
+        self._last_obs_frames = frames
+        if self._owner is not None:
+            self._send_frames(self._owner, frames)
 
     def _finish_recording(self) -> None:
         if self._recorder is not None:
@@ -441,17 +652,21 @@ class SimServer:
         return self._seq
 
     def _send(self, peer: bytes, msg: _Message, arrays: list[np.ndarray] | tuple = ()) -> None:
+        self._send_frames(peer, encode(msg, arrays))
+
+    def _send_frames(self, peer: bytes, frames: list[bytes]) -> None:
+        if self._capture is not None:
+            self._capture.append(frames)
         try:
-            self._sock.send_multipart([peer, *encode(msg, arrays)], flags=zmq.NOBLOCK)
+            self._sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as err:  # never block on a peer: a lost reply is what the client's timeout is for
-            log.debug("reply to %s dropped: %s", peer.hex(), err)
+            log.debug("reply to %s dropped: %s", _tag(peer), err)
 
     def _refuse(self, peer: bytes, code: str, message: str, ack: int | None) -> None:
-        if code not in ("bad_action", "no_episode", "episode_over", "stale"):
+        if code not in ("bad_action", "no_episode", "episode_over", "stale", "busy", "forbidden"):
             self.counters.bad_messages += 1
-            count = self.counters.bad_messages
-            if count & (count - 1) == 0:  # log the 1st, 2nd, 4th, 8th, ... so a flood cannot flood the log
-                log.warning("bad message #%d from %s: [%s] %s", count, peer.hex(), code, message)
+            self._log("bad_message", logging.WARNING, "bad message #%d from peer %s: [%s] %s",
+                      self.counters.bad_messages, _tag(peer), code, message[:200])
         self._send(peer, ErrorMsg(seq=self._next_seq(), t=time.time(), ack=ack, code=code, message=message[:2000]))
 
 
@@ -472,19 +687,24 @@ def _scalar(value: Any) -> float | int | bool | None:
     return None
 
 
-def _remove_stale_ipc(bind: str, ctx: zmq.Context) -> None:
+def _remove_stale_ipc(bind: str) -> None:
     """ipc socket files outlive their process; remove one unless a live sim still answers on it."""
     path = Path(bind[len("ipc://"):])
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
-    client = RobotClient(bind, timeout_s=0.2, context=ctx)
-    try:
-        client.heartbeat()
-    except (RobotTimeout, ProtocolError):
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        client.close()
+    if not is_stale_socket_file(path):
+        raise SimError(f"{path} exists and is not a socket: refusing to delete it for {bind}; "
+                       f"choose another ipc path or remove the file yourself")
+    # a plain connect tells a live listener from a dead one, whatever authentication the listener asks for
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+            return
+        except OSError:
+            pass
     raise SimError(f"another sim is already serving {bind}")
 
 
@@ -517,18 +737,25 @@ class _Video:
 
 
 def sim_from_cli(*, config: Path, bind: str | None, mode: str | None, render: Path | None, seed: int | None,
-                 record: Path | None) -> int:
-    """`maac-robot sim`: serve the config's env until SIGINT/SIGTERM or a shutdown message."""
+                 record: Path | None, server_key: Path | None = None, authorized: Path | None = None,
+                 admin_key: Path | None = None, insecure: bool = False) -> int:
+    """`maac-robot sim`: serve the config's env until SIGINT/SIGTERM or an admin's shutdown message."""
     from maac_robot.config import load_config
 
     cfg = load_config(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = SimServer(cfg.env.id, bind=bind or cfg.sim.bind, mode=mode or cfg.sim.mode,
-                       seed=cfg.sim.seed if seed is None else seed, watchdog_periods=cfg.sim.watchdog_periods,
-                       max_message_bytes=cfg.sim.max_message_bytes, max_episode_steps=cfg.env.max_episode_steps,
-                       record_dir=record, render_path=render)
+    sim = cfg.sim
+    server = SimServer(cfg.env.id, bind=bind or sim.bind, mode=mode or sim.mode,
+                       seed=sim.seed if seed is None else seed, watchdog_periods=sim.watchdog_periods,
+                       max_message_bytes=sim.max_message_bytes, max_episode_steps=cfg.env.max_episode_steps,
+                       record_dir=record, render_path=render, owner_timeout_s=sim.owner_timeout_s,
+                       server_key=server_key or sim.server_key, authorized=authorized or sim.authorized,
+                       admin_key=admin_key or sim.admin_key, insecure=insecure or sim.insecure,
+                       memory_headroom_mb=sim.memory_headroom_mb)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    print(f"sim: serving {server.env_id} ({server.mode}, dt={server.dt:g} s) on {server.endpoint}", flush=True)
+    auth = "CURVE" if server._auth is not None else "no authentication"
+    print(f"sim: serving {server.env_id} ({server.mode}, dt={server.dt:g} s, {auth}) on {server.endpoint}",
+          flush=True)
     try:
         server.serve()
     finally:

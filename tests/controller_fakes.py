@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
-from maac_robot.protocol import Observation
+from maac_robot.protocol import PROTOCOL_VERSION, Observation
 
 
 def _squash(u: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -109,7 +109,8 @@ class FakeRobot:
         m = self.model.manifest
         self.info = SimpleNamespace(env_id=m.env_id, state_dim=m.state_dim, act_dim=m.act_dim,
                                     act_low=np.asarray(m.act_low),
-                               act_high=np.asarray(m.act_high), dt=m.dt, mode=self.mode, protocol_version=1)
+                                    act_high=np.asarray(m.act_high), dt=m.dt, mode=self.mode,
+                                    protocol_version=PROTOCOL_VERSION, owner_timeout_s=2.0)
         return self.info
 
     def reset(self, seed: int | None = None) -> Observation:

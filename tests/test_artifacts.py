@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from maac_robot import artifacts
 from maac_robot.artifacts import (
     FORMAT_VERSION,
+    MAX_GRAPH_BYTES,
+    MAX_MANIFEST_BYTES,
     ArtifactError,
     load_artifacts,
     sha256_bytes,
@@ -82,6 +87,69 @@ def test_hash_mismatch(copy: Path, damage: str) -> None:
         data[len(data) // 2] ^= 0xFF
     file.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=r"plan\.onnx: SHA-256 mismatch .* modified or truncated"):
+        load_artifacts(copy)
+
+
+def test_hash_mismatch_is_refused_before_onnxruntime_parses_the_file(
+        copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    parsed: list[bytes] = []
+    real_session = onnxruntime.InferenceSession
+
+    def recording_session(data: bytes, **kw: object) -> object:
+        parsed.append(data)
+        return real_session(data, **kw)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
+    file = copy / "ensemble.onnx"
+    file.write_bytes(file.read_bytes() + b"appended")
+    with pytest.raises(ArtifactError, match=r"ensemble\.onnx: SHA-256 mismatch"):
+        load_artifacts(copy)
+    assert parsed == [(copy / "policy.onnx").read_bytes()]  # graphs are loaded in order; ensemble never parsed
+
+
+def _sparse(file: Path, size: int) -> None:
+    """Replace `file` by a sparse file of `size` bytes: no disk or memory cost unless someone reads it."""
+    with file.open("wb") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("name, limit", [("policy.onnx", MAX_GRAPH_BYTES), ("manifest.json", MAX_MANIFEST_BYTES)])
+def test_oversized_file_is_refused_without_reading_it(copy: Path, name: str, limit: int) -> None:
+    _sparse(copy / name, limit + 1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArtifactError, match=rf"{name}: {limit + 1} bytes, over the {limit}-byte limit"):
+            load_artifacts(copy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < limit // 4  # reading the file would have allocated all of it
+
+
+def test_every_graph_is_size_checked(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(artifacts, "MAX_GRAPH_BYTES", (copy / "plan.onnx").stat().st_size - 1)
+    with pytest.raises(ArtifactError, match=r"plan\.onnx: \d+ bytes, over the \d+-byte limit for a graph"):
+        load_artifacts(copy)
+
+
+def test_file_growing_past_the_limit_while_read_is_refused(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The size check and the read are not atomic: the read itself stops at the limit."""
+    real_stat = Path.stat
+
+    def stat_before_growth(self: Path, **kw: bool) -> os.stat_result:
+        st = real_stat(self, **kw)
+        if self.name != "policy.onnx":
+            return st
+        fields = list(st[:10])
+        fields[6] = 0  # st_size
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(Path, "stat", stat_before_growth)
+    monkeypatch.setattr(artifacts, "MAX_GRAPH_BYTES", 1000)
+    monkeypatch.setattr(artifacts, "READ_CHUNK_BYTES", 256)
+    with pytest.raises(ArtifactError, match=r"policy\.onnx: grew past the 1000-byte limit"):
         load_artifacts(copy)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -90,6 +91,116 @@ def test_a_non_finite_policy_action_is_never_sent():
     with pytest.raises(ControllerError, match="non-finite"):
         ctl.act(np.zeros(2))
     ctl.close()
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 1), (2,), (1, 2, 1)])
+@pytest.mark.parametrize("planner", ["policy", "cem"])
+def test_a_wrong_length_policy_action_is_never_sent(shape, planner):
+    pm = _model()
+    pm.policy = lambda state, noise: (np.zeros(shape, np.float32),) * 3
+    ctl = _controller(pm, planner)
+    try:
+        for call in (lambda: ctl.warm_up(np.zeros(2)), lambda: ctl.act(np.zeros(2)),
+                     lambda: ctl.act(np.zeros(2), deadline=time.perf_counter() + 0.5)):
+            with pytest.raises(ControllerError, match=rf"policy graph returned an action of shape "
+                                                      rf"{re.escape(str(shape))}.*expected \(1, 2\)"):
+                call()
+    finally:
+        ctl.close()
+
+
+@pytest.mark.parametrize("broken", ["ensemble", "plan"])
+def test_nan_during_warm_up_is_counted_and_act_falls_back_to_the_policy(broken):
+    pm = _model()
+    if broken == "ensemble":
+        true_ensemble = pm.ensemble
+
+        def ensemble(state, action):
+            out = true_ensemble(state, action)
+            out["next_state_mean"][:, -1] = np.nan
+            return out
+
+        pm.ensemble = ensemble
+    else:
+        pm.plan = lambda state, actions: np.full(actions.shape[0], np.nan, np.float32)
+    ctl = _controller(pm)
+    try:
+        ctl.warm_up(np.zeros(2), steps=2)
+        assert ctl.warm_up_fallbacks == {"nonfinite": 3}
+        assert ctl.last_error is not None and "NonFiniteError" in ctl.last_error
+        state = np.array([0.4, 0.1])
+        for deadline in (None, time.perf_counter() + 0.5):
+            action, rec = ctl.act(state, deadline)
+            assert rec.fallback == "nonfinite" and rec.iterations == 0
+            np.testing.assert_allclose(action, _policy_action(pm, state), rtol=1e-6)
+    finally:
+        ctl.close()
+
+
+def _wrong_plan_shape(pm: PointMass) -> None:
+    true_plan = pm.plan
+    pm.plan = lambda state, actions: true_plan(state, actions)[:-1]
+
+
+def _wrong_ensemble_shape(pm: PointMass) -> None:
+    true_ensemble = pm.ensemble
+
+    def ensemble(state, action):
+        out = true_ensemble(state, action)
+        out["next_state_mean"] = out["next_state_mean"][:, :, :1]
+        return out
+
+    pm.ensemble = ensemble
+
+
+def _wrong_rollout_shape(pm: PointMass) -> None:
+    """Right for the single state of the policy action, wrong for the batch of the planner's rollout."""
+    true_policy = pm.policy
+
+    def policy(state, noise):
+        outputs = true_policy(state, noise)
+        return outputs if len(state) == 1 else tuple(out[:, :1] for out in outputs)
+
+    pm.policy = policy
+
+
+@pytest.mark.parametrize("breakage, graph", [(_wrong_plan_shape, "plan graph returned returns"),
+                                             (_wrong_ensemble_shape, "ensemble graph returned next_state_mean"),
+                                             (_wrong_rollout_shape, "policy graph returned mean")])
+@pytest.mark.parametrize("deadline", [None, 0.5])
+def test_a_wrong_output_shape_during_planning_falls_back_and_is_counted(breakage, graph, deadline):
+    pm = _model()
+    breakage(pm)
+    ctl = _controller(pm, policy_frac=0.1)  # policy samples: the rollout calls the policy with a batch > 1
+    try:
+        ctl.warm_up(np.zeros(2), steps=1)
+        assert ctl.warm_up_fallbacks == {"shape": 2}
+        state = np.array([0.4, 0.1])
+        action, rec = ctl.act(state, None if deadline is None else time.perf_counter() + deadline)
+        assert rec.fallback == "shape" and action.shape == (2,)
+        np.testing.assert_allclose(action, _policy_action(pm, state), rtol=1e-6)
+        assert ctl.last_error.startswith("ShapeError: ") and graph in ctl.last_error
+        assert "expected" in ctl.last_error
+    finally:
+        ctl.close()
+
+
+def test_a_planned_action_of_the_wrong_length_falls_back(monkeypatch):
+    from controller import loop
+    from controller.planner import Plan
+
+    def bad_plan(*_args, **_kw):
+        return Plan(sequence=np.zeros((5, 3)), action=np.zeros(3), score=0.0, policy_score=0.0, iterations=1)
+
+    monkeypatch.setattr(loop, "cem_plan", bad_plan)
+    ctl = _controller(_model())
+    try:
+        action, rec = ctl.act(np.zeros(2))
+        assert rec.fallback == "shape" and action.shape == (2,)
+        assert "planned action has shape (3,), expected (2,)" in ctl.last_error
+        assert Telemetry(records=[rec]).summary()["fallback_shape"] == 1
+    finally:
+        ctl.close()
 
 
 def test_horizon_and_population_are_checked_up_front():

@@ -56,7 +56,7 @@ def test_control_compare_lockstep_prints_the_table(artifacts: Path, capsys: pyte
         mean = float(row.split("|")[3].split("±")[0])
         assert np.isfinite(mean) and 0 < mean <= EPISODE_STEPS
     assert counters.clipped_actions == 0 and counters.rejected_actions == 0  # every action finite, in bounds
-    assert "fallbacks: budget 0, late 0, busy 0, nonfinite 0, error 0" in out  # lockstep: no deadline
+    assert "fallbacks: budget 0, late 0, busy 0, nonfinite 0, shape 0, error 0" in out  # lockstep: no deadline
 
 
 @pytest.mark.parametrize("planner", ["policy", "cem"])

@@ -19,6 +19,7 @@ from maac_robot.protocol import (
     PROTOCOL_VERSION,
     Action,
     ErrorMsg,
+    Goodbye,
     Heartbeat,
     HeartbeatReply,
     Hello,
@@ -43,13 +44,14 @@ json_scalars = st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.float
 
 messages = st.one_of(
     st.builds(Hello, seq=seqs, t=times, ack=acks, client=text),
-    st.builds(Reset, seq=seqs, t=times, seed=st.none() | seqs),
+    st.builds(Reset, seq=seqs, t=times, seed=st.none() | seqs, token=st.none() | st.text(min_size=16, max_size=64)),
+    st.builds(Goodbye, seq=seqs, t=times),
     st.builds(Action, seq=seqs, t=times, obs_seq=st.none() | seqs),
     st.builds(Heartbeat, seq=seqs, t=times),
     st.builds(Shutdown, seq=seqs, t=times, ack=acks),
     st.builds(HelloReply, seq=seqs, t=times, ack=acks, env_id=text, state_dim=st.integers(1, 200),
               act_dim=st.integers(1, 30), dt=st.floats(1e-4, 1), mode=st.sampled_from(["lockstep", "realtime"]),
-              watchdog_s=st.floats(1e-4, 10), max_message_bytes=st.integers(1, 2**20), session=text),
+              watchdog_s=st.floats(1e-4, 10), owner_timeout_s=st.floats(1e-4, 10), max_message_bytes=st.integers(1, 2**20), session=text),
     st.builds(ObservationMsg, seq=seqs, t=times, ack=acks, session=text, episode=st.integers(0, 10**6),
               step=st.integers(0, 10**6), action_seq=st.none() | seqs, reward=st.floats(),
               terminated=st.booleans(), truncated=st.booleans(),
@@ -201,7 +203,7 @@ def test_latest_observation_drains_keeps_newest_and_counts_dropped(fake_robot):
 def test_client_skips_malformed_replies_and_matches_by_ack(fake_robot):
     endpoint, robot = fake_robot
     with RobotClient(endpoint, timeout_s=1.0) as client:
-        client._send(Heartbeat(seq=client._next_seq(), t=time.time()))  # what heartbeat() sends first
+        sent = client._send(Heartbeat(seq=client._next_seq(), t=time.time()))  # what heartbeat() sends first
         peer, *frames = _recv(robot)
         seq = decode(frames)[0].seq
         robot.send_multipart([peer, b"\x00garbage"])
@@ -211,7 +213,8 @@ def test_client_skips_malformed_replies_and_matches_by_ack(fake_robot):
         robot.send_multipart([peer, *encode(HeartbeatReply(seq=2, t=time.time(), ack=seq, session="s",
                                                            mode="lockstep", env_id="E", episode=0, step=0,
                                                            running=False, uptime_s=1.0))])
-        reply, _ = client._await(seq, HeartbeatReply, what="heartbeat")
+        reply, _ = client._exchange(sent, seq, lambda m: isinstance(m, HeartbeatReply) and m.ack == seq,
+                                    what="heartbeat")
         assert reply.seq == 2
         assert client.stats.malformed == 1 and client.stats.unmatched_replies == 1
 
@@ -219,12 +222,13 @@ def test_client_skips_malformed_replies_and_matches_by_ack(fake_robot):
 def test_error_reply_to_a_request_raises_with_the_robots_code(fake_robot):
     endpoint, robot = fake_robot
     with RobotClient(endpoint, timeout_s=1.0) as client:
-        client._send(Hello(seq=client._next_seq(), t=time.time()))
+        sent = client._send(Hello(seq=client._next_seq(), t=time.time()))
         peer, *frames = _recv(robot)
-        robot.send_multipart([peer, *encode(ErrorMsg(seq=1, t=time.time(), ack=decode(frames)[0].seq,
+        seq = decode(frames)[0].seq
+        robot.send_multipart([peer, *encode(ErrorMsg(seq=1, t=time.time(), ack=seq,
                                                      code="version", message="robot speaks 9"))])
         with pytest.raises(ProtocolError, match="robot speaks 9") as err:
-            client._await(decode(frames)[0].seq, HelloReply, what="hello")
+            client._exchange(sent, seq, lambda m: isinstance(m, HelloReply) and m.ack == seq, what="hello")
         assert err.value.code == "version"
 
 

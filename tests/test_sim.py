@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from maac_robot.envs import make_env
 from maac_robot.protocol import (
+    PROTOCOL_VERSION,
     Action,
     ErrorMsg,
     Hello,
@@ -185,7 +187,7 @@ def test_malformed_messages_get_error_replies_and_the_sim_keeps_serving():
         raw.send_multipart([b"\x00" * 20_000])  # above the hard cap (4 x 4096): ZeroMQ drops the connection
         assert not raw.poll(300), "a message above ZMQ_MAXMSGSIZE must not be buffered and answered"
         with RobotClient(server.endpoint, 2.0) as client:
-            assert client.hello().protocol_version == 1
+            assert client.hello().protocol_version == PROTOCOL_VERSION
             client.reset(seed=0)
             assert client.step(np.zeros(6)).step == 1
         assert server.counters.bad_messages == len(cases)
@@ -227,7 +229,7 @@ def test_fuzzed_frames_at_a_live_server_then_a_normal_episode_runs():
 
 @pytest.mark.parametrize("mode", ["lockstep", "realtime"])
 def test_sim_survives_a_client_that_vanishes_mid_episode(mode):
-    with running_sim(mode=mode, max_episode_steps=10) as server:
+    with running_sim(mode=mode, max_episode_steps=10, owner_timeout_s=0.3) as server:
         with RobotClient(server.endpoint, 2.0) as gone:
             gone.reset(seed=0)
             for _ in range(3):
@@ -235,7 +237,7 @@ def test_sim_survives_a_client_that_vanishes_mid_episode(mode):
             gone.send_action(np.zeros(6))  # in flight when the client disappears
         with raw_socket(server.endpoint) as flaky:  # asks for a reset and leaves before the reply
             flaky.send_multipart(encode(Reset(seq=1, t=1.0, seed=5)))
-        time.sleep(0.1)
+        time.sleep(0.4)  # if the flaky reset arrived, its episode passes on after the owner timeout
         with RobotClient(server.endpoint, 2.0) as client:
             assert client.heartbeat() < 1.0
             obs = client.reset(seed=1)
@@ -339,11 +341,21 @@ def test_broken_recordings_are_refused_with_the_file_and_the_problem(tmp_path):
 
 def test_ipc_socket_file_left_by_a_dead_sim_is_replaced_but_a_live_one_is_not(tmp_path):
     endpoint = f"ipc://{tmp_path}/sim.sock"
-    (tmp_path / "sim.sock").write_bytes(b"")  # stale
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "sim.sock"))  # a socket file whose listener is gone
+    stale.close()
     with running_sim(bind=endpoint) as server:
         assert server.endpoint == endpoint
         with pytest.raises(SimError, match="already serving"):
             SimServer("HalfCheetah-v5", bind=endpoint)
+
+
+def test_an_ipc_bind_never_deletes_a_file_that_is_not_a_socket(tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    with pytest.raises(SimError, match="not a socket"):
+        SimServer("HalfCheetah-v5", bind=f"ipc://{precious}")
+    assert precious.read_text() == "keep me"
 
 
 def test_bad_bind_and_missing_video_backend_are_clear_errors(monkeypatch, tmp_path):
