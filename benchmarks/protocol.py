@@ -4,7 +4,7 @@
 
 Measured, with the sim in its own process (as deployed) and the client here:
 1. round trip of one action->observation exchange (`RobotClient.step`, lockstep HalfCheetah-v5)
-   over tcp loopback and ipc: median and p99 of the full round trip, and of the protocol overhead
+   over tcp loopback, tcp loopback with CURVE authentication and encryption, and ipc: median and p99 of the full round trip, and of the protocol overhead
    = round trip - the sim's own `env.step` time (which the sim reports in `info["sim_step_s"]`);
    plus a bare ZeroMQ DEALER/ROUTER echo of the same frame sizes (the transport floor), and the
    CPU the codec and the action gate spend per exchange without sockets;
@@ -34,6 +34,7 @@ import zmq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from maac_robot.auth import ClientCurve, create_keys  # noqa: E402
 from maac_robot.protocol import RobotClient  # noqa: E402
 
 
@@ -54,7 +55,9 @@ def _serve(kind: str, env_id: str, endpoint: str) -> None:
         return
     from sim.server import SimServer
 
-    server = SimServer(env_id, bind=endpoint, mode="lockstep", seed=0)
+    keys = os.environ.get("MAAC_BENCH_KEYS")  # set for the CURVE variant
+    auth = {"server_key": f"{keys}/server.key_secret", "authorized": f"{keys}/clients"} if keys else {}
+    server = SimServer(env_id, bind=endpoint, mode="lockstep", seed=0, **auth)
     print("ready", flush=True)
     try:
         server.serve()
@@ -63,9 +66,10 @@ def _serve(kind: str, env_id: str, endpoint: str) -> None:
 
 
 class _Child:
-    def __init__(self, kind: str, env_id: str, endpoint: str) -> None:
+    def __init__(self, kind: str, env_id: str, endpoint: str, keys: Path | None = None) -> None:
+        env = {**os.environ, **({"MAAC_BENCH_KEYS": str(keys)} if keys else {})}
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, env_id, endpoint],
-                                     stdout=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+                                     stdout=subprocess.PIPE, text=True, cwd=tempfile.gettempdir(), env=env)
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{kind} server for {env_id} on {endpoint} did not start")
 
@@ -97,10 +101,14 @@ def _stats(samples_s: np.ndarray) -> dict[str, float]:
             "max_us": float(us.max()), "n": int(us.size)}
 
 
-def round_trip(endpoint: str, exchanges: int, warmup: int = 500) -> dict[str, dict[str, float]]:
+def round_trip(endpoint: str, exchanges: int, warmup: int = 500,
+               keys: Path | None = None) -> dict[str, dict[str, float]]:
+    """`keys`: a directory from `session_keys`, for the CURVE variant."""
     rtt, overhead = [], []
     rng = np.random.default_rng(0)
-    with _Child("sim", "HalfCheetah-v5", endpoint), RobotClient(endpoint, timeout_s=5.0) as client:
+    curve = ClientCurve.load(keys / "clients" / "controller.key_secret", keys / "server.key") if keys else None
+    with _Child("sim", "HalfCheetah-v5", endpoint, keys), \
+            RobotClient(endpoint, timeout_s=5.0, curve=curve) as client:
         info = client.hello()
         obs = client.reset(seed=0)
         for i in range(warmup + exchanges):
@@ -113,7 +121,6 @@ def round_trip(endpoint: str, exchanges: int, warmup: int = 500) -> dict[str, di
             if i >= warmup:
                 rtt.append(elapsed)
                 overhead.append(elapsed - obs.info["sim_step_s"])
-        client.shutdown()
     return {"round_trip": _stats(np.array(rtt)), "overhead": _stats(np.array(overhead))}
 
 
@@ -190,7 +197,6 @@ def steps_per_second(env_id: str, endpoint: str, steps: int) -> dict[str, float]
             if client.step(action).done:
                 client.reset()
         protocol = steps / (time.perf_counter() - start)
-        client.shutdown()
     return {"in_process_steps_per_s": in_process, "protocol_steps_per_s": protocol}
 
 
@@ -220,10 +226,14 @@ def main() -> None:
     results["loadavg_before"] = os.getloadavg()
     results["codec_cpu"] = codec_cpu(args.exchanges)
     results["realtime_priority"] = args.realtime_priority
+    keys = Path(tmp) / "keys"
+    create_keys(keys, "server")
+    create_keys(keys / "clients", "controller")
     with _fifo(args.realtime_priority):  # before the first socket: ZeroMQ's I/O thread inherits the policy
         for name, endpoint in endpoints.items():
             results[f"exchange_{name}"] = round_trip(endpoint, args.exchanges)
             results[f"echo_{name}"] = echo_round_trip(endpoint, args.exchanges)
+        results["exchange_tcp+curve"] = round_trip(endpoints["tcp"], args.exchanges, keys=keys)
     for env_id in ("HalfCheetah-v5", "Hopper-v5"):
         results[f"steps_{env_id}"] = {name: steps_per_second(env_id, endpoint, args.steps)
                                       for name, endpoint in endpoints.items()}
@@ -236,6 +246,10 @@ def main() -> None:
                 ("bare ZeroMQ echo, same frame sizes", results[f"echo_{name}"])]
         for what, s in rows:
             print(f"| {name} | {what} | {s['median_us']:.0f} | {s['p99_us']:.0f} | {s['max_us']:.0f} | {s['n']} |")
+    curve = results["exchange_tcp+curve"]
+    for what, s in (("action→observation round trip", curve["round_trip"]),
+                    ("protocol overhead (round trip − sim env.step)", curve["overhead"])):
+        print(f"| tcp + CURVE | {what} | {s['median_us']:.0f} | {s['p99_us']:.0f} | {s['max_us']:.0f} | {s['n']} |")
     print("\n| env | in-process steps/s | lockstep via tcp steps/s | via ipc steps/s |\n|---|---|---|---|")
     for env_id in ("HalfCheetah-v5", "Hopper-v5"):
         r = results[f"steps_{env_id}"]

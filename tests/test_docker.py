@@ -48,6 +48,21 @@ def test_sim_and_controller_commands_parse_with_the_cli(services):
     assert str(controller.artifacts).startswith("/data/artifacts/")
 
 
+def test_the_link_is_authenticated_with_keys_from_the_keys_volume(services):
+    parser = build_parser()
+    sim = parser.parse_args(services["sim"]["command"])
+    controller = parser.parse_args(services["controller"]["command"])
+    assert str(sim.server_key).startswith("/keys/") and str(sim.authorized).startswith("/keys/")
+    assert str(controller.client_key).startswith(str(sim.authorized))
+    assert controller.server_public == sim.server_key.with_suffix(".key")
+    probe = services["sim"]["healthcheck"]["test"]
+    assert "--client-key" in probe and probe[probe.index("--client-key") + 1].startswith(str(sim.authorized))
+    assert services["sim"]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    keys_cmd = services["keys"]["command"][0]
+    for name in ("server", "controller", "health"):
+        assert f"--name {name}" in keys_cmd
+
+
 def test_train_profile_trains_then_exports_with_cli_commands(services):
     train = services["train"]
     assert train["profiles"] == ["train"]
