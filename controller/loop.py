@@ -162,6 +162,19 @@ class Controller:
                                  f"{int((~np.isfinite(mean)).any(axis=(0, 2)).sum())} of {len(state)} states")
         return mean[self._elites].mean(axis=0)
 
+    def predict(self, state: np.ndarray, action: np.ndarray) -> np.ndarray | None:
+        """The next state the model expects (elite mean), standing in for a lost observation.
+
+        None when the ensemble's output is unusable (wrong shape, NaN/inf): then the caller acts on
+        the newest real observation instead.
+        """
+        try:
+            batch = self._model_step(np.asarray(state, np.float32)[None], np.asarray(action, np.float32)[None])
+        except (NonFiniteError, ShapeError, ValueError) as err:
+            self.last_error = f"{type(err).__name__}: {err}"
+            return None
+        return batch[0]
+
     def _plan(self, state: np.ndarray, keep_going: Callable[[], bool]) -> Plan:
         prior = policy_prior(self._policy_batch, self._model_step, state, self.act_dim, self.horizon,
                              self.num_policy_samples, self.rng)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,6 +86,16 @@ class EpisodeResult:
     interrupted: int = 0  # attempts of this episode cut short by a lost or restarted robot
 
 
+RESEND_AT_PERIODS = (0.3, 0.6)
+"""Realtime: the action goes out again (same seq, applied at most once) at these fractions of the period,
+so a lost action message still reaches the robot's next tick: with independent loss p the tick is
+missed with p³ instead of p. Spaced to outlast a short burst of loss, early enough to beat the tick.
+(A robot that misses a tick holds the previous action, which a balancing policy tolerates badly.)"""
+MISSING_AFTER_PERIODS = 1.25
+"""Realtime: an observation not here this long after the previous one is taken as lost. A quarter
+period past the tick absorbs the robot's timing jitter and still leaves time to act before the next tick."""
+
+
 class RobotLost(RobotTimeout):
     """The robot stopped publishing, or restarted (a new session), in the middle of an episode."""
 
@@ -110,9 +120,12 @@ def run_episode(client: RobotClient, controller: Controller, seed: int,
                 clock: Any = time.perf_counter) -> EpisodeResult:
     """One episode. Lockstep: every step plans without a deadline; a lost message is retried by the client.
     Realtime: the planning deadline is `budget_frac`·dt after the observation arrived; the next
-    observation is the robot's next tick. When it does not come within a period the controller resends
-    its action and keeps acting on the newest observation it has (`Telemetry.missing_observations`);
-    only `timeout_periods` without any observation, or a robot restart, end the episode (`RobotLost`)."""
+    observation is the robot's next tick; the action is sent again at `RESEND_AT_PERIODS`.
+    An observation that has not come `MISSING_AFTER_PERIODS` after the last
+    is taken as lost (`Telemetry.missing_observations`): the controller acts on the state the model
+    predicts from the newest observation and the action sent for it (or on that observation when
+    the model cannot say), so a lost message costs a tick, not the episode. Only `timeout_periods`
+    without any observation, or a robot restart, end the episode (`RobotLost`)."""
     info = client.info
     if info is None:
         raise UserError("call client.hello() before running episodes")
@@ -123,6 +136,7 @@ def run_episode(client: RobotClient, controller: Controller, seed: int,
     dropped_before = client.stats.dropped_observations
     controller.reset()
     obs = reset_owned(client, seed, info.owner_timeout_s + 1.0)
+    last_real = clock()
     ret, steps = 0.0, 0
     while not obs.done:
         received = clock() - max(0.0, time.time() - obs.t_received)  # the observation's arrival, on `clock`
@@ -130,22 +144,30 @@ def run_episode(client: RobotClient, controller: Controller, seed: int,
         if realtime:
             client.send_action(action, obs_seq=obs.seq)
             record.missed = clock() - received > info.dt
-            nxt = client.latest_observation(info.dt)
-            while nxt is None:
+            nxt = None
+            for at in (*RESEND_AT_PERIODS, MISSING_AFTER_PERIODS):
+                nxt = client.latest_observation(max(0.0, received + at * info.dt - clock()))
+                if nxt is not None or at == MISSING_AFTER_PERIODS:
+                    break
+                client.resend_action()  # the usual case: the next tick is still ahead, and a copy covers a lost action
+            if nxt is None:
                 tel.missing_observations += 1
-                if clock() - received > lost_after:
+                if clock() - last_real > lost_after:
                     raise RobotLost(f"no observation from {client.endpoint} for {lost_after:.3g} s "
                                     f"({controller.cfg.timeout_periods:g} periods) during episode seed {seed}")
-                client.send_action(action, obs_seq=obs.seq)  # in case the action was what got lost
-                nxt = client.latest_observation(info.dt)
-            tel.held_ticks += int(bool(nxt.info.get("held", False)))
+                predicted = controller.predict(obs.state, action)
+                nxt = replace(obs, state=obs.state if predicted is None else predicted, reward=0.0,
+                              t_received=time.time())
+            else:
+                last_real = clock()
+                tel.held_ticks += int(bool(nxt.info.get("held", False)))
         else:
             nxt = client.step(action)
         if nxt.session != obs.session:
             raise RobotLost(f"the robot at {client.endpoint} restarted during episode seed {seed} (new session)")
         tel.records.append(record)
         ret += float(nxt.reward)
-        steps += 1
+        steps = nxt.step  # the robot's count: a step acted on a predicted state is no robot step
         obs = nxt
     tel.dropped_observations = client.stats.dropped_observations - dropped_before
     # a robot that keeps its own sum stays right when real-time control skipped stale observations
@@ -208,6 +230,8 @@ def run_episodes(client: RobotClient, controller: Controller, seeds: list[int], 
         total.missing_observations += res.telemetry.missing_observations
         total.dropped_observations += res.telemetry.dropped_observations
     print(f"[{label}] {total.format()}")
+    if controller.warm_up_fallbacks:
+        print(f"[{label}] planning failed during warm-up: {dict(controller.warm_up_fallbacks)} (policy action used)")
     if controller.last_error:
         print(f"[{label}] last planning error: {controller.last_error}")
     return results

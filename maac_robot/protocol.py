@@ -95,7 +95,7 @@ when a real-time client skipped stale observations); ``env`` (the env's scalar i
 Heartbeat. ``heartbeat`` is answered at once in both modes, mid-episode too, with a small status;
 ``python -m sim.health tcp://host:port`` exits 0/1 on it (a docker health check).
 
-Reconnects. Client sockets use a 100 ms reconnect interval. On a timeout the client closes its
+Reconnects. Client sockets reconnect after 20 ms, backing off to 1 s. On a timeout the client closes its
 socket and opens a fresh one (a new routing id, and none of the stale requests queued while the
 robot was down are delivered later), then raises ``RobotTimeout``; after a robot restart the next
 ``reset()`` simply works, and after a transient outage the same client's ``reset`` reclaims its
@@ -535,6 +535,9 @@ def check_endpoint(endpoint: str) -> str:
 DEFAULT_RETRY_S = 0.1
 """Resend an unanswered request after this long. A loopback round trip is ~0.15 ms and a sim step
 well under 10 ms, so 0.1 s is far past a slow reply yet costs a lost message only 0.1 s."""
+RECONNECT_IVL_MS = 20
+"""First reconnect attempt after a dropped connection (doubling up to 1 s while the robot stays away):
+when the robot drops every connection at its memory cap, the owner is back within a period."""
 GOODBYE_LINGER_MS = 100
 """How long `close()` lets the goodbye of an episode owner reach the robot before dropping it."""
 
@@ -569,6 +572,7 @@ class RobotClient:
         self._seq = 0
         self._last_obs: tuple[str, int] | None = None  # (session, seq) of the newest observation returned
         self._pending_obs: Observation | None = None  # newest observation seen while waiting for a reply
+        self._last_action: list[bytes] | None = None  # frames of the latest action, for `resend_action`
         self._sock: zmq.Socket | None = None
         self._poller = zmq.Poller()
         self._open()
@@ -578,7 +582,7 @@ class RobotClient:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, new_routing_id())
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sock.setsockopt(zmq.SNDHWM, 64)
         sock.setsockopt(zmq.RCVHWM, 1000)
@@ -705,7 +709,7 @@ class RobotClient:
         observations meanwhile are kept as the newest pending one, anything else is counted."""
         start = time.monotonic()
         deadline = start + self.timeout_s
-        retry_at = start + self.retry_s
+        retry_at = start + self._retry_interval()
         while True:
             got = self._recv(min(deadline, retry_at))
             if got is None:
@@ -714,7 +718,7 @@ class RobotClient:
                                   f"(is the robot/sim running?)")
                 self._send_frames(frames)
                 self.stats.retries += 1
-                retry_at = time.monotonic() + self.retry_s
+                retry_at = time.monotonic() + self._retry_interval()
                 continue
             msg, arrays = got
             if isinstance(msg, ErrorMsg):
@@ -728,6 +732,11 @@ class RobotClient:
                 self._offer(self._observation(msg, arrays))
             else:
                 self.stats.unmatched_replies += 1
+
+    def _retry_interval(self) -> float:
+        """`retry_s`, or 1.5 control periods once the robot's dt is known if that is shorter: in real time
+        a reply lost for longer than that is a stale reply."""
+        return self.retry_s if self.info is None else min(self.retry_s, 1.5 * self.info.dt)
 
     def _request(self, msg: _Message, want: type[_Message], *, what: str) -> tuple[_Message, list[np.ndarray]]:
         frames = self._send(msg)
@@ -770,7 +779,13 @@ class RobotClient:
         # model_construct: these fields come from this client, validation would only cost time on the hot path
         frames = self._send(Action.model_construct(seq=seq, t=time.time(), obs_seq=obs_seq),
                             [arr.reshape(-1) if arr.ndim == 0 else arr])
+        self._last_action = frames
         return seq, frames
+
+    def resend_action(self) -> None:
+        """Send the last action again, same seq: a retransmission the robot applies at most once."""
+        if self._last_action is not None:
+            self._send_frames(self._last_action)
 
     def step(self, action: Any) -> Observation:
         """Send an action and wait for the observation that results from it (lockstep, or the next tick in realtime).

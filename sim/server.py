@@ -143,7 +143,7 @@ class SafetyCounters:
     internal_errors: int = 0  # robot-side failures (env or bug): logged, answered, episode ended
     refused_resets: int = 0  # resets from a peer while another live controller owned the episode
     refused_shutdowns: int = 0  # shutdown from a peer without the admin key
-    repeated_requests: int = 0  # retries answered with the reply already sent
+    repeated_requests: int = 0  # retransmitted requests: answered with the reply already sent, never applied twice
     socket_resets: int = 0  # every connection dropped because resident memory passed the cap
 
 
@@ -497,7 +497,14 @@ class SimServer:
         self._answered = (peer, seq, captured)
 
     def _on_reset(self, peer: bytes, msg: Reset) -> None:
-        if peer == self._owner and self._repeat(peer, msg.seq):
+        if peer == self._owner and self._answered is not None and self._answered[:2] == (peer, msg.seq):
+            if self.mode == "realtime" and self._running:
+                # the episode has ticked on since the reset: the retry gets the present, not the start
+                self.counters.repeated_requests += 1
+                self._publish(self._state, reward=0.0, terminated=False, truncated=False, ack=msg.seq,
+                              action_seq=self._applied_seq, flags=_flags(held=True), env_info={}, step_s=0.0)
+            else:
+                self._repeat(peer, msg.seq)
             return
         same_client = peer == self._owner or (msg.token is not None and msg.token == self._owner_token)
         if not same_client and self._owner_alive():
@@ -541,11 +548,11 @@ class SimServer:
                    "this controller owns no episode: send reset first")
             self._refuse(peer, "no_episode", why, msg.seq)
             return
-        if msg.seq == self._last_action_seq:  # a retry: never a second step
+        if msg.seq == self._last_action_seq:  # a retransmission: never a second step
             if self.mode == "lockstep":
                 self._repeat(peer, msg.seq)
             else:
-                self.counters.dropped_actions += 1
+                self.counters.repeated_requests += 1
             return
         if not self._running:
             if self.mode == "realtime" and self._last_obs_frames is not None:
