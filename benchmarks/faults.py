@@ -125,13 +125,11 @@ class TimedClient(RobotClient):
         super().__init__(*args, **kw)
         self.arrivals: list[float] = []
         self.resets: list[float] = []
-        self.last = None
 
     def latest_observation(self, timeout_s=None):
         obs = super().latest_observation(timeout_s)
         if obs is not None:
             self.arrivals.append(time.monotonic())
-            self.last = obs
         return obs
 
     def reset(self, seed=None):
@@ -305,7 +303,8 @@ def memory(tmp: Path, artifacts) -> None:
             owner = _client(s.endpoint, dt, TimedClient)
             controller = _controller(artifacts)
             results = []
-            thread = threading.Thread(target=lambda: results.append(run_episode(owner, controller, seed=0)))
+            thread = threading.Thread(target=lambda: results.append(
+                run_resilient(owner, controller, seed=0, manifest=artifacts.manifest, reconnect_s=10.0)))
             thread.start()
             time.sleep(1.0)
             attack(s)
@@ -313,17 +312,19 @@ def memory(tmp: Path, artifacts) -> None:
             _, peak = s.rss_mb()
             owner.close()
             controller.close()
+            with RobotClient(s.endpoint, 2.0) as probe:
+                counters = probe.status().counters
             ok = bool(results)
             record("memory", f"{name}: sim peak RSS − start MiB", f"{peak - s.base_mb:.0f}",
                    "< 256 + one check", peak - s.base_mb < 256 + 128)
-            overruns = owner.last.info["overruns"] if owner.last is not None else -1
-            resets = owner.last.info["socket_resets"] if owner.last is not None else -1
+            overruns, resets = counters["overruns"], counters["socket_resets"]
             record("memory", f"{name}: sim loop periods overrun (stall past one period)", overruns, "0",
                    overruns == 0)
             record("memory", f"{name}: connections dropped by the memory guard", resets)
             record("memory", f"{name}: longest gap between observations at the owner (periods)",
                    f"{_max_gap_periods(owner.arrivals, dt):.1f}")
-            record("memory", f"{name}: owner's episode", f"return {results[0].ret:.0f}" if ok else "FAILED",
+            record("memory", f"{name}: owner's episode (250-step cap)",
+                   f"return {results[0].ret:.0f}, restarted {results[0].interrupted}x" if ok else "FAILED",
                    "completes", ok)
             record("memory", f"{name}: crashes", int(not s.alive()), "0", s.alive())
 

@@ -272,6 +272,7 @@ class HeartbeatReply(_Message):
     step: int = Field(ge=0)
     running: bool
     uptime_s: Seconds
+    counters: dict[str, int] = Field(default_factory=dict, max_length=64)  # the robot's safety counters
 
 
 Message = Annotated[

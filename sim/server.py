@@ -81,6 +81,8 @@ _HARD_CAP_FACTOR = 4
 _READ_SLICE_S = 0.05
 # the loop wakes at least this often to check memory, also while ZeroMQ buffers a message it cannot yet hand over
 _WAKE_S = 0.02
+# the memory guard gives up (and the sim stops with an error) if the endpoint cannot be bound again this long
+_REBIND_GIVE_UP_S = 10.0
 DEFAULT_OWNER_TIMEOUT_S = 2.0
 DEFAULT_MEMORY_HEADROOM_MB = 256
 
@@ -115,6 +117,21 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by a dropped peer's buffers back to the OS (glibc keeps small freed blocks).
+
+    Without it the resident size stays above the cap after the connections are gone, and the guard
+    would drop every connection again at each wake-up.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _tag(peer: bytes | None) -> str:
@@ -255,6 +272,7 @@ class SimServer:
         self._last_valid_t = 0.0
         self._next_tick = 0.0
         self._stopping = threading.Event()
+        self._dropped_at = 0.0  # when the memory guard last dropped every connection
 
         self._ctx = context or zmq.Context.instance()
         self._bind_endpoint = bind
@@ -298,25 +316,30 @@ class SimServer:
             raise SimError(f"cannot bind {bind}: {err}") from None
         return sock
 
-    def _rebind(self) -> None:
-        """Drop every connection (and what ZeroMQ buffered for them) and listen again on the same endpoint.
+    def _drop_connections(self) -> None:
+        """Drop every connection and what ZeroMQ buffered for them; the loop listens again (`_listen_again`).
 
         Controllers reconnect by themselves within their reconnect interval; their routing ids and
         the episode's owner are kept, so an owner just carries on.
         """
         self._poller.unregister(self._sock)
         self._sock.close(linger=0)
-        deadline = time.monotonic() + 2.0
-        while True:  # ZeroMQ releases the port asynchronously
-            try:
-                self._sock = self._bind(self.endpoint)
-                break
-            except SimError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        self._reader = MessageReader(self._sock, self.max_message_bytes, routed=True)
-        self._poller.register(self._sock, zmq.POLLIN)
+        self._sock = None
+        self._dropped_at = time.monotonic()
+
+    def _listen_again(self) -> None:
+        """One attempt to bind the endpoint again, never waiting: ZeroMQ releases the port on its own
+        threads (after freeing the dropped peers' buffers), and real-time ticks go on meanwhile."""
+        try:
+            sock = self._bind(self.endpoint)
+        except SimError:
+            if time.monotonic() - self._dropped_at > _REBIND_GIVE_UP_S:
+                raise
+            return
+        self._sock = sock
+        self._reader = MessageReader(sock, self.max_message_bytes, routed=True)
+        self._poller.register(sock, zmq.POLLIN)
+        _release_freed_memory()
 
     def stop(self) -> None:
         """Ask `serve()` to return; safe from any thread and from a signal handler."""
@@ -333,7 +356,8 @@ class SimServer:
 
     def close(self) -> None:
         """Release the sockets, env and video (call after `serve()` returned)."""
-        self._sock.close(linger=0)
+        if self._sock is not None:
+            self._sock.close(linger=0)
         if self.endpoint.startswith("ipc://"):  # ZeroMQ leaves the socket file behind
             path = Path(self.endpoint[len("ipc://"):])
             if is_stale_socket_file(path):
@@ -365,7 +389,9 @@ class SimServer:
                 if self._wake in events:
                     self._wake.recv(zmq.NOBLOCK)
                     continue
-                if self._sock in events:
+                if self._sock is None:
+                    self._listen_again()
+                elif self._sock in events:
                     self._drain()
                 self._guard_memory()
                 if self.mode == "realtime" and self._running and time.monotonic() >= self._next_tick:
@@ -400,11 +426,11 @@ class SimServer:
     def _guard_memory(self) -> None:
         """Past the cap, drop every connection: ZeroMQ holds an incomplete multipart message where we cannot see it."""
         rss = _rss_bytes()
-        if rss > self.memory_cap:
+        if rss > self.memory_cap and self._sock is not None:
             self.counters.socket_resets += 1
             self._log("memory", logging.WARNING, "resident memory %.0f MB passed the cap of %.0f MB: dropping every "
                       "connection (reset #%d)", rss / 2**20, self.memory_cap / 2**20, self.counters.socket_resets)
-            self._rebind()
+            self._drop_connections()
 
     def _handle(self, incoming: Incoming) -> None:
         peer = incoming.peer or b""
@@ -442,7 +468,8 @@ class SimServer:
             self._send(peer, HeartbeatReply(seq=self._next_seq(), t=time.time(), ack=msg.seq, session=self.session,
                                             mode=self.mode, env_id=self.env_id, episode=self._episode,
                                             step=self._step, running=self._running,
-                                            uptime_s=time.monotonic() - self._started))
+                                            uptime_s=time.monotonic() - self._started,
+                                            counters=vars(self.counters)))
         elif isinstance(msg, Hello):
             self._log("hello", logging.INFO, "hello from %r (peer %s)", msg.client[:40], _tag(peer))
             self._send(peer, HelloReply(seq=self._next_seq(), t=time.time(), ack=msg.seq, env_id=self.env_id,
@@ -664,6 +691,8 @@ class SimServer:
     def _send_frames(self, peer: bytes, frames: list[bytes]) -> None:
         if self._capture is not None:
             self._capture.append(frames)
+        if self._sock is None:  # listening again after the memory guard dropped every connection
+            return
         try:
             self._sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as err:  # never block on a peer: a lost reply is what the client's timeout is for
@@ -752,6 +781,8 @@ def sim_from_cli(*, config: Path, bind: str | None, mode: str | None, render: Pa
     cfg = load_config(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sim = cfg.sim
+    # two I/O threads: one busy decoding a flooding peer leaves the other to carry the owner's traffic
+    zmq.Context.instance(io_threads=2)
     server = SimServer(cfg.env.id, bind=bind or sim.bind, mode=mode or sim.mode,
                        seed=sim.seed if seed is None else seed, watchdog_periods=sim.watchdog_periods,
                        max_message_bytes=sim.max_message_bytes, max_episode_steps=cfg.env.max_episode_steps,
