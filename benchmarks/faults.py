@@ -148,6 +148,17 @@ def _client(endpoint: str, dt: float, cls=RobotClient, **kw) -> RobotClient:
     return client
 
 
+def _owner_in_background(endpoint: str, artifacts) -> tuple[TimedClient, object, threading.Thread, list]:
+    """A controller owning one episode (seed 0) in a thread, reconnecting as `maac-robot control` does."""
+    client = _client(endpoint, artifacts.manifest.dt, TimedClient)
+    controller = _controller(artifacts)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(
+        run_resilient(client, controller, seed=0, manifest=artifacts.manifest, reconnect_s=30.0)))
+    thread.start()
+    return client, controller, thread, results
+
+
 def _max_gap_periods(times: list[float], dt: float) -> float:
     return float(np.max(np.diff(times)) / dt) if len(times) > 1 else float("nan")
 
@@ -300,12 +311,7 @@ def memory(tmp: Path, artifacts) -> None:
     }
     for name, attack in attacks.items():
         with sim(tmp, "realtime", max_steps=250) as s:
-            owner = _client(s.endpoint, dt, TimedClient)
-            controller = _controller(artifacts)
-            results = []
-            thread = threading.Thread(target=lambda: results.append(
-                run_resilient(owner, controller, seed=0, manifest=artifacts.manifest, reconnect_s=10.0)))
-            thread.start()
+            owner, controller, thread, results = _owner_in_background(s.endpoint, artifacts)
             time.sleep(1.0)
             attack(s)
             thread.join(60)
@@ -355,15 +361,9 @@ def _send_tiny(port: int, frames: int) -> None:
 
 def kill_sim(tmp: Path, artifacts) -> None:
     """kill -9 the sim in the middle of an episode, restart it on the same port: how soon does control resume?"""
-    dt = artifacts.manifest.dt
     port = _free_port()
     first = Sim(tmp, "realtime", port=port)
-    client = _client(first.endpoint, dt, TimedClient)
-    controller = _controller(artifacts)
-    results = []
-    thread = threading.Thread(target=lambda: results.append(
-        run_resilient(client, controller, seed=0, manifest=artifacts.manifest, reconnect_s=30.0)))
-    thread.start()
+    client, controller, thread, results = _owner_in_background(first.endpoint, artifacts)
     time.sleep(3.0)
     first.proc.kill()
     first.proc.wait()
@@ -483,7 +483,8 @@ def _machine() -> str:
 
 def write(command: str, commit: str) -> None:
     out = REPO / "benchmarks" / "faults.csv"
-    fields = sorted({k for row in ROWS for k in row}, key=lambda k: (k not in ("scenario", "what", "value"), k))
+    first = ["scenario", "what", "value", "target", "met"]
+    fields = first + sorted({k for row in ROWS for k in row} - set(first))
     with out.open("w", newline="") as f:
         f.write(f"# command: {command}\n# commit: {commit}\n# machine: {_machine()}\n")
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -329,3 +329,25 @@ def test_realtime_settings_shorten_the_gil_switch_and_explain_a_refused_priority
             apply_realtime_settings(ControllerConfig(realtime_priority=10))
     finally:
         sys.setswitchinterval(before)
+
+
+def test_predict_stands_in_for_a_lost_observation_with_the_elite_mean_or_says_it_cannot():
+    bias = np.array([[0.1, 0.0], [0.3, 0.0], [5.0, 5.0]])  # member 2 is no elite: it must not count
+    pm = _model()
+    pm.bias = bias
+    ctl = _controller(pm)
+    try:
+        state, action = np.array([0.5, -0.5]), np.array([1.0, 2.0])
+        expected = state + pm.dt * action + bias[list(pm.elites)].mean(axis=0)
+        np.testing.assert_allclose(ctl.predict(state, action), expected, rtol=1e-6)
+        true_ensemble = pm.ensemble
+
+        def broken(s, a):
+            out = true_ensemble(s, a)
+            out["next_state_mean"][:] = np.inf
+            return out
+
+        pm.ensemble = broken
+        assert ctl.predict(state, action) is None and "NonFiniteError" in ctl.last_error
+    finally:
+        ctl.close()
