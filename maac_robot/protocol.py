@@ -636,19 +636,21 @@ class RobotClient:
         self._seq += 1
         return self._seq
 
-    def _send(self, msg: _Message, arrays: Sequence[np.ndarray] = ()) -> list[bytes]:
-        frames = encode(msg, arrays)
-        self._send_frames(frames)
-        return frames
-
     def _send_frames(self, frames: list[bytes]) -> None:
+        """Send now or raise RobotTimeout: for messages nobody waits a reply to (real-time actions)."""
+        if not self._try_send(frames):
+            self._timeout(f"cannot send to {self.endpoint}: send queue full (robot not reading or not running)")
+
+    def _try_send(self, frames: list[bytes]) -> bool:
+        """Send without blocking; False when ZeroMQ cannot take the message now (no connection yet, queue full)."""
         if self._sock is None:
             raise ProtocolError("client is closed", "closed")
         try:
             self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
-            self._timeout(f"cannot send to {self.endpoint}: send queue full (robot not reading or not running)")
+            return False
         self.stats.sent += 1
+        return True
 
     def _timeout(self, why: str) -> None:
         self.stats.timeouts += 1
@@ -717,7 +719,7 @@ class RobotClient:
                 if time.monotonic() >= deadline:
                     self._timeout(f"no {what} reply from {self.endpoint} within {self.timeout_s:g} s "
                                   f"(is the robot/sim running?)")
-                self._send_frames(frames)
+                self._try_send(frames)  # not taken now: the next retry tries again, until the deadline
                 self.stats.retries += 1
                 retry_at = time.monotonic() + self._retry_interval()
                 continue
@@ -740,7 +742,8 @@ class RobotClient:
         return self.retry_s if self.info is None else min(self.retry_s, 1.5 * self.info.dt)
 
     def _request(self, msg: _Message, want: type[_Message], *, what: str) -> tuple[_Message, list[np.ndarray]]:
-        frames = self._send(msg)
+        frames = encode(msg)
+        self._try_send(frames)
         return self._exchange(frames, msg.seq, lambda m: isinstance(m, want) and m.ack == msg.seq, what=what)
 
     # -- API --
@@ -770,23 +773,25 @@ class RobotClient:
 
     def send_action(self, action: Any, obs_seq: int | None = None) -> int:
         """Send an action without waiting; returns its seq. `obs_seq` defaults to the newest observation returned."""
-        return self._send_action(action, obs_seq)[0]
+        seq, frames = self._action_frames(action, obs_seq)
+        self._send_frames(frames)
+        return seq
 
-    def _send_action(self, action: Any, obs_seq: int | None) -> tuple[int, list[bytes]]:
+    def _action_frames(self, action: Any, obs_seq: int | None) -> tuple[int, list[bytes]]:
         seq = self._next_seq()
         if obs_seq is None and self._last_obs is not None:
             obs_seq = self._last_obs[1]
         arr = np.asarray(action, dtype=np.float64)
         # model_construct: these fields come from this client, validation would only cost time on the hot path
-        frames = self._send(Action.model_construct(seq=seq, t=time.time(), obs_seq=obs_seq),
-                            [arr.reshape(-1) if arr.ndim == 0 else arr])
+        frames = encode(Action.model_construct(seq=seq, t=time.time(), obs_seq=obs_seq),
+                        [arr.reshape(-1) if arr.ndim == 0 else arr])
         self._last_action = frames
         return seq, frames
 
     def resend_action(self) -> None:
         """Send the last action again, same seq: a retransmission the robot applies at most once."""
         if self._last_action is not None:
-            self._send_frames(self._last_action)
+            self._try_send(self._last_action)
 
     def step(self, action: Any) -> Observation:
         """Send an action and wait for the observation that results from it (lockstep, or the next tick in realtime).
@@ -796,7 +801,8 @@ class RobotClient:
         A rejected action (NaN/inf, wrong length) is not an exception: the robot applied the safe
         action, the observation says so in ``info["rejected"]``, and ``stats.last_error`` has the reply.
         """
-        seq, frames = self._send_action(action, None)
+        seq, frames = self._action_frames(action, None)
+        self._try_send(frames)
         msg, arrays = self._exchange(frames, seq, lambda m: isinstance(m, ObservationMsg) and m.action_seq == seq,
                                      what=f"action {seq}", tolerate=("bad_action",))
         if self._pending_obs is not None:

@@ -203,7 +203,8 @@ def test_latest_observation_drains_keeps_newest_and_counts_dropped(fake_robot):
 def test_client_skips_malformed_replies_and_matches_by_ack(fake_robot):
     endpoint, robot = fake_robot
     with RobotClient(endpoint, timeout_s=1.0) as client:
-        sent = client._send(Heartbeat(seq=client._next_seq(), t=time.time()))  # what heartbeat() sends first
+        sent = encode(Heartbeat(seq=client._next_seq(), t=time.time()))  # what heartbeat() sends first
+        client._send_frames(sent)
         peer, *frames = _recv(robot)
         seq = decode(frames)[0].seq
         robot.send_multipart([peer, b"\x00garbage"])
@@ -222,7 +223,8 @@ def test_client_skips_malformed_replies_and_matches_by_ack(fake_robot):
 def test_error_reply_to_a_request_raises_with_the_robots_code(fake_robot):
     endpoint, robot = fake_robot
     with RobotClient(endpoint, timeout_s=1.0) as client:
-        sent = client._send(Hello(seq=client._next_seq(), t=time.time()))
+        sent = encode(Hello(seq=client._next_seq(), t=time.time()))
+        client._send_frames(sent)
         peer, *frames = _recv(robot)
         seq = decode(frames)[0].seq
         robot.send_multipart([peer, *encode(ErrorMsg(seq=1, t=time.time(), ack=seq,
