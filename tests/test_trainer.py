@@ -8,6 +8,7 @@ which benchmarks/sample_efficiency.py measures.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -189,8 +190,9 @@ def test_real_ratio_extremes_train(tmp_path: Path, real_ratio: float) -> None:
     assert row["env_step"] == 120 and math.isfinite(row["losses"]["q_loss"]) and len(trainer.d_model) > 0
 
 
-def test_bfloat16_updates_keep_float32_weights(tmp_path: Path) -> None:
+def test_bfloat16_updates_keep_float32_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """precision: bfloat16 autocasts G2's matrix products only; weights (so checkpoints and exports) stay float32."""
+    monkeypatch.setattr("maac_robot.trainer.cpu_has_bf16", lambda: True)  # run the bf16 path on any CPU
     trainers, losses = {}, {}
     for precision in ("float32", "bfloat16"):
         cfg = config_from_dict(_tiny(train={"total_steps": 120, "precision": precision}))
@@ -200,6 +202,19 @@ def test_bfloat16_updates_keep_float32_weights(tmp_path: Path) -> None:
     assert losses["bfloat16"]["q_loss"] != losses["float32"]["q_loss"]  # same seed: only the rounding differs
     agent = trainers["bfloat16"].agent
     assert {p.dtype for m in (agent.actor, agent.critic) for p in m.parameters()} == {torch.float32}
+
+
+def test_bfloat16_without_native_support_falls_back_to_float32_and_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("maac_robot.trainer.cpu_has_bf16", lambda: False)
+    caplog.set_level(logging.WARNING, logger="maac_robot.trainer")
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        cfg = config_from_dict(_tiny(train={"total_steps": 120, "precision": precision}))
+        assert train(cfg, tmp_path / precision, progress=False).precision == "float32"
+        losses[precision] = read_metrics(tmp_path / precision / "metrics.jsonl")[-1]["losses"]
+    assert losses["bfloat16"] == losses["float32"]  # what ran is float32, bit for bit
+    assert "no native bfloat16" in caplog.text and "float32 instead" in caplog.text
 
 
 class _FallingPole:
