@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from maac_robot.config import ControllerConfig, load_section
+from maac_robot.config import ControllerConfig, load_section, parse_set
 from maac_robot.errors import UserError
 from maac_robot.protocol import ProtocolError, RobotClient, RobotInfo, RobotTimeout
 
 from controller.loop import Controller, Telemetry
 
 
-def load_controller_config(path: Path | None) -> ControllerConfig:
-    """The `controller` section of a task YAML (other sections are ignored: they need the learner)."""
-    if path is None:
-        return ControllerConfig()
-    return load_section(path, "controller", ControllerConfig)  # type: ignore[return-value]
+def load_controller_config(path: Path | None, sets: list[str] | None = None) -> ControllerConfig:
+    """The `controller` section of a task YAML with `--set controller.KEY=VALUE` applied (other sections are
+    ignored: they need the learner)."""
+    return load_section(path, "controller", ControllerConfig, *parse_set(sets))  # type: ignore[return-value]
 
 
 GIL_SWITCH_INTERVAL_S = 5e-4
@@ -258,14 +257,14 @@ def make_controller(artifacts: Any, cfg: ControllerConfig, planner: Literal["cem
 
 def control_from_cli(*, artifacts: Path, connect: str, planner: str | None, episodes: int, config: Path | None,
                      seed: int, compare: bool, client_key: Path | None = None, server_public: Path | None = None,
-                     reconnect: bool = True) -> int:
+                     reconnect: bool = True, sets: list[str] | None = None) -> int:
     """`maac-robot control`: run `episodes` episodes (reset seeds seed, seed+1, ...) and print the results."""
     from maac_robot.artifacts import load_artifacts
     from maac_robot.auth import client_curve
 
     if episodes < 1:
         raise UserError(f"--episodes must be at least 1, got {episodes}")
-    cfg = load_controller_config(config)
+    cfg = load_controller_config(config, sets)
     curve = client_curve(client_key or cfg.client_key, server_public or cfg.server_public)
     reconnect_s = cfg.reconnect_s if reconnect else 0.0
     arts = load_artifacts(artifacts)

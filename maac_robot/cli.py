@@ -15,7 +15,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from maac_robot.trainer import train_from_cli
 
     return train_from_cli(config=args.config, resume=args.resume, seed=args.seed, steps=args.steps,
-                          out=args.out, device=args.device)
+                          out=args.out, device=args.device, sets=args.set)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -47,7 +47,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
     return sim_from_cli(config=args.config, bind=args.bind, mode=args.mode, render=args.render, seed=args.seed,
                         record=args.record, server_key=args.server_key, authorized=args.authorized,
-                        admin_key=args.admin_key, insecure=args.insecure)
+                        admin_key=args.admin_key, insecure=args.insecure, sets=args.set)
 
 
 def _cmd_control(args: argparse.Namespace) -> int:
@@ -56,7 +56,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
     return control_from_cli(artifacts=args.artifacts, connect=args.connect, planner=args.planner,
                             episodes=args.episodes, config=args.config, seed=args.seed,
                             compare=args.compare, client_key=args.client_key, server_public=args.server_public,
-                            reconnect=not args.no_reconnect)
+                            reconnect=not args.no_reconnect, sets=args.set)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -71,13 +71,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from maac_robot.deploy import up_from_cli
 
     return up_from_cli(artifacts=args.artifacts, config=args.config, bind=args.bind, episodes=args.episodes,
-                       mode=args.mode, planner=args.planner)
+                       mode=args.mode, planner=args.planner, sets=args.set)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from maac_robot.deploy import demo_from_cli
 
-    return demo_from_cli(config=args.config, out=args.out, steps=args.steps, episodes=args.episodes)
+    return demo_from_cli(config=args.config, out=args.out, steps=args.steps, episodes=args.episodes, sets=args.set)
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, typed and validated like the file's "
+                             "(repeatable; e.g. --set agent.horizon=5 --set train.eval_every=500)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="total env steps (overrides train.total_steps)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<task>-<seed>-<time>)")
     p.add_argument("--device", help="cpu or cuda (overrides train.device)")
+    _add_set(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="mean +- std return of the deterministic policy of a run")
@@ -126,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authorized", type=Path, help="CURVE: directory of the public NAME.key files of allowed controllers")
     p.add_argument("--admin-key", type=Path, help="CURVE: public key allowed to stop the sim over the wire")
     p.add_argument("--insecure", action="store_true", help="allow binding off loopback without keys (warns)")
+    _add_set(p)
     p.set_defaults(func=_cmd_sim)
 
     p = sub.add_parser("control", help="drive a sim or robot with the exported policy / CEM-MPC")
@@ -141,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-public", type=Path, help="CURVE: the robot's public NAME.key")
     p.add_argument("--no-reconnect", action="store_true",
                    help="exit with one line when the robot is lost, instead of reconnecting (controller.reconnect_s)")
+    _add_set(p)
     p.set_defaults(func=_cmd_control)
 
     p = sub.add_parser("keys", help="write a CURVE key pair NAME.key / NAME.key_secret (zmq.auth format)")
@@ -155,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=3)
     p.add_argument("--mode", choices=["lockstep", "realtime"], default="realtime")
     p.add_argument("--planner", choices=["cem", "policy"], default="cem")
+    _add_set(p)
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("demo", help="from nothing: train a small policy, export, run sim + MPC controller")
@@ -163,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4000,
                    help="env steps to train (default 4000: InvertedPendulum balances by ~3500 in our runs)")
     p.add_argument("--episodes", type=int, default=2)
+    _add_set(p)
     p.set_defaults(func=_cmd_demo)
     return parser
 

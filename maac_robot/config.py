@@ -176,19 +176,59 @@ class ConfigError(UserError, ValueError):
     """A config file that cannot be used; the message names the file and the offending fields."""
 
 
-def _format_errors(source: str, err: ValidationError, prefix: str = "") -> str:
+def _format_errors(source: str, err: ValidationError, prefix: str = "", flags: dict[str, str] | None = None) -> str:
+    """One line per bad field; a field set on the command line names the flag that set it."""
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         field = prefix + (".".join(str(p) for p in e["loc"]) or "<root>")
-        lines.append(f"  {field}: {e['msg']}")
+        flag = next((f for key, f in (flags or {}).items() if field == key or field.startswith(key + ".")), None)
+        lines.append(f"  {field}{f' (from {flag})' if flag else ''}: {e['msg']}")
     return "\n".join(lines)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", flags: dict[str, str] | None = None) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(source, err)) from None
+        raise ConfigError(_format_errors(source, err, flags=flags)) from None
+
+
+def config_keys() -> dict[str, type[BaseModel]]:
+    """Every `section.key` a config has, with its section's model."""
+    keys = {}
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        keys.update({f"{section}.{key}": model for key in model.model_fields})  # type: ignore[union-attr]
+    return keys
+
+
+def parse_set(items: list[str] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Repeatable `--set section.key=value` flags as (overrides for `load_config`, the flag behind each key).
+
+    Values are read as YAML, so `3` is an int, `true` a bool, `null` None and `[1, 2]` a list; the
+    section's pydantic model then validates and converts them like values from the file (`1e-3` for
+    a float field included). An unknown key is refused with the closest known ones.
+    """
+    import difflib
+
+    known = config_keys()
+    overrides: dict[str, Any] = {}
+    flags: dict[str, str] = {}
+    for item in items or []:
+        dotted, sep, raw = item.partition("=")
+        dotted = dotted.strip()
+        if not sep or "." not in dotted:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set agent.horizon=5")
+        if dotted not in known:
+            close = difflib.get_close_matches(dotted, list(known), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else "; `maac-robot train --help` lists the sections"
+            raise ConfigError(f"--set {item!r}: unknown config key {dotted!r}{hint}")
+        try:
+            overrides[dotted] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+        flags[dotted] = f"--set {item}"
+    return overrides, flags
 
 
 def read_sections(path: str | Path) -> dict[str, Any]:
@@ -205,21 +245,32 @@ def read_sections(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_section(path: str | Path, name: str, model: type[_Section]) -> _Section:
-    """Validate one section only: the controller reads `controller` without the learner's env checks."""
-    try:
-        return model.model_validate(read_sections(path).get(name) or {})
-    except ValidationError as err:
-        raise ConfigError(_format_errors(str(path), err, prefix=f"{name}.")) from None
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    """Read and validate a YAML config; `overrides` maps dotted keys ('train.seed') to values."""
-    data = read_sections(path)
+def _apply(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        data.setdefault(section, {})[key] = value
-    return config_from_dict(data, str(path))
+        data[section] = {**(data.get(section) or {}), key: value}
+    return data
+
+
+def load_section(path: str | Path | None, name: str, model: type[_Section], overrides: dict[str, Any] | None = None,
+                 flags: dict[str, str] | None = None) -> _Section:
+    """Validate one section only: the controller reads `controller` without the learner's env checks.
+
+    `path` None: the section's defaults (and `overrides` of keys in this section; others are ignored).
+    """
+    data = read_sections(path) if path is not None else {}
+    _apply(data, {k: v for k, v in (overrides or {}).items() if k.startswith(name + ".")})
+    try:
+        return model.model_validate(data.get(name) or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(str(path or "<defaults>"), err, prefix=f"{name}.", flags=flags)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                flags: dict[str, str] | None = None) -> Config:
+    """Read and validate a YAML config; `overrides` maps dotted keys ('train.seed') to values, and
+    `flags` the command-line flag behind each (named in errors instead of blaming the file)."""
+    return config_from_dict(_apply(read_sections(path), overrides), str(path), flags)
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -121,12 +121,14 @@ def _cli() -> list[str]:
     return [sys.executable, "-m", "maac_robot.cli"]
 
 
-def up_from_cli(*, artifacts: Path, config: Path, bind: str, episodes: int, mode: str, planner: str) -> int:
-    """Start the sim and the controller on loopback and run `episodes` episodes."""
+def up_from_cli(*, artifacts: Path, config: Path, bind: str, episodes: int, mode: str, planner: str,
+                sets: list[str] | None = None) -> int:
+    """Start the sim and the controller on loopback and run `episodes` episodes; `sets` go to both."""
     from maac_robot.artifacts import load_artifacts
-    from maac_robot.config import load_config
+    from maac_robot.config import load_config, parse_set
 
-    cfg = load_config(config)
+    cfg = load_config(config, *parse_set(sets))  # refuses a bad --set here, before anything starts
+    set_flags = [arg for item in sets or [] for arg in ("--set", item)]
     if not (artifacts / "manifest.json").is_file():
         raise UserError(f"no artifacts at {artifacts}: train and export first "
                         f"(maac-robot train --config {config} --out runs/NAME; maac-robot export runs/NAME --out {artifacts})")
@@ -135,10 +137,11 @@ def up_from_cli(*, artifacts: Path, config: Path, bind: str, episodes: int, mode
     with tempfile.TemporaryDirectory(prefix="maac-robot-keys-") as tmp:
         keys = session_keys(Path(tmp))
         commands = {
-            "sim": [*_cli(), "sim", "--config", str(config), "--bind", bind, "--mode", mode, *keys["sim"]],
+            "sim": [*_cli(), "sim", "--config", str(config), "--bind", bind, "--mode", mode, *keys["sim"],
+                    *set_flags],
             "controller": [*_cli(), "control", "--artifacts", str(artifacts), "--connect", bind,
                            "--planner", planner, "--episodes", str(episodes), "--config", str(config),
-                           *keys["controller"]],
+                           *keys["controller"], *set_flags],
         }
         print(f"[up] sim ({mode}) on {bind}; controller ({planner}) for {episodes} episode(s); CURVE keys for this "
               f"run only; Ctrl-C stops both")
@@ -158,7 +161,7 @@ def session_keys(directory: Path) -> dict[str, list[str]]:
             "controller": ["--client-key", str(controller_secret), "--server-public", str(server_public)]}
 
 
-def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int) -> int:
+def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int, sets: list[str] | None = None) -> int:
     """From nothing to a robot under MPC: train (or resume) -> export -> sim + controller over ZeroMQ."""
     from maac_robot.export import export_from_cli
     from maac_robot.trainer import train_from_cli
@@ -166,9 +169,9 @@ def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int) 
     checkpoint = out / "checkpoints" / "latest.pt"
     print(f"[demo] 1/3 training {config} into {out}" + (" (resuming)" if checkpoint.is_file() else ""))
     if checkpoint.is_file():
-        rc = train_from_cli(config=None, resume=out, seed=None, steps=steps, out=None, device=None)
+        rc = train_from_cli(config=None, resume=out, seed=None, steps=steps, out=None, device=None, sets=sets)
     else:
-        rc = train_from_cli(config=config, resume=None, seed=None, steps=steps, out=out, device=None)
+        rc = train_from_cli(config=config, resume=None, seed=None, steps=steps, out=out, device=None, sets=sets)
     if rc:
         return rc
     artifacts = Path("artifacts") / out.name
@@ -177,4 +180,4 @@ def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int) 
         return rc
     print("[demo] 3/3 sim + controller (CEM-MPC) over ZeroMQ on loopback")
     return up_from_cli(artifacts=artifacts, config=config, bind="tcp://127.0.0.1:5555", episodes=episodes,
-                       mode="realtime", planner="cem")
+                       mode="realtime", planner="cem", sets=sets)

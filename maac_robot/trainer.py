@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from maac_robot.agent import MAACAgent
 from maac_robot.buffer import Batch, ReplayBuffer
-from maac_robot.config import Config, load_config, save_config
+from maac_robot.config import Config, load_config, parse_set, save_config
 from maac_robot.diagnostics import mean_critic_bias
 from maac_robot.ensemble import GaussianEnsemble
 from maac_robot.envs import make_env
@@ -520,13 +520,14 @@ def truncate_metrics(path: Path, env_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _read_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Config:
+def _read_run_config(run_dir: Path, overrides: dict[str, Any] | None = None,
+                     flags: dict[str, str] | None = None) -> Config:
     paths = RunPaths(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"run directory not found: {run_dir}")
     if not paths.config.is_file():
         raise RunError(f"{run_dir} is not a run directory (no config.yaml)")
-    return load_config(paths.config, overrides)
+    return load_config(paths.config, overrides, flags)
 
 
 @dataclass
@@ -582,30 +583,31 @@ class _LogToFile:
 
 
 def prepare_run(config: str | Path | None = None, resume: str | Path | None = None, seed: int | None = None,
-                steps: int | None = None, out: str | Path | None = None, device: str | None = None
-                ) -> tuple[Config, Path, bool]:
-    """Validate the CLI's choices before anything heavy starts; returns (config, run_dir, resuming)."""
+                steps: int | None = None, out: str | Path | None = None, device: str | None = None,
+                sets: list[str] | None = None) -> tuple[Config, Path, bool]:
+    """Validate the CLI's choices before anything heavy starts; returns (config, run_dir, resuming).
+
+    `sets`: `--set section.key=value` items, applied after the file and before --steps/--seed/--device.
+    """
     if (config is None) == (resume is None):
         raise UserError("give exactly one of --config (start a new run) or --resume RUN_DIR (continue one)")
-    overrides: dict[str, Any] = {}
-    if steps is not None:
-        overrides["train.total_steps"] = steps
-    if device is not None:
-        overrides["train.device"] = device
+    overrides, flags = parse_set(sets)
+    for key, flag, value in (("train.total_steps", "--steps", steps), ("train.device", "--device", device),
+                             ("train.seed", "--seed", seed)):
+        if value is not None and (key != "train.seed" or resume is None):
+            overrides[key], flags[key] = value, f"{flag} {value}"
     if resume is not None:
         if seed is not None:
             raise UserError("--seed cannot change a run being resumed; start a new run with --config")
         if out is not None:
             raise UserError("--out cannot be combined with --resume; the run continues in its own directory")
         run_dir = Path(resume)
-        cfg = _read_run_config(run_dir, overrides)
+        cfg = _read_run_config(run_dir, overrides, flags)
         if not RunPaths(run_dir).checkpoint.is_file():
             raise RunError(f"cannot resume {run_dir}: it has no checkpoint yet (checkpoints/latest.pt)")
         _resolve_device(cfg.train.device)
         return cfg, run_dir, True
-    if seed is not None:
-        overrides["train.seed"] = seed
-    cfg = load_config(config, overrides)  # type: ignore[arg-type]
+    cfg = load_config(config, overrides, flags)  # type: ignore[arg-type]
     _resolve_device(cfg.train.device)  # before a run directory is created for nothing
     run_dir = Path(out) if out is not None else _default_run_dir(cfg)
     if RunPaths(run_dir).checkpoint.exists() or RunPaths(run_dir).metrics.exists():
@@ -630,9 +632,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
 
 
 def train_from_cli(config: Path | None = None, resume: Path | None = None, seed: int | None = None,
-                   steps: int | None = None, out: Path | None = None, device: str | None = None) -> int:
+                   steps: int | None = None, out: Path | None = None, device: str | None = None,
+                   sets: list[str] | None = None) -> int:
     """`maac-robot train`: new run from --config, or --resume an interrupted one."""
-    cfg, run_dir, resuming = prepare_run(config, resume, seed, steps, out, device)
+    cfg, run_dir, resuming = prepare_run(config, resume, seed, steps, out, device, sets)
     if resuming:
         done = int(load_checkpoint(RunPaths(run_dir).checkpoint, cfg.env.id)["env_step"])
         if done >= cfg.train.total_steps:

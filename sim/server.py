@@ -774,11 +774,11 @@ class _Video:
 
 def sim_from_cli(*, config: Path, bind: str | None, mode: str | None, render: Path | None, seed: int | None,
                  record: Path | None, server_key: Path | None = None, authorized: Path | None = None,
-                 admin_key: Path | None = None, insecure: bool = False) -> int:
+                 admin_key: Path | None = None, insecure: bool = False, sets: list[str] | None = None) -> int:
     """`maac-robot sim`: serve the config's env until SIGINT/SIGTERM or an admin's shutdown message."""
-    from maac_robot.config import load_config
+    from maac_robot.config import load_config, parse_set
 
-    cfg = load_config(config)
+    cfg = load_config(config, *parse_set(sets))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sim = cfg.sim
     # two I/O threads: one busy decoding a flooding peer leaves the other to carry the owner's traffic

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from maac_robot.config import Config, ConfigError, load_config, save_config
+from maac_robot.config import Config, ConfigError, load_config, parse_set, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TASK_CONFIGS = {
@@ -89,3 +89,44 @@ def test_overrides_and_round_trip(tmp_path: Path) -> None:
     save_config(cfg, out)
     assert load_config(out) == cfg
     assert isinstance(cfg, Config)
+
+
+def test_set_flags_are_typed_like_yaml_and_land_in_the_config() -> None:
+    overrides, flags = parse_set(["agent.horizon=5", "agent.steve=false", "train.num_threads=null",
+                                  "train.precision=bfloat16", "agent.lr=1e-3"])
+    assert overrides == {"agent.horizon": 5, "agent.steve": False, "train.num_threads": None,
+                         "train.precision": "bfloat16", "agent.lr": "1e-3"}  # YAML 1.1; the model reads it
+    cfg = load_config(CONFIGS / "hopper.yaml", overrides, flags)
+    assert (cfg.agent.horizon, cfg.agent.steve, cfg.train.num_threads, cfg.agent.lr) == (5, False, None, 1e-3)
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("agent.horizn=3", "did you mean agent.horizon"),
+    ("trian.seed=3", "did you mean train.seed"),
+    ("horizon=3", "expected section.key=value"),
+    ("agent.horizon", "expected section.key=value"),
+    ("agent.horizon=[1,", "not valid YAML"),
+])
+def test_bad_set_flags_say_what_is_wrong(item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_set([item])
+
+
+def test_a_bad_value_from_the_command_line_names_the_flag_not_the_file() -> None:
+    from maac_robot.trainer import prepare_run
+
+    with pytest.raises(ConfigError, match=r"agent\.horizon \(from --set agent\.horizon=-1\)"):
+        prepare_run(CONFIGS / "hopper.yaml", sets=["agent.horizon=-1"])
+    with pytest.raises(ConfigError, match=r"train\.total_steps \(from --steps -5\)"):
+        prepare_run(CONFIGS / "hopper.yaml", steps=-5)
+    cfg, _, _ = prepare_run(CONFIGS / "hopper.yaml", sets=["agent.horizon=7"], steps=10)
+    assert cfg.agent.horizon == 7 and cfg.train.total_steps == 10
+
+
+def test_the_controller_takes_set_flags_for_its_own_section_only() -> None:
+    from controller.run import load_controller_config
+
+    cfg = load_controller_config(None, ["controller.population=64", "agent.horizon=2"])
+    assert cfg.population == 64
+    with pytest.raises(ConfigError, match=r"controller\.population \(from --set controller\.population=1\)"):
+        load_controller_config(None, ["controller.population=1"])
