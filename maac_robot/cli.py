@@ -80,10 +80,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_from_cli(config=args.config, out=args.out, steps=args.steps, episodes=args.episodes, sets=args.set)
 
 
-def _add_set(parser: argparse.ArgumentParser) -> None:
+def _add_set(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
+    """--set, with every key it takes (default, description) listed at the end of --help."""
+    from maac_robot.config import config_help
+
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, typed and validated like the file's "
                              "(repeatable; e.g. --set agent.horizon=5 --set train.eval_every=500)")
+    parser.epilog = config_help(sections)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authorized", type=Path, help="CURVE: directory of the public NAME.key files of allowed controllers")
     p.add_argument("--admin-key", type=Path, help="CURVE: public key allowed to stop the sim over the wire")
     p.add_argument("--insecure", action="store_true", help="allow binding off loopback without keys (warns)")
-    _add_set(p)
+    _add_set(p, ("env", "sim"))
     p.set_defaults(func=_cmd_sim)
 
     p = sub.add_parser("control", help="drive a sim or robot with the exported policy / CEM-MPC")
@@ -149,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-public", type=Path, help="CURVE: the robot's public NAME.key")
     p.add_argument("--no-reconnect", action="store_true",
                    help="exit with one line when the robot is lost, instead of reconnecting (controller.reconnect_s)")
-    _add_set(p)
+    _add_set(p, ("controller",))
     p.set_defaults(func=_cmd_control)
 
     p = sub.add_parser("keys", help="write a CURVE key pair NAME.key / NAME.key_secret (zmq.auth format)")
@@ -164,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=3)
     p.add_argument("--mode", choices=["lockstep", "realtime"], default="realtime")
     p.add_argument("--planner", choices=["cem", "policy"], default="cem")
-    _add_set(p)
+    _add_set(p, ("env", "sim", "controller"))
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("demo", help="from nothing: train a small policy, export, run sim + MPC controller")

@@ -202,6 +202,19 @@ def config_keys() -> dict[str, type[BaseModel]]:
     return keys
 
 
+def config_help(sections: tuple[str, ...] | None = None) -> str:
+    """Every `--set` key with its default and description, for `--help` (from the models, so never stale)."""
+    lines = ["config keys for --set (default; description):"]
+    for section, field in Config.model_fields.items():
+        if sections is not None and section not in sections:
+            continue
+        model = field.annotation
+        for key, info in model.model_fields.items():  # type: ignore[union-attr]
+            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            lines.append(f"  {section}.{key} ({default})" + (f": {info.description}" if info.description else ""))
+    return "\n".join(lines)
+
+
 def parse_set(items: list[str] | None) -> tuple[dict[str, Any], dict[str, str]]:
     """Repeatable `--set section.key=value` flags as (overrides for `load_config`, the flag behind each key).
 
