@@ -175,7 +175,10 @@ def is_local_endpoint(endpoint: str) -> bool:
     """ipc/inproc, or tcp on a loopback address: nobody off this machine can connect."""
     if endpoint.startswith(("ipc://", "inproc://")):
         return True
-    host = urlparse(endpoint).hostname or ""
+    try:
+        host = urlparse(endpoint).hostname or ""
+    except ValueError:  # e.g. tcp://[127.0.0.1]:5555: not a form libzmq binds either
+        return False
     if host == "localhost":
         return True
     try:

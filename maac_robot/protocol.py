@@ -214,9 +214,12 @@ class Heartbeat(_Message):
 
 
 class Goodbye(_Message):
-    """The client gives up the episode it owns (no reply): another controller may reset at once."""
+    """The client gives up the episode it owns (no reply): another controller may reset at once.
+
+    `token`: as in `Reset`, so a client that reopened its socket can still release its episode."""
 
     type: Literal["goodbye"] = "goodbye"
+    token: str | None = Field(default=None, min_length=16, max_length=64)
 
 
 class Shutdown(_Message):
@@ -367,7 +370,7 @@ def _header_error(raw: bytes, err: ValidationError) -> ProtocolError:
     version = data.get("v")
     if version != PROTOCOL_VERSION:
         return ProtocolError(f"protocol version mismatch: this side speaks {PROTOCOL_VERSION}, "
-                             f"message has {str(version)[:40]}", "version", seq)
+                             f"message has {ascii(version)[:40]}", "version", seq)
     kind = data.get("type")
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         return ProtocolError(f"unknown message type {str(kind)[:40]!r}", "unknown_type", seq)
@@ -615,7 +618,8 @@ class RobotClient:
             return
         self._owns = False
         try:
-            self._sock.send_multipart(encode(Goodbye(seq=self._next_seq(), t=time.time())), flags=zmq.NOBLOCK)
+            self._sock.send_multipart(encode(Goodbye(seq=self._next_seq(), t=time.time(), token=self.token)),
+                                      flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # robot unreachable: it hands the episode on after its owner timeout instead
 

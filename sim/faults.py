@@ -52,7 +52,8 @@ class LossyProxy:
 
     def stop(self) -> None:
         self._stopping.set()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
 
     def _lost(self) -> bool:
         return self.loss > 0 and self._rng.random() < self.loss

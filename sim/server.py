@@ -34,13 +34,16 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import numpy as np
 import zmq
@@ -81,8 +84,6 @@ _HARD_CAP_FACTOR = 4
 _READ_SLICE_S = 0.05
 # the loop wakes at least this often to check memory, also while ZeroMQ buffers a message it cannot yet hand over
 _WAKE_S = 0.02
-# the memory guard gives up (and the sim stops with an error) if the endpoint cannot be bound again this long
-_REBIND_GIVE_UP_S = 10.0
 DEFAULT_OWNER_TIMEOUT_S = 2.0
 DEFAULT_MEMORY_HEADROOM_MB = 256
 
@@ -110,13 +111,33 @@ class _RateLimitedLog:
         self._windows[kind] = (start, lines, suppressed)
 
 
-def _rss_bytes() -> int:
-    """This process's resident memory (Linux /proc; 0 where unavailable, which disables the memory guard)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+class _Resident:
+    """This process's resident memory, from a /proc/self/statm descriptor opened once.
+
+    Opened at start-up so a peer that exhausts the process's file descriptors cannot blind the
+    memory guard; a read that fails later counts as over any cap. Without /proc (not Linux) it
+    reads 0 and the guard is off.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def __call__(self) -> int:
+        if self._fd is None:
+            return 0
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            return 1 << 62
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _release_freed_memory() -> None:
@@ -132,6 +153,11 @@ def _release_freed_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def _printable(text: str, limit: int = 2000) -> str:
+    """`text` as valid UTF-8 within the error message limit: a peer's bytes can hold lone surrogates."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
 
 
 def _tag(peer: bytes | None) -> str:
@@ -264,7 +290,7 @@ class SimServer:
         # the owner's latest answered request: (peer, seq, reply frames), resent verbatim for a retry
         self._answered: tuple[bytes, int, list[list[bytes]]] | None = None
         self._capture: list[list[bytes]] | None = None
-        self._last_obs_frames: list[bytes] | None = None
+        self._final_frames: list[bytes] | None = None  # the last observation of an episode that ended
         # real-time state
         self._pending: _Pending | None = None
         self._applied = self.gate.safe_action
@@ -275,14 +301,16 @@ class SimServer:
         self._dropped_at = 0.0  # when the memory guard last dropped every connection
 
         self._ctx = context or zmq.Context.instance()
-        self._bind_endpoint = bind
         self._auth: ServerAuth | None = None
         self._video = None
+        self._listener: socket.socket | None = None
+        self._tmpdir: str | None = None  # made for an `ipc://*` bind, removed on close
         try:
             if server_key is not None:
                 self._auth = ServerAuth(server_key, authorized, admin_key, self._ctx)  # type: ignore[arg-type]
             self._video = _Video(render_path, fps=1.0 / self.dt) if render_path is not None else None
-            self._sock = self._bind(bind)
+            self._listener, self._serve_at = self._listen(bind)
+            self._sock = self._router()
         except BaseException:
             self._release()
             raise
@@ -295,25 +323,72 @@ class SimServer:
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._wake, zmq.POLLIN)
-        self.memory_cap = _rss_bytes() + int(memory_headroom_mb * 2**20)
+        self._resident = _Resident()
+        self._headroom = int(memory_headroom_mb * 2**20)
+        self.memory_cap = self._resident() + self._headroom
 
     # ---- setup / teardown ----
-    def _bind(self, bind: str) -> zmq.Socket:
+    def _listen(self, bind: str) -> tuple[socket.socket | None, str]:
+        """The OS listening socket this process holds for its whole life, and the endpoint it serves.
+
+        Every ROUTER the sim makes (a new one after the memory guard drops all connections) binds a
+        duplicate of this socket (ZMQ_USE_FD), so the port or ipc path is never free for another
+        process to take while controllers reconnect. inproc needs none (nothing outside can bind
+        it); a tcp host that is not an address or a resolvable name (an interface name) falls back
+        to libzmq's own bind.
+        """
         if bind.startswith("ipc://"):
-            _remove_stale_ipc(bind)
+            path = bind[len("ipc://"):]
+            if path == "*":
+                self._tmpdir = tempfile.mkdtemp(prefix="maac-sim-")
+                path = os.path.join(self._tmpdir, "sim.sock")
+            _remove_stale_ipc(f"ipc://{path}")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: Any = path
+        elif bind.startswith("tcp://"):
+            url = urlparse(bind)
+            host = url.hostname or ""
+            try:
+                port = 0 if bind.rsplit(":", 1)[1] == "*" else url.port
+                family, _, _, _, address = socket.getaddrinfo(
+                    None if host in ("*", "") else host, port, type=socket.SOCK_STREAM,
+                    flags=socket.AI_PASSIVE)[0]
+            except (socket.gaierror, ValueError, IndexError):
+                return None, bind
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        else:
+            return None, bind
+        try:
+            listener.bind(address)
+            listener.listen(128)
+        except OSError as err:
+            listener.close()
+            raise SimError(f"cannot bind {bind}: {err}") from None
+        if listener.family == socket.AF_UNIX:
+            return listener, f"ipc://{address}"
+        host, port = listener.getsockname()[:2]
+        return listener, f"tcp://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def _router(self) -> zmq.Socket:
+        """A ROUTER serving the endpoint, with this sim's limits and authentication."""
         seed_routing_ids()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 64)  # a client that stops reading loses new observations, never blocks us
         sock.setsockopt(zmq.RCVHWM, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, _HARD_CAP_FACTOR * self.max_message_bytes)
+        # a connection that has not finished the ZMTP/CURVE handshake in 2 s is closed: idle connects cannot pile up
+        sock.setsockopt(zmq.HANDSHAKE_IVL, 2000)
         if self._auth is not None:
             self._auth.apply(sock)
+        if self._listener is not None:
+            sock.setsockopt(zmq.USE_FD, os.dup(self._listener.fileno()))
         try:
-            sock.bind(bind)
+            sock.bind(self._serve_at)
         except zmq.ZMQError as err:
             sock.close(linger=0)
-            raise SimError(f"cannot bind {bind}: {err}") from None
+            raise SimError(f"cannot bind {self._serve_at}: {err}") from None
         return sock
 
     def _drop_connections(self) -> None:
@@ -331,15 +406,19 @@ class SimServer:
         """One attempt to bind the endpoint again, never waiting: ZeroMQ releases the port on its own
         threads (after freeing the dropped peers' buffers), and real-time ticks go on meanwhile."""
         try:
-            sock = self._bind(self.endpoint)
-        except SimError:
-            if time.monotonic() - self._dropped_at > _REBIND_GIVE_UP_S:
-                raise
+            sock = self._router()
+        except (SimError, zmq.ZMQError, OSError) as err:  # e.g. out of file descriptors: try again next wake-up
+            self._log("rebind", logging.ERROR, "cannot serve %s again yet (%s); retrying", self._serve_at, err)
             return
         self._sock = sock
         self._reader = MessageReader(sock, self.max_message_bytes, routed=True)
         self._poller.register(sock, zmq.POLLIN)
         _release_freed_memory()
+        rss = self._resident()
+        if rss > self.memory_cap:  # memory that did not come back: a new cap, or every wake-up would drop everyone
+            self.memory_cap = rss + self._headroom // 4
+            self._log("memory", logging.WARNING, "resident memory stays at %.0f MB after dropping every connection; "
+                      "cap raised to %.0f MB", rss / 2**20, self.memory_cap / 2**20)
 
     def stop(self) -> None:
         """Ask `serve()` to return; safe from any thread and from a signal handler."""
@@ -366,6 +445,14 @@ class SimServer:
         self._release()
 
     def _release(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if hasattr(self, "_resident"):
+            self._resident.close()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
         self.env.close()
         if self._video is not None:
             self._video.close()
@@ -425,7 +512,7 @@ class SimServer:
 
     def _guard_memory(self) -> None:
         """Past the cap, drop every connection: ZeroMQ holds an incomplete multipart message where we cannot see it."""
-        rss = _rss_bytes()
+        rss = self._resident()
         if rss > self.memory_cap and self._sock is not None:
             self.counters.socket_resets += 1
             self._log("memory", logging.WARNING, "resident memory %.0f MB passed the cap of %.0f MB: dropping every "
@@ -433,21 +520,24 @@ class SimServer:
             self._drop_connections()
 
     def _handle(self, incoming: Incoming) -> None:
+        """One message, start to finish: whatever it holds and whatever fails, the loop goes on."""
         peer = incoming.peer or b""
-        if incoming.refused is not None:
-            self._refuse(peer, "too_large", f"message refused: {incoming.refused}", None)
-            return
+        seq = None
         try:
-            msg, arrays = decode(incoming.frames, self.max_message_bytes)
-        except ProtocolError as err:
-            self._refuse(peer, err.code, str(err), err.seq)
-            return
-        if peer == self._owner:
-            self._owner_seen = time.monotonic()
-        try:
+            if incoming.refused is not None:
+                self._refuse(peer, "too_large", f"message refused: {incoming.refused}", None)
+                return
+            try:
+                msg, arrays = decode(incoming.frames, self.max_message_bytes)
+            except ProtocolError as err:
+                self._refuse(peer, err.code, str(err), err.seq)
+                return
+            seq = msg.seq
+            if peer == self._owner:
+                self._owner_seen = time.monotonic()
             self._dispatch(peer, msg, arrays, incoming.frames[0])
         except Exception as err:  # noqa: BLE001 - a robot keeps serving; the failure is logged, counted, answered
-            self._internal_error(peer, msg.seq, err)
+            self._internal_error(peer, seq, err)
 
     def _internal_error(self, peer: bytes | None, ack: int | None, err: Exception) -> None:
         """A bug or an env failure: end the episode (its state is suspect), tell the peer, keep serving."""
@@ -457,7 +547,8 @@ class SimServer:
         self._running = False
         if peer is not None:
             self._send(peer, ErrorMsg(seq=self._next_seq(), t=time.time(), ack=ack, code="internal",
-                                      message=f"robot-side failure, episode ended: {type(err).__name__}: {err}"[:2000]))
+                                      message=_printable(f"robot-side failure, episode ended: "
+                                                         f"{type(err).__name__}: {err}")))
 
     def _dispatch(self, peer: bytes, msg: _Message, arrays: list[np.ndarray], header: zmq.Frame) -> None:
         if isinstance(msg, Action):
@@ -479,7 +570,7 @@ class SimServer:
                                         max_message_bytes=self.max_message_bytes, session=self.session),
                        [self.gate.low, self.gate.high])
         elif isinstance(msg, Goodbye):
-            if peer == self._owner:
+            if peer == self._owner or self._is_owner_token(msg.token):
                 self._release_episode()
         elif isinstance(msg, Shutdown):
             if self._auth is None or not self._auth.is_admin(header):
@@ -497,6 +588,10 @@ class SimServer:
     # ---- episode ownership ----
     def _owner_alive(self) -> bool:
         return self._owner is not None and time.monotonic() - self._owner_seen <= self.owner_timeout_s
+
+    def _is_owner_token(self, token: str | None) -> bool:
+        return token is not None and self._owner_token is not None and secrets.compare_digest(token,
+                                                                                              self._owner_token)
 
     def _release_episode(self) -> None:
         """The owner said goodbye: end its episode (recorded as cut short); the robot is free."""
@@ -533,7 +628,7 @@ class SimServer:
             else:
                 self._repeat(peer, msg.seq)
             return
-        same_client = peer == self._owner or (msg.token is not None and msg.token == self._owner_token)
+        same_client = peer == self._owner or self._is_owner_token(msg.token)
         if not same_client and self._owner_alive():
             self.counters.refused_resets += 1
             self._log("busy", logging.WARNING, "reset from peer %s refused: the episode is owned by peer %s",
@@ -582,9 +677,9 @@ class SimServer:
                 self.counters.repeated_requests += 1
             return
         if not self._running:
-            if self.mode == "realtime" and self._last_obs_frames is not None:
+            if self.mode == "realtime" and self._final_frames is not None:
                 # the final observation may have been lost: the owner, still acting, gets it again
-                self._send_frames(peer, self._last_obs_frames)
+                self._send_frames(peer, self._final_frames)
             else:
                 self._refuse(peer, "episode_over", "the episode has ended: send reset", msg.seq)
             return
@@ -670,7 +765,7 @@ class SimServer:
         frames = encode(ObservationMsg.model_construct(
             seq=seq, t=time.time(), ack=ack, session=self.session, episode=self._episode, step=self._step,
             action_seq=action_seq, reward=reward, terminated=terminated, truncated=truncated, info=info), [state])
-        self._last_obs_frames = frames
+        self._final_frames = frames if terminated or truncated else None
         if self._owner is not None:
             self._send_frames(self._owner, frames)
 
@@ -703,7 +798,7 @@ class SimServer:
             self.counters.bad_messages += 1
             self._log("bad_message", logging.WARNING, "bad message #%d from peer %s: [%s] %s",
                       self.counters.bad_messages, _tag(peer), code, message[:200])
-        self._send(peer, ErrorMsg(seq=self._next_seq(), t=time.time(), ack=ack, code=code, message=message[:2000]))
+        self._send(peer, ErrorMsg(seq=self._next_seq(), t=time.time(), ack=ack, code=code, message=_printable(message)))
 
 
 def _flags(*, clipped: bool = False, rejected: str | None = None, watchdog: bool = False, held: bool = False,

@@ -366,3 +366,61 @@ def test_binding_off_loopback_needs_keys_or_an_explicit_insecure(caplog):
         SimServer(PENDULUM, bind="tcp://0.0.0.0:0")
     with pytest.raises(SimError, match="both"):
         SimServer(PENDULUM, server_key="x.key_secret")
+
+
+# ---- found by review: each of these once stopped or fooled the robot side ----
+def test_a_header_with_a_lone_surrogate_is_refused_and_the_sim_keeps_serving():
+    with running_sim(PENDULUM) as server, RobotClient(server.endpoint, 2.0) as client:
+        raw = _dealer(zmq.Context.instance(), server.endpoint)
+        try:
+            for header in (b'{"v":"\\ud800","type":"hello","seq":1,"t":0}', b'{"v":"\xed\xa0\x80","type":"hello"}'):
+                raw.send_multipart([header])
+                assert _answered(raw)
+                raw.recv_multipart()
+        finally:
+            raw.close(linger=0)
+        assert client.hello().env_id == PENDULUM
+
+
+def test_no_other_process_can_take_the_port_while_the_memory_guard_drops_connections():
+    import socket
+
+    with running_sim(PENDULUM) as server, RobotClient(server.endpoint, 2.0) as owner:
+        owner.reset(seed=0)
+        server.memory_cap = 0  # as if a peer had pushed memory past the cap: the loop drops every connection
+        port = int(server.endpoint.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 5
+        while server.counters.socket_resets == 0 and time.monotonic() < deadline:
+            with socket.socket() as thief, pytest.raises(OSError):
+                thief.bind(("127.0.0.1", port))
+        assert server.counters.socket_resets == 1  # once: the cap then moves above the memory that stays
+        assert owner.step(np.zeros(1)).step == 1  # the owner reconnected, still the owner
+
+
+def test_the_memory_reading_survives_file_descriptor_exhaustion_and_a_failed_read_counts_as_over(monkeypatch):
+    from sim.server import _Resident
+
+    resident = _Resident()
+    try:
+        assert 0 < resident() < 1 << 40
+        monkeypatch.setattr(os, "open", lambda *a, **k: (_ for _ in ()).throw(OSError(24, "Too many open files")))
+        assert 0 < resident() < 1 << 40  # the descriptor was opened once, at start-up
+        monkeypatch.setattr(os, "pread", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+        assert resident() >= 1 << 40
+    finally:
+        resident.close()
+
+
+def test_a_client_that_reopened_its_socket_can_still_say_goodbye():
+    with running_sim(PENDULUM) as server, RobotClient(server.endpoint, 2.0) as owner, \
+            RobotClient(server.endpoint, 2.0) as other:
+        owner.reset(seed=0)
+        owner._reopen()  # a new routing id, as after a timeout
+        owner.goodbye()
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                other.reset(seed=1)
+                break
+            except ProtocolError as err:
+                assert err.code == "busy" and time.monotonic() < deadline
