@@ -23,7 +23,8 @@ robot side's behaviour:
   with the reply already sent (a retry never steps twice); `shutdown` needs the admin key; log
   lines a peer can trigger are rate-limited; each message is read frame by frame within a time
   slice, and past a resident-memory cap every connection is dropped (ZeroMQ buffers a multipart
-  message whole before the application sees it);
+  message whole before the application sees it) while the process keeps its listening socket, so
+  no other process can take the port or path meanwhile;
 * CURVE authentication (`maac_robot.auth`): with `server_key` + `authorized`, only authorised
   client keys get through the handshake. A bind off loopback without keys is refused unless
   `insecure`.
