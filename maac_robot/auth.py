@@ -15,7 +15,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -197,10 +196,3 @@ def check_bind_security(endpoint: str, *, keyed: bool, insecure: bool) -> None:
     log.warning("binding %s WITHOUT authentication (--insecure): any peer that reaches it can drive the robot",
                 endpoint)
 
-
-def is_stale_socket_file(path: Path) -> bool:
-    """True only for a Unix socket file; anything else at an ipc path must never be deleted."""
-    try:
-        return stat.S_ISSOCK(path.lstat().st_mode)
-    except FileNotFoundError:
-        return False

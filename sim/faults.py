@@ -2,7 +2,8 @@
 
 `LossyProxy` sits between controllers and a robot (sim or driver): controllers connect to its
 `endpoint`, it forwards every message to the robot and back, and drops each one with probability
-`loss` in either direction (its own seeded RNG, so a run is repeatable). Each controller is
+`loss` in either direction, or only in one (`direction`; its own seeded RNG, so a run is
+repeatable). Each controller is
 forwarded on its own connection under its own routing id, so the robot still tells controllers
 apart and episode ownership works through the proxy. Loopback only; it runs in a thread until
 `stop()`.
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import zmq
@@ -31,10 +33,13 @@ class LossyProxy:
     """Forwards between controllers (connecting to `endpoint`) and the robot at `robot`, losing a share `loss`."""
 
     def __init__(self, robot: str, loss: float, *, seed: int = 0, bind: str = "tcp://127.0.0.1:*",
+                 direction: Literal["both", "to_robot", "from_robot"] = "both",
                  context: zmq.Context | None = None) -> None:
         if not 0.0 <= loss < 1.0:
             raise ValueError(f"loss must be in [0, 1), got {loss}")
-        self.robot, self.loss = robot, loss
+        if direction not in ("both", "to_robot", "from_robot"):
+            raise ValueError(f"direction must be both, to_robot or from_robot, got {direction!r}")
+        self.robot, self.loss, self.direction = robot, loss, direction
         self.counters = LossCounters()
         self._rng = np.random.default_rng(seed)
         self._ctx = context or zmq.Context.instance()
@@ -52,10 +57,14 @@ class LossyProxy:
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
+        if self._thread.ident is not None:
+            self._thread.join(5)  # the thread closes the sockets
+        else:
+            self._front.close(linger=0)
 
-    def _lost(self) -> bool:
+    def _lost(self, to_robot: bool) -> bool:
+        if self.direction != "both" and (self.direction == "to_robot") != to_robot:
+            return False
         return self.loss > 0 and self._rng.random() < self.loss
 
     def _back(self, peer: bytes, poller: zmq.Poller) -> zmq.Socket | None:
@@ -70,7 +79,7 @@ class LossyProxy:
         return sock
 
     def _forward(self, frames: list[bytes], send: zmq.Socket, prefix: list[bytes]) -> None:
-        if self._lost():
+        if self._lost(to_robot=not prefix):
             self.counters.dropped += 1
             return
         self.counters.forwarded += 1
@@ -100,9 +109,10 @@ class LossyProxy:
 
 
 @contextmanager
-def lossy_proxy(robot: str, loss: float, *, seed: int = 0) -> Iterator[LossyProxy]:
+def lossy_proxy(robot: str, loss: float, *, seed: int = 0,
+                direction: Literal["both", "to_robot", "from_robot"] = "both") -> Iterator[LossyProxy]:
     """A running `LossyProxy`, always stopped."""
-    proxy = LossyProxy(robot, loss, seed=seed).start()
+    proxy = LossyProxy(robot, loss, seed=seed, direction=direction).start()
     try:
         yield proxy
     finally:

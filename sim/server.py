@@ -38,6 +38,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -49,7 +50,7 @@ from urllib.parse import urlparse
 import numpy as np
 import zmq
 
-from maac_robot.auth import ServerAuth, check_bind_security, is_stale_socket_file
+from maac_robot.auth import ServerAuth, check_bind_security
 from maac_robot.errors import UserError
 from maac_robot.protocol import (
     DEFAULT_ENDPOINT,
@@ -301,6 +302,8 @@ class SimServer:
         self._stopping = threading.Event()
         self._dropped_at = 0.0  # when the memory guard last dropped every connection
 
+        self._resident = _Resident()
+        self._headroom = int(memory_headroom_mb * 2**20)
         self._ctx = context or zmq.Context.instance()
         self._auth: ServerAuth | None = None
         self._video = None
@@ -324,8 +327,6 @@ class SimServer:
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._wake, zmq.POLLIN)
-        self._resident = _Resident()
-        self._headroom = int(memory_headroom_mb * 2**20)
         self.memory_cap = self._resident() + self._headroom
 
     # ---- setup / teardown ----
@@ -449,8 +450,7 @@ class SimServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        if hasattr(self, "_resident"):
-            self._resident.close()
+        self._resident.close()
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
@@ -601,14 +601,16 @@ class SimServer:
         self._running = False
         self._pending = None
 
-    def _repeat(self, peer: bytes, seq: int) -> bool:
-        """Resend the replies to the owner's request `seq` if it was already answered (a retry)."""
-        if self._answered is None or self._answered[:2] != (peer, seq):
-            return False
+    def _was_answered(self, peer: bytes, seq: int) -> bool:
+        """Whether `seq` from `peer` is the request answered last: a retry."""
+        return self._answered is not None and self._answered[:2] == (peer, seq)
+
+    def _repeat(self, peer: bytes, seq: int) -> None:
+        """Resend the replies already sent to the owner's request `seq` (call when `_was_answered`)."""
+        assert self._answered is not None
         self.counters.repeated_requests += 1
         for frames in self._answered[2]:
             self._send_frames(peer, frames)
-        return True
 
     def _answer(self, peer: bytes, seq: int, handler: Any, *args: Any) -> None:
         """Run `handler`, keeping the replies it sends so a retry of request `seq` gets them again."""
@@ -620,7 +622,7 @@ class SimServer:
         self._answered = (peer, seq, captured)
 
     def _on_reset(self, peer: bytes, msg: Reset) -> None:
-        if peer == self._owner and self._answered is not None and self._answered[:2] == (peer, msg.seq):
+        if peer == self._owner and self._was_answered(peer, msg.seq):
             if self.mode == "realtime" and self._running:
                 # the episode has ticked on since the reset: the retry gets the present, not the start
                 self.counters.repeated_requests += 1
@@ -673,7 +675,8 @@ class SimServer:
             return
         if msg.seq == self._last_action_seq:  # a retransmission: never a second step
             if self.mode == "lockstep":
-                self._repeat(peer, msg.seq)
+                if self._was_answered(peer, msg.seq):
+                    self._repeat(peer, msg.seq)
             else:
                 self.counters.repeated_requests += 1
             return
@@ -817,6 +820,14 @@ def _scalar(value: Any) -> float | int | bool | None:
     if isinstance(value, (float, np.floating)):
         return float(value)
     return None
+
+
+def is_stale_socket_file(path: Path) -> bool:
+    """True only for a Unix socket file; anything else at an ipc path must never be deleted."""
+    try:
+        return stat.S_ISSOCK(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _remove_stale_ipc(bind: str) -> None:

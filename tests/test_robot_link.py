@@ -424,3 +424,16 @@ def test_a_client_that_reopened_its_socket_can_still_say_goodbye():
                 break
             except ProtocolError as err:
                 assert err.code == "busy" and time.monotonic() < deadline
+
+
+def test_the_lossy_proxy_can_lose_one_direction_only():
+    from sim.faults import LossyProxy
+
+    proxy = LossyProxy("tcp://127.0.0.1:9", 0.9, direction="to_robot")
+    try:
+        assert not any(proxy._lost(to_robot=False) for _ in range(100))
+        assert sum(proxy._lost(to_robot=True) for _ in range(100)) > 50
+        with pytest.raises(ValueError, match="direction"):
+            LossyProxy("tcp://127.0.0.1:9", 0.1, direction="sideways")
+    finally:
+        proxy.stop()
