@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from maac_robot.ensemble import GaussianEnsemble
+from maac_robot.learn.ensemble import GaussianEnsemble
 from maac_robot.envs import env_info
 
 

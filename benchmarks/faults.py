@@ -37,10 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from controller.run import make_controller, reset_owned, run_episode, run_resilient  # noqa: E402
-from maac_robot.artifacts import load_artifacts  # noqa: E402
-from maac_robot.auth import ClientCurve, create_keys  # noqa: E402
-from maac_robot.config import ControllerConfig  # noqa: E402
-from maac_robot.protocol import (  # noqa: E402
+from maac_robot.runtime.artifacts import load_artifacts  # noqa: E402
+from maac_robot.runtime.auth import ClientCurve, create_keys  # noqa: E402
+from maac_robot.runtime.config import ControllerConfig  # noqa: E402
+from maac_robot.runtime.protocol import (  # noqa: E402
     Action,
     Heartbeat,
     Hello,

@@ -41,7 +41,7 @@ class NumpyModel:
 
     def __init__(self, task: Any, actor: Any, critic: Any, model: Any, gamma: float, plan_horizon: int) -> None:
         import numpy as np
-        from maac_robot.agent import LOG_STD_MAX, LOG_STD_MIN
+        from maac_robot.learn.agent import LOG_STD_MAX, LOG_STD_MIN
 
         if task.info.env_id != "HalfCheetah-v5":
             raise SystemExit("the NumPy twin implements HalfCheetah-v5's reward only; "
@@ -159,8 +159,8 @@ def _padded(plan: Callable[[Any, Any], Any], num_elites: int) -> Callable[[Any, 
 def _components(source: dict[str, Any]) -> tuple[Any, Any, Any, Any, float, int]:
     """(task, actor, critic, model, gamma, horizon): a trained run, or a seeded random init (deterministic)."""
     import torch
-    from maac_robot.config import load_config
-    from maac_robot.trainer import build_components, load_run
+    from maac_robot.learn.config import load_config
+    from maac_robot.learn.trainer import build_components, load_run
 
     if source["run"]:
         run = load_run(source["run"])
@@ -175,7 +175,7 @@ def _components(source: dict[str, Any]) -> tuple[Any, Any, Any, Any, float, int]
 def child(spec: dict[str, Any]) -> dict[str, list[list[int]]]:
     """Measure one configuration (one round of it); runs in a fresh process whose thread env vars the parent set."""
     import numpy as np
-    from maac_robot.artifacts import load_artifacts
+    from maac_robot.runtime.artifacts import load_artifacts
 
     art_dir, calls, warmup = spec["artifacts"], spec["calls"], spec["warmup"]
     reference = load_artifacts(art_dir)
@@ -195,7 +195,7 @@ def child(spec: dict[str, Any]) -> dict[str, list[list[int]]]:
         torch.set_num_threads(threads)
         task, actor, critic, model, gamma, _ = _components(spec["source"])
         if backend == "torch":
-            from maac_robot.export import build_graphs
+            from maac_robot.learn.export import build_graphs
 
             graphs = build_graphs(task, actor, critic, model, gamma=gamma, plan_horizon=m.plan_horizon)
 
@@ -280,7 +280,7 @@ def main() -> None:
     samples: list[dict[str, list[list[int]]]] = [{c: [] for c in calls} for _ in configs]
     loads: list[list[float]] = [[] for _ in configs]
     with tempfile.TemporaryDirectory() as tmp:
-        from maac_robot.export import export_artifacts
+        from maac_robot.learn.export import export_artifacts
 
         task, actor, critic, model, gamma, horizon = _components(source)
         manifest = export_artifacts(Path(tmp) / "artifacts", task=task, actor=actor, critic=critic, model=model,

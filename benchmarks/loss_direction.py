@@ -18,9 +18,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from controller.run import make_controller, run_episode  # noqa: E402
-from maac_robot.artifacts import load_artifacts  # noqa: E402
-from maac_robot.config import ControllerConfig  # noqa: E402
-from maac_robot.protocol import RobotClient  # noqa: E402
+from maac_robot.runtime.artifacts import load_artifacts  # noqa: E402
+from maac_robot.runtime.config import ControllerConfig  # noqa: E402
+from maac_robot.runtime.protocol import RobotClient  # noqa: E402
 from sim.faults import lossy_proxy  # noqa: E402
 from sim_helpers import running_sim  # noqa: E402
 

@@ -42,8 +42,8 @@ def random_transitions(env_id: str, n: int, seed: int) -> tuple[np.ndarray, np.n
 
 
 def measure(task: str, transitions: int, epochs: int, seed: int) -> dict:
-    from maac_robot.config import load_config
-    from maac_robot.ensemble import GaussianEnsemble, holdout_split
+    from maac_robot.learn.config import load_config
+    from maac_robot.learn.ensemble import GaussianEnsemble, holdout_split
     from maac_robot.envs import env_info
 
     torch.set_num_threads(1)

@@ -48,8 +48,8 @@ from controller.run import (  # noqa: E402
     make_controller,
     run_episodes,
 )
-from maac_robot.artifacts import load_artifacts  # noqa: E402
-from maac_robot.protocol import RobotClient, RobotTimeout  # noqa: E402
+from maac_robot.runtime.artifacts import load_artifacts  # noqa: E402
+from maac_robot.runtime.protocol import RobotClient, RobotTimeout  # noqa: E402
 
 
 def _free_port() -> int:

@@ -41,7 +41,7 @@ def child(args: argparse.Namespace, spec: dict) -> dict:
     import os
 
     from controller.run import load_controller_config, make_controller
-    from maac_robot.artifacts import load_artifacts
+    from maac_robot.runtime.artifacts import load_artifacts
 
     cfg = load_controller_config(args.config).model_copy(update={"realtime_priority": spec["priority"]})
     arts = load_artifacts(args.artifacts)
@@ -69,7 +69,7 @@ def child(args: argparse.Namespace, spec: dict) -> dict:
 
     from mpc import sim_process  # benchmarks/mpc.py
 
-    from maac_robot.protocol import RobotClient
+    from maac_robot.runtime.protocol import RobotClient
 
     if spec["order"] == "before_socket":  # before sim_process's probe creates the process's ZeroMQ context
         realtime()

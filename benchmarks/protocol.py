@@ -34,8 +34,8 @@ import zmq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from maac_robot.auth import ClientCurve, create_keys  # noqa: E402
-from maac_robot.protocol import RobotClient  # noqa: E402
+from maac_robot.runtime.auth import ClientCurve, create_keys  # noqa: E402
+from maac_robot.runtime.protocol import RobotClient  # noqa: E402
 
 
 def _serve(kind: str, env_id: str, endpoint: str) -> None:
@@ -126,7 +126,7 @@ def round_trip(endpoint: str, exchanges: int, warmup: int = 500,
 
 def _typical_frames() -> tuple[list[bytes], list[bytes]]:
     """An encoded HalfCheetah action and observation (with a typical info dict), for the bare echo."""
-    from maac_robot.protocol import Action, ObservationMsg, encode
+    from maac_robot.runtime.protocol import Action, ObservationMsg, encode
     from sim.server import SafetyCounters, _flags
 
     info = {**_flags(), "sim_step_s": 4e-5, **vars(SafetyCounters()),
@@ -160,7 +160,7 @@ def echo_round_trip(endpoint: str, exchanges: int, warmup: int = 500) -> dict[st
 
 def codec_cpu(exchanges: int) -> dict[str, float]:
     """CPU the protocol itself spends per exchange, no sockets: both encodes, both decodes, the action gate."""
-    from maac_robot.protocol import decode, encode
+    from maac_robot.runtime.protocol import decode, encode
     from sim.server import ActionGate
 
     action_frames, obs_frames = _typical_frames()

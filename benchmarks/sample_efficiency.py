@@ -16,7 +16,7 @@
 
 Both algorithms get the same env-step budget, the same number of uniformly random initial
 steps (the MAAC config's `train.initial_random_steps`), the same torch thread count, the same
-evaluation schedule and the same evaluation reset seeds (`maac_robot.trainer.eval_seeds`),
+evaluation schedule and the same evaluation reset seeds (`maac_robot.learn.trainer.eval_seeds`),
 deterministic policy. SAC uses SB3's SAC with the usual settings (256x256, lr 3e-4, batch 256,
 tau 5e-3, one gradient step per env step) on Gymnasium's default observation (SAC has no
 reason to see the root position). MAAC uses configs/<task>.yaml unchanged apart from seed and
@@ -60,8 +60,8 @@ NOT_TRAINING = ("eval", "checkpoint")  # phases that are bookkeeping, not the co
 
 
 def _config(task: str, seed: int, steps: int, threads: int | None = None,
-            extra: dict[str, Any] | None = None):  # -> maac_robot.config.Config
-    from maac_robot.config import load_config
+            extra: dict[str, Any] | None = None):  # -> maac_robot.learn.config.Config
+    from maac_robot.learn.config import load_config
 
     overrides: dict[str, Any] = {"train.seed": seed, "train.total_steps": steps, **(extra or {})}
     if threads is not None:
@@ -106,14 +106,14 @@ def config_variant(task: str, config_yaml: Path) -> dict[str, Any]:
     A run's label must equal this: labels are read against the config as it is now, so a change to
     configs/<task>.yaml turns the label of every earlier run into a claim about a different config. The
     test suite checks every committed record, and `run` refuses to resume one whose label went stale."""
-    from maac_robot.config import load_config
+    from maac_robot.learn.config import load_config
 
     return _variant(task, load_config(config_yaml).model_dump(mode="json"))
 
 
 def _variant(task: str, ran: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """`config_variant` of a resolved config (its model_dump), in the config's field order."""
-    from maac_robot.config import load_config
+    from maac_robot.learn.config import load_config
 
     base = load_config(ROOT / "configs" / f"{task}.yaml").model_dump(mode="json")
     return {f"{section}.{key}": value for section, fields in ran.items() for key, value in fields.items()
@@ -204,7 +204,7 @@ def _claim_record(run_dir: Path, algo: str, restart: bool) -> None:
 
 
 def run_maac(task: str, seed: int, steps: int, run_dir: Path, threads: int | None, variant: dict[str, Any]) -> None:
-    from maac_robot.trainer import train
+    from maac_robot.learn.trainer import train
 
     cfg = _config(task, seed, steps, threads, variant)
     resume = (run_dir / "checkpoints" / "latest.pt").is_file()
@@ -223,7 +223,7 @@ def branch_run(source: Path, run_dir: Path) -> dict[str, Any]:
     """Start `run_dir` as a copy of `source` at its latest checkpoint (same buffers, model, agent, RNG), so a
     variant resumed from it differs from the source's own continuation only in what the variant changes.
     The copy's meta.json records where it branched; its curve up to that step is the source's."""
-    from maac_robot.trainer import RunPaths, load_checkpoint
+    from maac_robot.learn.trainer import RunPaths, load_checkpoint
 
     if RunPaths(run_dir).checkpoint.is_file():
         raise SystemExit(f"{run_dir} already has a checkpoint; --branch-from starts a run, it does not replace one")
@@ -244,7 +244,7 @@ def branch_run(source: Path, run_dir: Path) -> dict[str, Any]:
 def run_sac(task: str, seed: int, steps: int, run_dir: Path, threads: int | None, variant: dict[str, Any]) -> None:
     import gymnasium as gym
     import torch
-    from maac_robot.trainer import eval_seeds
+    from maac_robot.learn.trainer import eval_seeds
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -325,9 +325,9 @@ def profile(task: str, steps: int, out: Path, threads: int | None) -> dict[str, 
     """
     import tempfile
 
-    import maac_robot.agent as agent_module
+    import maac_robot.learn.agent as agent_module
     import torch
-    from maac_robot.trainer import Trainer
+    from maac_robot.learn.trainer import Trainer
 
     cfg = _config(task, 0, 10**9, threads)
     inner: dict[str, float] = {"steve_targets": 0.0, "policy_objective_forward": 0.0}
@@ -399,7 +399,7 @@ UPDATE_VARIANTS: list[dict[str, Any]] = [
 ]
 
 
-def _update_cpu_s(trainer, updates: int = 10) -> float:  # trainer: maac_robot.trainer.Trainer
+def _update_cpu_s(trainer, updates: int = 10) -> float:  # trainer: maac_robot.learn.trainer.Trainer
     """CPU seconds of one G2 update through the trainer's own G2 step (batch draws and `train.precision`
     included), averaged over at least `updates` after a warm-up (the process's CPU time: 1 thread, no idle)."""
     trainer.update()
@@ -436,7 +436,7 @@ def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
     import tempfile
 
     import torch
-    from maac_robot.trainer import Trainer
+    from maac_robot.learn.trainer import Trainer
     from torch.utils.flop_counter import FlopCounterMode
 
     rows, top_ops = [], {}
@@ -482,7 +482,7 @@ def update_cost(task: str, out: Path, threads: int) -> list[dict[str, Any]]:
     return rows
 
 
-# ---- diagnose and critic-probe: why the curves fall (maac_robot.diagnostics) --------------------------
+# ---- diagnose and critic-probe: why the curves fall (maac_robot.learn.diagnostics) --------------------------
 
 DIAGNOSE_JSON = ROOT / "benchmarks" / "diagnose.json"
 
@@ -508,9 +508,9 @@ def _merge_runs(out: Path, rows: list[dict[str, Any]], keys: tuple[str, ...] = (
 
 
 def diagnose_run(run_dir: Path, episodes: int) -> dict[str, Any]:
-    """`maac_robot.diagnostics.diagnose` of a run's latest checkpoint on its evaluation reset seeds."""
-    from maac_robot.diagnostics import diagnose
-    from maac_robot.trainer import eval_seeds, load_run
+    """`maac_robot.learn.diagnostics.diagnose` of a run's latest checkpoint on its evaluation reset seeds."""
+    from maac_robot.learn.diagnostics import diagnose
+    from maac_robot.learn.trainer import eval_seeds, load_run
 
     run = load_run(run_dir)
     return {"run": _run_name(run_dir), "env_step": run.env_step, "alpha": round(run.agent.alpha, 4),
@@ -521,13 +521,13 @@ ENTROPY_PRESSURE_JSON = ROOT / "benchmarks" / "entropy_pressure.json"
 
 
 def entropy_pressure_run(run_dir: Path, states: int, draws: int, name: str | None = None) -> dict[str, Any]:
-    """`maac_robot.diagnostics.entropy_pressure` of a run's latest checkpoint, from `states` start states drawn
+    """`maac_robot.learn.diagnostics.entropy_pressure` of a run's latest checkpoint, from `states` start states drawn
     from its D_env and D_model in the proportions of an actor batch (the run directory is only read)."""
     import torch
 
-    from maac_robot.buffer import Batch, ReplayBuffer
-    from maac_robot.diagnostics import entropy_pressure
-    from maac_robot.trainer import RunPaths, load_checkpoint, load_run
+    from maac_robot.learn.buffer import Batch, ReplayBuffer
+    from maac_robot.learn.diagnostics import entropy_pressure
+    from maac_robot.learn.trainer import RunPaths, load_checkpoint, load_run
 
     run = load_run(run_dir)
     torch.set_num_threads(1)
@@ -579,11 +579,11 @@ def critic_probe(run_dir: Path, updates: int, every: int, episodes: int) -> dict
 
     import torch
 
-    from maac_robot.buffer import Batch
-    from maac_robot.config import load_config
-    from maac_robot.diagnostics import critic_bias, measured_soft_returns, rollout_episode
+    from maac_robot.learn.buffer import Batch
+    from maac_robot.learn.config import load_config
+    from maac_robot.learn.evaluation import critic_bias, measured_soft_returns, rollout_episode
     from maac_robot.envs import make_env
-    from maac_robot.trainer import Trainer, eval_seeds, load_checkpoint
+    from maac_robot.learn.trainer import Trainer, eval_seeds, load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:  # Trainer writes to its run dir; work on a copy
         work = Path(tmp) / "run"
@@ -766,7 +766,7 @@ def _cost(runs: list[dict[str, Any]]) -> str:
 
 
 def report(note: str | None = None) -> str:
-    from maac_robot.plotting import plot_learning_curves
+    from maac_robot.learn.plotting import plot_learning_curves
 
     found = _runs()
     lines = [SECTION, "",
@@ -953,7 +953,7 @@ def _entropy_pressure_table(d: dict[str, Any]) -> list[str]:
     """Per checkpoint: the entropy bonus's push on the first action's log σ against the objective's pull."""
     lines = ["### What sets the temperature α: entropy push against the objective's pull on log σ", "",
              "`python benchmarks/sample_efficiency.py entropy-pressure --run RUN_DIR` (each row's exact command and "
-             "date are in `benchmarks/entropy_pressure.json`); `maac_robot.diagnostics.entropy_pressure` on start "
+             "date are in `benchmarks/entropy_pressure.json`); `maac_robot.learn.diagnostics.entropy_pressure` on start "
              "states drawn from the checkpoint's D_env and D_model as an actor batch is. A shift δ_t added to the "
              "policy's log σ at imagined step t: *pull* = ∂J/∂δ_t of the actor's objective without its entropy term "
              "(negative: noise there costs return), *push* = α·∂E[−log π(a₀)]/∂δ₀. Auto-α holds the first "

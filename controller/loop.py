@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from maac_robot.config import ControllerConfig
-from maac_robot.errors import UserError
+from maac_robot.runtime.config import ControllerConfig
+from maac_robot.runtime.errors import UserError
 
 from controller.planner import NonFiniteError, Plan, ShapeError, cem_plan, policy_prior, shift
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from maac_robot.config import ControllerConfig
+from maac_robot.runtime.config import ControllerConfig
 
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """score(state [S], actions [P,H,A] env units) -> predicted return [P]; P a multiple of num_elites."""

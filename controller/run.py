@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from maac_robot.config import ControllerConfig, load_section, parse_set
-from maac_robot.errors import UserError
-from maac_robot.protocol import ProtocolError, RobotClient, RobotInfo, RobotTimeout
+from maac_robot.runtime.config import ControllerConfig, load_section, parse_set
+from maac_robot.runtime.errors import UserError
+from maac_robot.runtime.protocol import ProtocolError, RobotClient, RobotInfo, RobotTimeout
 
 from controller.loop import Controller, Telemetry
 
 
 def load_controller_config(path: Path | None, sets: list[str] | None = None) -> ControllerConfig:
-    """The `controller` section of a task YAML with `--set controller.KEY=VALUE` applied (other sections are
-    ignored: they need the learner)."""
-    return load_section(path, "controller", ControllerConfig, *parse_set(sets))  # type: ignore[return-value]
+    """The `controller` section of a task YAML with `--set controller.KEY=VALUE` applied; the other sections
+    are not read (they are the learner's and the sim's)."""
+    return load_section(path, "controller", ControllerConfig, *parse_set(sets, {"controller": ControllerConfig}))
 
 
 GIL_SWITCH_INTERVAL_S = 5e-4
@@ -260,8 +260,8 @@ def control_from_cli(*, artifacts: Path, connect: str, planner: str | None, epis
                      seed: int, compare: bool, client_key: Path | None = None, server_public: Path | None = None,
                      reconnect: bool = True, sets: list[str] | None = None) -> int:
     """`maac-robot control`: run `episodes` episodes (reset seeds seed, seed+1, ...) and print the results."""
-    from maac_robot.artifacts import load_artifacts
-    from maac_robot.auth import client_curve
+    from maac_robot.runtime.artifacts import load_artifacts
+    from maac_robot.runtime.auth import client_curve
 
     if episodes < 1:
         raise UserError(f"--episodes must be at least 1, got {episodes}")

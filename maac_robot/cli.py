@@ -12,32 +12,32 @@ from pathlib import Path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from maac_robot.trainer import train_from_cli
+    from maac_robot.learn.trainer import train_from_cli
 
     return train_from_cli(config=args.config, resume=args.resume, seed=args.seed, steps=args.steps,
                           out=args.out, device=args.device, sets=args.set)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from maac_robot.trainer import evaluate_from_cli
+    from maac_robot.learn.trainer import evaluate_from_cli
 
     return evaluate_from_cli(run_dir=args.run, episodes=args.episodes, seed=args.seed)
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
-    from maac_robot.diagnostics import diagnose_from_cli
+    from maac_robot.learn.diagnostics import diagnose_from_cli
 
     return diagnose_from_cli(run_dir=args.run, episodes=args.episodes, seed=args.seed)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from maac_robot.export import export_from_cli
+    from maac_robot.learn.export import export_from_cli
 
     return export_from_cli(run_dir=args.run, out=args.out, plan_horizon=args.plan_horizon)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from maac_robot.artifacts import inspect_from_cli
+    from maac_robot.runtime.artifacts import inspect_from_cli
 
     return inspect_from_cli(artifacts=args.artifacts)
 
@@ -60,7 +60,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from maac_robot.auth import create_keys
+    from maac_robot.runtime.auth import create_keys
 
     public, secret = create_keys(args.dir, args.name)
     print(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it here, mode 0600)")
@@ -82,7 +82,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_set(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
     """--set, with every key it takes (default, description) listed at the end of --help."""
-    from maac_robot.config import config_help
+    from maac_robot.learn.config import config_help
 
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, typed and validated like the file's "
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - a CLI prints one clear line; --debug-free by design
-        from maac_robot.errors import UserError
+        from maac_robot.runtime.errors import UserError
 
         if isinstance(err, UserError):
             print(f"error: {err}", file=sys.stderr)

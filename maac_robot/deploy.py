@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from maac_robot.errors import UserError
+from maac_robot.runtime.errors import UserError
 
 GRACE_S = 5.0
 
@@ -124,8 +124,8 @@ def _cli() -> list[str]:
 def up_from_cli(*, artifacts: Path, config: Path, bind: str, episodes: int, mode: str, planner: str,
                 sets: list[str] | None = None) -> int:
     """Start the sim and the controller on loopback and run `episodes` episodes; `sets` go to both."""
-    from maac_robot.artifacts import load_artifacts
-    from maac_robot.config import load_config, parse_set
+    from maac_robot.runtime.artifacts import load_artifacts
+    from maac_robot.learn.config import load_config, parse_set
 
     cfg = load_config(config, *parse_set(sets))  # refuses a bad --set here, before anything starts
     set_flags = [arg for item in sets or [] for arg in ("--set", item)]
@@ -153,7 +153,7 @@ def session_keys(directory: Path) -> dict[str, list[str]]:
 
     Even on loopback the link is then authenticated: no other local process can drive the sim `up` started.
     """
-    from maac_robot.auth import create_keys
+    from maac_robot.runtime.auth import create_keys
 
     server_public, server_secret = create_keys(directory, "server")
     controller_public, controller_secret = create_keys(directory / "authorized", "controller")
@@ -163,8 +163,8 @@ def session_keys(directory: Path) -> dict[str, list[str]]:
 
 def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int, sets: list[str] | None = None) -> int:
     """From nothing to a robot under MPC: train (or resume) -> export -> sim + controller over ZeroMQ."""
-    from maac_robot.export import export_from_cli
-    from maac_robot.trainer import train_from_cli
+    from maac_robot.learn.export import export_from_cli
+    from maac_robot.learn.trainer import train_from_cli
 
     checkpoint = out / "checkpoints" / "latest.pt"
     print(f"[demo] 1/3 training {config} into {out}" + (" (resuming)" if checkpoint.is_file() else ""))

@@ -28,7 +28,7 @@ from functools import lru_cache
 import gymnasium as gym
 import numpy as np
 
-from maac_robot.errors import UserError
+from maac_robot.runtime.errors import UserError
 
 
 class EnvError(UserError, ValueError):

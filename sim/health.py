@@ -16,8 +16,8 @@ import time
 
 from pathlib import Path
 
-from maac_robot.auth import AuthError, client_curve
-from maac_robot.protocol import DEFAULT_ENDPOINT, ProtocolError, RobotClient, RobotTimeout
+from maac_robot.runtime.auth import AuthError, client_curve
+from maac_robot.runtime.protocol import DEFAULT_ENDPOINT, ProtocolError, RobotClient, RobotTimeout
 
 
 def main(argv: list[str] | None = None) -> int:

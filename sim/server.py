@@ -1,6 +1,6 @@
 """The sim process: serves a Gymnasium MuJoCo env over the robot protocol, exactly as a robot driver would.
 
-The controller cannot tell it from a robot: it speaks only `maac_robot.protocol` (ROUTER socket,
+The controller cannot tell it from a robot: it speaks only `maac_robot.runtime.protocol` (ROUTER socket,
 bound; see that module's docstring for the protocol decisions). What this file adds is the
 robot side's behaviour:
 
@@ -14,7 +14,7 @@ robot side's behaviour:
   with an error reply and apply the safe action;
 * robustness: every malformed message gets an error reply and is counted; replies go out
   non-blocking (a vanished or slow client never stalls the sim); the poll always has a timeout;
-* optional recording of every transition (`maac_robot.recording`) and an mp4 of the episodes
+* optional recording of every transition (`maac_robot.runtime.recording`) and an mp4 of the episodes
   (`pip install 'maac-robot[render]'`; headless EGL renders ~0.3 s per 480x480 frame on the 2-core
   dev machine, so render lockstep runs: in real time it would overrun every tick).
 
@@ -25,7 +25,7 @@ robot side's behaviour:
   slice, and past a resident-memory cap every connection is dropped (ZeroMQ buffers a multipart
   message whole before the application sees it) while the process keeps its listening socket, so
   no other process can take the port or path meanwhile;
-* CURVE authentication (`maac_robot.auth`): with `server_key` + `authorized`, only authorised
+* CURVE authentication (`maac_robot.runtime.auth`): with `server_key` + `authorized`, only authorised
   client keys get through the handshake. A bind off loopback without keys is refused unless
   `insecure`.
 """
@@ -50,9 +50,9 @@ from urllib.parse import urlparse
 import numpy as np
 import zmq
 
-from maac_robot.auth import ServerAuth, check_bind_security
-from maac_robot.errors import UserError
-from maac_robot.protocol import (
+from maac_robot.runtime.auth import ServerAuth, check_bind_security
+from maac_robot.runtime.errors import UserError
+from maac_robot.runtime.protocol import (
     DEFAULT_ENDPOINT,
     DEFAULT_MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -75,7 +75,7 @@ from maac_robot.protocol import (
     encode,
     seed_routing_ids,
 )
-from maac_robot.recording import EpisodeRecorder
+from maac_robot.runtime.recording import EpisodeRecorder
 
 log = logging.getLogger("sim")
 
@@ -883,16 +883,17 @@ def sim_from_cli(*, config: Path, bind: str | None, mode: str | None, render: Pa
                  record: Path | None, server_key: Path | None = None, authorized: Path | None = None,
                  admin_key: Path | None = None, insecure: bool = False, sets: list[str] | None = None) -> int:
     """`maac-robot sim`: serve the config's env until SIGINT/SIGTERM or an admin's shutdown message."""
-    from maac_robot.config import load_config, parse_set
+    from maac_robot.runtime.config import EnvConfig, SimConfig, load_section, parse_set
 
-    cfg = load_config(config, *parse_set(sets))
+    overrides, flags = parse_set(sets, {"env": EnvConfig, "sim": SimConfig})
+    env = load_section(config, "env", EnvConfig, overrides, flags)
+    sim = load_section(config, "sim", SimConfig, overrides, flags)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    sim = cfg.sim
     # two I/O threads: one busy decoding a flooding peer leaves the other to carry the owner's traffic
     zmq.Context.instance(io_threads=2)
-    server = SimServer(cfg.env.id, bind=bind or sim.bind, mode=mode or sim.mode,
+    server = SimServer(env.id, bind=bind or sim.bind, mode=mode or sim.mode,
                        seed=sim.seed if seed is None else seed, watchdog_periods=sim.watchdog_periods,
-                       max_message_bytes=sim.max_message_bytes, max_episode_steps=cfg.env.max_episode_steps,
+                       max_message_bytes=sim.max_message_bytes, max_episode_steps=env.max_episode_steps,
                        record_dir=record, render_path=render, owner_timeout_s=sim.owner_timeout_s,
                        server_key=server_key or sim.server_key, authorized=authorized or sim.authorized,
                        admin_key=admin_key or sim.admin_key, insecure=insecure or sim.insecure,

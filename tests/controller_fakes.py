@@ -1,4 +1,4 @@
-"""In-process stand-ins for `maac_robot.artifacts.Artifacts` and `RobotClient`, for controller tests.
+"""In-process stand-ins for `maac_robot.runtime.artifacts.Artifacts` and `RobotClient`, for controller tests.
 
 The point mass has a known optimum: state x in R^A, x' = x + dt·a (+ a per-member bias),
 reward -||x' - goal||² - c·||a||², zero terminal value. Its open-loop optimal sequence over H
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
-from maac_robot.protocol import PROTOCOL_VERSION, Observation
+from maac_robot.runtime.protocol import PROTOCOL_VERSION, Observation
 
 
 def _squash(u: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:

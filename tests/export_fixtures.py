@@ -11,12 +11,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from maac_robot.agent import Actor, TwinQ
-from maac_robot.artifacts import Manifest
-from maac_robot.config import ModelConfig
-from maac_robot.ensemble import GaussianEnsemble
-from maac_robot.export import export_artifacts
-from maac_robot.tasks import Task, get_task
+from maac_robot.learn.agent import Actor, TwinQ
+from maac_robot.runtime.artifacts import Manifest
+from maac_robot.learn.config import ModelConfig
+from maac_robot.learn.ensemble import GaussianEnsemble
+from maac_robot.learn.export import export_artifacts
+from maac_robot.learn.tasks import Task, get_task
 
 
 @dataclass

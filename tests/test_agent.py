@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from maac_robot.agent import (
+from maac_robot.learn.agent import (
     Actor,
     MAACAgent,
     StateShapeError,
@@ -19,10 +19,10 @@ from maac_robot.agent import (
     steve_targets,
     twin_value,
 )
-from maac_robot.buffer import Batch
-from maac_robot.config import AgentConfig
+from maac_robot.learn.buffer import Batch
+from maac_robot.learn.config import AgentConfig
 from maac_robot.envs import EnvInfo
-from maac_robot.tasks import Task
+from maac_robot.learn.tasks import Task
 
 F64 = torch.float64
 LOW, HIGH = np.array([-2.0, -1.0]), np.array([2.0, 1.0])
@@ -281,8 +281,8 @@ def test_act_returns_bounded_numpy_actions() -> None:
 @pytest.mark.parametrize("learn_reward", [False, True])
 def test_update_with_the_real_ensemble(learn_reward: bool) -> None:
     """Hopper-v5's closed-form reward and termination, or a learned reward head (task.reward_fn None)."""
-    from maac_robot.ensemble import GaussianEnsemble
-    from maac_robot.tasks import get_task
+    from maac_robot.learn.ensemble import GaussianEnsemble
+    from maac_robot.learn.tasks import get_task
 
     torch.manual_seed(0)
     task = get_task("Hopper-v5")

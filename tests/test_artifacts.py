@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from maac_robot import artifacts
-from maac_robot.artifacts import (
+from maac_robot.runtime import artifacts
+from maac_robot.runtime.artifacts import (
     FORMAT_VERSION,
     MAX_GRAPH_BYTES,
     MAX_MANIFEST_BYTES,
@@ -254,7 +254,7 @@ def test_session_options(exported: Path) -> None:
 
 
 def test_controller_path_never_imports_torch(exported: Path) -> None:
-    code = ("import sys; from maac_robot.artifacts import load_artifacts; import numpy as np; "
+    code = ("import sys; from maac_robot.runtime.artifacts import load_artifacts; import numpy as np; "
             f"a = load_artifacts({str(exported)!r}); a.plan(np.zeros(18), np.zeros((6, 3, 6))); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from maac_robot.plotting import plot_learning_curves
+from maac_robot.learn.plotting import plot_learning_curves
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "sample_efficiency.py"
 _spec = importlib.util.spec_from_file_location("sample_efficiency", _PATH)
@@ -152,7 +152,7 @@ def test_label_matching_reads_values_and_keys() -> None:
 
 
 def test_config_variant_ignores_seed_budget_and_threads(tmp_path: Path) -> None:
-    from maac_robot.config import load_config, save_config
+    from maac_robot.learn.config import load_config, save_config
 
     cfg = load_config(sample_efficiency.ROOT / "configs" / "hopper.yaml",
                       {"train.seed": 3, "train.total_steps": 7, "train.num_threads": 2, "agent.tau": 0.5})
@@ -190,7 +190,7 @@ def test_run_labels_follow_the_config_not_the_command_line() -> None:
 
 
 def test_run_refuses_to_resume_a_record_whose_label_went_stale(tmp_path: Path) -> None:
-    from maac_robot.config import save_config
+    from maac_robot.learn.config import save_config
 
     run_dir = tmp_path / "maac-s0"  # says "the config as it is now"...
     (run_dir / "checkpoints").mkdir(parents=True)

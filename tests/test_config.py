@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from maac_robot.config import Config, ConfigError, load_config, parse_set, save_config
+from maac_robot.learn.config import Config, ConfigError, load_config, parse_set, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TASK_CONFIGS = {
@@ -113,7 +113,7 @@ def test_bad_set_flags_say_what_is_wrong(item: str, message: str) -> None:
 
 
 def test_a_bad_value_from_the_command_line_names_the_flag_not_the_file() -> None:
-    from maac_robot.trainer import prepare_run
+    from maac_robot.learn.trainer import prepare_run
 
     with pytest.raises(ConfigError, match=r"agent\.horizon \(from --set agent\.horizon=-1\)"):
         prepare_run(CONFIGS / "hopper.yaml", sets=["agent.horizon=-1"])
@@ -130,3 +130,10 @@ def test_the_controller_takes_set_flags_for_its_own_section_only() -> None:
     assert cfg.population == 64
     with pytest.raises(ConfigError, match=r"controller\.population \(from --set controller\.population=1\)"):
         load_controller_config(None, ["controller.population=1"])
+
+
+def test_the_runtime_knows_every_section_name_of_the_learner_config() -> None:
+    from maac_robot.learn.config import SECTIONS
+    from maac_robot.runtime.config import SECTION_NAMES
+
+    assert tuple(SECTIONS) == SECTION_NAMES

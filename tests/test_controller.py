@@ -12,8 +12,8 @@ from controller.run import check_robot, compare_table, load_controller_config, r
 from controller_fakes import FakeRobot, PointMass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from maac_robot.config import ConfigError, ControllerConfig
-from maac_robot.errors import UserError
+from maac_robot.runtime.config import ConfigError, ControllerConfig
+from maac_robot.runtime.errors import UserError
 
 LOW, HIGH = np.array([-1.0, -0.5]), np.array([1.0, 2.0])
 

@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-from maac_robot.config import config_from_dict
-from maac_robot.trainer import train
+from maac_robot.learn.config import config_from_dict
+from maac_robot.learn.trainer import train
 
 from test_trainer import _tiny
 

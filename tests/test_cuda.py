@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from maac_robot import cli
-from maac_robot.config import config_from_dict
-from maac_robot.diagnostics import diagnose, mean_critic_bias
-from maac_robot.trainer import Trainer, load_checkpoint, load_run, read_metrics, train
+from maac_robot.learn.config import config_from_dict
+from maac_robot.learn.diagnostics import diagnose
+from maac_robot.learn.evaluation import mean_critic_bias
+from maac_robot.learn.trainer import Trainer, load_checkpoint, load_run, read_metrics, train
 
 from test_trainer import _config_file, _tiny
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from maac_robot.deploy import _check_endpoint_free, supervise
-from maac_robot.errors import UserError
+from maac_robot.runtime.errors import UserError
 
 SLEEPER = [sys.executable, "-c", "import os, time; print('pid', os.getpid(), flush=True); time.sleep(600)"]
 

@@ -1,4 +1,4 @@
-"""maac_robot.diagnostics: the realised soft return it compares the critic with, and `maac-robot diagnose`."""
+"""maac_robot.learn.diagnostics: the realised soft return it compares the critic with, and `maac-robot diagnose`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from maac_robot import cli
-from maac_robot.agent import maac_policy_loss
-from maac_robot.config import config_from_dict
-from maac_robot.diagnostics import (diagnose, entropy_pressure, mean_critic_bias, measured_soft_returns, model_return,
-                                    soft_returns, std_pull)
-from maac_robot.trainer import load_run, train
+from maac_robot.learn.agent import maac_policy_loss
+from maac_robot.learn.config import config_from_dict
+from maac_robot.learn.diagnostics import diagnose, entropy_pressure, model_return, std_pull
+from maac_robot.learn.evaluation import mean_critic_bias, measured_soft_returns, soft_returns
+from maac_robot.learn.trainer import load_run, train
 
 from test_trainer import _tiny
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import yaml
 from controller.run import control_from_cli, make_controller, run_episode
-from maac_robot.config import ControllerConfig, config_from_dict
-from maac_robot.protocol import RobotClient
+from maac_robot.learn.config import config_from_dict
+from maac_robot.runtime.config import ControllerConfig
+from maac_robot.runtime.protocol import RobotClient
 from sim_helpers import running_sim
 
 ENV = "InvertedPendulum-v5"
@@ -33,8 +34,8 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from maac_robot.export import export_from_run
-    from maac_robot.trainer import train
+    from maac_robot.learn.export import export_from_run
+    from maac_robot.learn.trainer import train
 
     root = tmp_path_factory.mktemp("e2e")
     train(config_from_dict(TINY), root / "run", progress=False)
@@ -61,7 +62,7 @@ def test_control_compare_lockstep_prints_the_table(artifacts: Path, capsys: pyte
 
 @pytest.mark.parametrize("planner", ["policy", "cem"])
 def test_realtime_episodes_at_the_native_rate(artifacts: Path, planner: str):
-    from maac_robot.artifacts import load_artifacts
+    from maac_robot.runtime.artifacts import load_artifacts
 
     arts = load_artifacts(artifacts)
     controller = make_controller(arts, ControllerConfig(**TINY["controller"]), planner, seed=0)
@@ -102,7 +103,7 @@ def test_up_runs_sim_and_controller_as_two_processes(artifacts: Path):
 
 def test_up_refuses_artifacts_for_another_env(artifacts: Path, tmp_path: Path):
     from maac_robot.deploy import up_from_cli
-    from maac_robot.errors import UserError
+    from maac_robot.runtime.errors import UserError
 
     other = tmp_path / "hopper.yaml"
     other.write_text(yaml.safe_dump({"env": {"id": "Hopper-v5"}}))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from maac_robot.config import ModelConfig
-from maac_robot.ensemble import GaussianEnsemble, holdout_split
+from maac_robot.learn.config import ModelConfig
+from maac_robot.learn.ensemble import GaussianEnsemble, holdout_split
 
 S, A = 3, 2
 

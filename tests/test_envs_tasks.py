@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from maac_robot.envs import EnvError, env_info, make_env
-from maac_robot.tasks import get_task
+from maac_robot.learn.tasks import get_task
 
 BUILTIN = ["InvertedPendulum-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5"]
 ROOT_DIMS = {"InvertedPendulum-v5": 0, "Hopper-v5": 1, "HalfCheetah-v5": 1, "Walker2d-v5": 1, "Ant-v5": 2}

@@ -14,10 +14,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from maac_robot import cli, export
-from maac_robot.artifacts import GRAPH_NAMES, load_artifacts
-from maac_robot.config import config_from_dict, save_config
-from maac_robot.export import (
+from maac_robot import cli
+from maac_robot.learn import export
+from maac_robot.runtime.artifacts import GRAPH_NAMES, load_artifacts
+from maac_robot.learn.config import config_from_dict, save_config
+from maac_robot.learn.export import (
     OPSET,
     PARITY_ATOL,
     PARITY_RTOL,
@@ -25,7 +26,7 @@ from maac_robot.export import (
     assert_exported_shapes,
     build_graphs,
 )
-from maac_robot.trainer import RunPaths, Trainer
+from maac_robot.learn.trainer import RunPaths, Trainer
 
 from tests.export_fixtures import Components, export_components, random_components
 

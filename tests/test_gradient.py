@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from maac_robot.agent import Actor, TwinQ, maac_policy_loss
+from maac_robot.learn.agent import Actor, TwinQ, maac_policy_loss
 
 F64 = torch.float64
 DT, GAMMA, ALPHA = 0.1, 0.9, 0.3

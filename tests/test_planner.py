@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from controller.planner import NonFiniteError, Prior, cem_plan, policy_prior, shift, squash
 from controller_fakes import PointMass
-from maac_robot.config import ControllerConfig
+from maac_robot.runtime.config import ControllerConfig
 
 LOW, HIGH = np.array([-1.0, -0.5]), np.array([1.0, 2.0])  # asymmetric bounds exercise the affine squash
 X0 = np.zeros(2)

@@ -1,4 +1,4 @@
-"""Codec and client behaviour of maac_robot.protocol, without a sim (fake robots are raw ZeroMQ sockets)."""
+"""Codec and client behaviour of maac_robot.runtime.protocol, without a sim (fake robots are raw ZeroMQ sockets)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from maac_robot.protocol import (
+from maac_robot.runtime.protocol import (
     MAX_FRAMES,
     PROTOCOL_VERSION,
     Action,
@@ -255,7 +255,7 @@ def test_bad_endpoint_and_timeout_are_user_errors():
 
 def test_protocol_module_stays_light_to_import():
     """The controller imports it on a robot computer without torch or gymnasium."""
-    code = ("import sys, maac_robot.protocol; "
+    code = ("import sys, maac_robot.runtime.protocol; "
             "print(sorted(m for m in ('torch', 'gymnasium', 'mujoco') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

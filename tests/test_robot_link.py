@@ -23,9 +23,9 @@ import zmq
 
 from controller.loop import StepRecord
 from controller.run import run_episode, run_resilient
-from maac_robot.auth import AuthError, ClientCurve, KeyPair, check_bind_security, create_keys, load_public_key
-from maac_robot.errors import UserError
-from maac_robot.protocol import (
+from maac_robot.runtime.auth import AuthError, ClientCurve, KeyPair, check_bind_security, create_keys, load_public_key
+from maac_robot.runtime.errors import UserError
+from maac_robot.runtime.protocol import (
     Action,
     Heartbeat,
     ObservationMsg,
@@ -359,7 +359,7 @@ def test_binding_off_loopback_needs_keys_or_an_explicit_insecure(caplog):
         with pytest.raises(AuthError, match="maac-robot keys"):
             check_bind_security(remote, keyed=False, insecure=False)
         check_bind_security(remote, keyed=True, insecure=False)
-    caplog.set_level(logging.WARNING, logger="maac_robot.auth")
+    caplog.set_level(logging.WARNING, logger="maac_robot.runtime.auth")
     check_bind_security("tcp://0.0.0.0:5555", keyed=False, insecure=True)
     assert "WITHOUT authentication" in caplog.text
     with pytest.raises(AuthError):  # refused before any socket exists

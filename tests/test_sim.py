@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maac_robot.envs import make_env
-from maac_robot.protocol import (
+from maac_robot.runtime.protocol import (
     PROTOCOL_VERSION,
     Action,
     ErrorMsg,
@@ -35,7 +35,7 @@ from maac_robot.protocol import (
     decode,
     encode,
 )
-from maac_robot.recording import EpisodeRecorder, RecordingError, load_episode, load_episodes
+from maac_robot.runtime.recording import EpisodeRecorder, RecordingError, load_episode, load_episodes
 from sim.server import ActionGate, SimError, SimServer
 from sim_helpers import running_sim
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 import yaml
 from maac_robot import cli
-from maac_robot.buffer import ReplayBuffer
-from maac_robot.config import config_from_dict, load_config
-from maac_robot.trainer import Trainer, load_checkpoint, load_run, read_metrics, train
+from maac_robot.learn.buffer import ReplayBuffer
+from maac_robot.learn.config import config_from_dict, load_config
+from maac_robot.learn.trainer import Trainer, load_checkpoint, load_run, read_metrics, train
 
 TINY = {
     "env": {"id": "InvertedPendulum-v5", "max_episode_steps": 60},
@@ -192,7 +192,7 @@ def test_real_ratio_extremes_train(tmp_path: Path, real_ratio: float) -> None:
 
 def test_bfloat16_updates_keep_float32_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """precision: bfloat16 autocasts G2's matrix products only; weights (so checkpoints and exports) stay float32."""
-    monkeypatch.setattr("maac_robot.trainer.cpu_has_bf16", lambda: True)  # run the bf16 path on any CPU
+    monkeypatch.setattr("maac_robot.learn.trainer.cpu_has_bf16", lambda: True)  # run the bf16 path on any CPU
     trainers, losses = {}, {}
     for precision in ("float32", "bfloat16"):
         cfg = config_from_dict(_tiny(train={"total_steps": 120, "precision": precision}))
@@ -206,8 +206,8 @@ def test_bfloat16_updates_keep_float32_weights(tmp_path: Path, monkeypatch: pyte
 
 def test_bfloat16_without_native_support_falls_back_to_float32_and_says_why(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr("maac_robot.trainer.cpu_has_bf16", lambda: False)
-    caplog.set_level(logging.WARNING, logger="maac_robot.trainer")
+    monkeypatch.setattr("maac_robot.learn.trainer.cpu_has_bf16", lambda: False)
+    caplog.set_level(logging.WARNING, logger="maac_robot.learn.trainer")
     losses = {}
     for precision in ("float32", "bfloat16"):
         cfg = config_from_dict(_tiny(train={"total_steps": 120, "precision": precision}))

@@ -101,7 +101,7 @@ robot was down are delivered later), then raises ``RobotTimeout``; after a robot
 ``reset()`` simply works, and after a transient outage the same client's ``reset`` reclaims its
 episode with its token.
 
-Authentication. With CURVE keys (``maac_robot.auth``) the robot admits only authorised client
+Authentication. With CURVE keys (``maac_robot.runtime.auth``) the robot admits only authorised client
 keys; an unauthenticated peer fails the handshake inside libzmq and gets nothing.
 
 Endpoints: ``tcp://127.0.0.1:5555`` (default, loopback only), ``ipc:///path`` or ``inproc://``.
@@ -121,8 +121,8 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from maac_robot.auth import ClientCurve
-from maac_robot.errors import UserError
+from maac_robot.runtime.auth import ClientCurve
+from maac_robot.runtime.errors import UserError
 
 PROTOCOL_VERSION = 2
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -552,7 +552,7 @@ class RobotClient:
     Typical lockstep use: ``info = c.hello(); obs = c.reset(seed=0); obs = c.step(action)``.
     Real-time use: ``c.reset()``, then every period ``obs = c.latest_observation(dt)`` and
     ``c.send_action(action)``. Requests are resent with the same seq every `retry_s` until
-    `timeout_s`; `curve` (``maac_robot.auth.ClientCurve``) connects with CURVE keys.
+    `timeout_s`; `curve` (``maac_robot.runtime.auth.ClientCurve``) connects with CURVE keys.
     """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 1.0, *, name: str = "",

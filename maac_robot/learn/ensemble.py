@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maac_robot.config import ModelConfig
+from maac_robot.learn.config import ModelConfig
 
 _LOGVAR_BOUND_REG = 0.01  # PETS: pulls max_logvar down and min_logvar up, keeping the learned bounds tight
 _HOLDOUT_CHUNK = 8192  # rows per holdout evaluation pass (bounds memory on large buffers)

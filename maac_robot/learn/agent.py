@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maac_robot.buffer import Batch
-from maac_robot.errors import UserError
+from maac_robot.learn.buffer import Batch
+from maac_robot.runtime.errors import UserError
 
 if TYPE_CHECKING:
-    from maac_robot.config import AgentConfig
-    from maac_robot.ensemble import GaussianEnsemble
-    from maac_robot.tasks import Task
+    from maac_robot.learn.config import AgentConfig
+    from maac_robot.learn.ensemble import GaussianEnsemble
+    from maac_robot.learn.tasks import Task
 
 # policy(state [B, S], repeat) -> (action [B·repeat, A], log_prob [B·repeat]): `repeat` reparameterised draws
 # per state, rows in repeat_interleave order, so repeated states share one network pass.

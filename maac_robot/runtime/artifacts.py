@@ -1,7 +1,7 @@
 """Deployment artifacts: the manifest, verified loading, and onnxruntime sessions for the controller.
 
 Torch-free on purpose: a robot computer has onnxruntime, numpy and pydantic only. An artifact
-directory (written by `maac_robot.export`) holds four ONNX graphs and `manifest.json`:
+directory (written by `maac_robot.learn.export`) holds four ONNX graphs and `manifest.json`:
 
 - `policy.onnx`   (state [B,S], noise [B,A]) -> mean [B,A], log_std [B,A], action [B,A]
 - `ensemble.onnx` (state [B,S], action [B,A]) -> every member's next-state mean/logvar [M,B,S]
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from maac_robot.errors import UserError
+from maac_robot.runtime.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 FORMAT_VERSION = 1

@@ -21,9 +21,9 @@ from urllib.parse import urlparse
 
 import zmq
 
-from maac_robot.errors import UserError
+from maac_robot.runtime.errors import UserError
 
-log = logging.getLogger("maac_robot.auth")
+log = logging.getLogger("maac_robot.runtime.auth")
 
 
 ZAP_DOMAIN = "maac-robot"
@@ -142,7 +142,7 @@ class ServerAuth:
         self.admin = load_public_key(admin_key) if admin_key is not None else None
         if self.admin is not None:
             self.allowed.add(self.admin)
-        self._auth = ThreadAuthenticator(context, log=logging.getLogger("maac_robot.auth.zap"))
+        self._auth = ThreadAuthenticator(context, log=logging.getLogger("maac_robot.runtime.auth.zap"))
         # denials are per-connection events an attacker controls: never above DEBUG
         self._auth.log.setLevel(logging.WARNING)
         self._auth.start()

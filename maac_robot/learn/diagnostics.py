@@ -23,18 +23,17 @@ imagined step and by source (model rewards, terminal Q) and compares it with SAC
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from maac_robot.agent import MAACAgent, alive_after, frozen, maac_policy_loss, transition_reward
 from maac_robot.envs import make_env
-from maac_robot.errors import UserError
-
-if TYPE_CHECKING:  # the trainer logs `critic_bias` at every evaluation, so it imports this module
-    from maac_robot.trainer import LoadedRun
+from maac_robot.learn.agent import alive_after, frozen, maac_policy_loss, transition_reward
+from maac_robot.learn.evaluation import critic_bias, rollout_episode
+from maac_robot.learn.trainer import LoadedRun, load_run
+from maac_robot.runtime.errors import UserError
 
 # The leading state dims that show how an episode ended (state = qpos + qvel, root position first).
 LEADING_STATE_NAMES = {
@@ -45,86 +44,6 @@ LEADING_STATE_NAMES = {
     "Ant-v5": ("x", "y", "z"),
 }
 FORESIGHT_STEPS = (1, 5, 20)
-
-
-def soft_returns(rewards: np.ndarray, entropies: np.ndarray, alpha: float, gamma: float) -> np.ndarray:
-    """Realised soft returns G_t = r_t + γ(α·H_{t+1} + G_{t+1}), G past the last step 0.
-
-    The critic learns the soft Q of the stochastic policy (its targets add −α·log π at every next state),
-    so it is compared with that policy's realised return plus the same entropy terms: with `entropies[t]`
-    = −log π(a_t|s_t) of the action actually taken, G_t is a one-sample unbiased estimate of Q^π(s_t, a_t)
-    (entropies[0], at the start, is unused).
-    """
-    out = np.zeros(len(rewards))
-    acc = 0.0
-    for t in reversed(range(len(rewards))):
-        bonus = alpha * entropies[t + 1] if t + 1 < len(rewards) else 0.0
-        acc = rewards[t] + gamma * (bonus + acc)
-        out[t] = acc
-    return out
-
-
-def measured_soft_returns(episode: dict[str, Any], alpha: float, gamma: float) -> np.ndarray:
-    """`soft_returns` of a stochastic `rollout_episode`, cut to the steps whose return is known: all of a
-    terminated episode; all but the last log(0.01)/log(γ) steps of one the time limit cut (its future is unknown)."""
-    g = soft_returns(episode["rewards"], episode["entropies"], alpha, gamma)
-    if episode["terminated"]:
-        return g
-    return g[: max(len(g) - int(np.ceil(np.log(0.01) / np.log(gamma))), 0)]
-
-
-def rollout_episode(agent: MAACAgent, env: Any, seed: int, deterministic: bool) -> dict[str, Any]:
-    """One real episode from reset `seed`: states [T+1, S], actions [T, A], rewards [T], −log π of the taken
-    actions [T] (NaN when deterministic) and whether it terminated. The policy noise is seeded by `seed`
-    too, so a rerun measures the same episode; the caller's torch RNG streams are left where they were, the
-    agent's CUDA one included (manual_seed reseeds every device: unrestored, each evaluation would restart
-    the trainer's GPU noise from the same seed)."""
-    with torch.random.fork_rng(devices=[agent.device] if agent.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return _rollout(agent, env, seed, deterministic)
-
-
-def _rollout(agent: MAACAgent, env: Any, seed: int, deterministic: bool) -> dict[str, Any]:
-    state, _ = env.reset(seed=seed)
-    states, actions, rewards, entropies, terminated, truncated = [state], [], [], [], False, False
-    while not (terminated or truncated):
-        with torch.no_grad():
-            s = torch.as_tensor(state, dtype=torch.float32, device=agent.device)
-            if deterministic:
-                action, entropy = agent.actor.deterministic(s), float("nan")
-            else:
-                action, log_prob = agent.actor.sample(s)
-                entropy = -float(log_prob)
-        actions.append(action.cpu().numpy())
-        entropies.append(entropy)
-        state, reward, terminated, truncated, _ = env.step(actions[-1])
-        states.append(state)
-        rewards.append(float(reward))
-    return {"states": torch.as_tensor(np.array(states), dtype=torch.float32),
-            "actions": torch.as_tensor(np.array(actions), dtype=torch.float32),
-            "rewards": np.array(rewards), "entropies": np.array(entropies), "terminated": terminated}
-
-
-def critic_bias(agent: MAACAgent, episode: dict[str, Any], gamma: float) -> tuple[np.ndarray, np.ndarray]:
-    """(min-twin Q(s_t, a_t), realised soft return G_t) on the steps of a stochastic episode whose return is known."""
-    g = measured_soft_returns(episode, agent.alpha, gamma)
-    states, actions = (episode[k][: len(g)].to(agent.device) for k in ("states", "actions"))
-    with torch.no_grad():
-        q = torch.min(*agent.critic(states, actions)).cpu().numpy()
-    return q, g
-
-
-def mean_critic_bias(agent: MAACAgent, env_id: str, seeds: list[int], gamma: float,
-                     max_episode_steps: int | None = None) -> float | None:
-    """Mean of Q − G over the known-return steps of one stochastic episode per seed (None if there are none):
-    the trainer logs it at each evaluation, so an overestimating critic shows on the curve as it grows."""
-    env = make_env(env_id, max_episode_steps=max_episode_steps)
-    try:
-        pairs = [critic_bias(agent, rollout_episode(agent, env, seed, deterministic=False), gamma) for seed in seeds]
-    finally:
-        env.close()
-    diffs = np.concatenate([q - g for q, g in pairs])
-    return float(diffs.mean()) if len(diffs) else None
 
 
 @torch.no_grad()
@@ -254,8 +173,6 @@ def diagnose(run: LoadedRun, seeds: list[int]) -> list[dict[str, Any]]:
 
 def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> int:
     """`maac-robot diagnose`: one line per episode, then the critic's mean bias and the ensemble's mean foresight."""
-    from maac_robot.trainer import load_run
-
     if episodes <= 0:
         raise UserError(f"--episodes must be positive, got {episodes}")
     run = load_run(run_dir)
@@ -285,5 +202,4 @@ def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> i
     return 0
 
 
-__all__ = ["critic_bias", "diagnose", "diagnose_from_cli", "elites_predicting_end", "entropy_pressure",
-           "mean_critic_bias", "measured_soft_returns", "model_return", "rollout_episode", "soft_returns", "std_pull"]
+__all__ = ["diagnose", "diagnose_from_cli", "elites_predicting_end", "entropy_pressure", "model_return", "std_pull"]

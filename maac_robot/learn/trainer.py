@@ -39,21 +39,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from maac_robot.agent import MAACAgent
-from maac_robot.buffer import Batch, ReplayBuffer
-from maac_robot.config import Config, load_config, parse_set, save_config
-from maac_robot.diagnostics import mean_critic_bias
-from maac_robot.ensemble import GaussianEnsemble
+from maac_robot.learn.agent import MAACAgent
+from maac_robot.learn.buffer import Batch, ReplayBuffer
+from maac_robot.learn.config import Config, load_config, parse_set, save_config
+from maac_robot.learn.ensemble import GaussianEnsemble
+from maac_robot.learn.evaluation import evaluate_policy, mean_critic_bias
 from maac_robot.envs import make_env
-from maac_robot.errors import UserError
-from maac_robot.plotting import plot_learning_curves
-from maac_robot.tasks import Task, get_task
+from maac_robot.runtime.errors import UserError
+from maac_robot.learn.plotting import plot_learning_curves
+from maac_robot.learn.tasks import Task, get_task
 
 CHECKPOINT_FORMAT = 1
 # Independent seed streams derived from the run seed (numpy SeedSequence spawn keys).
 _STREAM_SAMPLING, _STREAM_TORCH, _STREAM_TRAIN_RESETS, _STREAM_EVAL_RESETS = range(4)
 
-log = logging.getLogger("maac_robot.trainer")
+log = logging.getLogger("maac_robot.learn.trainer")
 
 
 class RunError(UserError):
@@ -157,25 +157,6 @@ def uses_model(cfg: Config) -> bool:
     """
     a = cfg.agent
     return a.horizon > 0 or (a.steve and a.steve_horizon > 0) or not a.real_data_only
-
-
-def evaluate_policy(agent: MAACAgent, env_id: str, seeds: list[int], max_episode_steps: int | None = None
-                    ) -> np.ndarray:
-    """Returns of the deterministic policy, one episode per reset seed, on a fresh env."""
-    env = make_env(env_id, max_episode_steps=max_episode_steps)
-    returns = []
-    try:
-        for seed in seeds:
-            state, _ = env.reset(seed=seed)
-            total, done = 0.0, False
-            while not done:
-                state, reward, terminated, truncated, _ = env.step(agent.act(state, deterministic=True))
-                total += float(reward)
-                done = terminated or truncated
-            returns.append(total)
-    finally:
-        env.close()
-    return np.asarray(returns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,5 +645,5 @@ def evaluate_from_cli(run_dir: Path, episodes: int = 10, seed: int = 10_000) -> 
     return 0
 
 
-__all__ = ["LoadedRun", "Trainer", "eval_seeds", "evaluate_from_cli", "evaluate_policy", "load_run",
+__all__ = ["LoadedRun", "Trainer", "eval_seeds", "evaluate_from_cli", "load_run",
            "train", "train_from_cli"]

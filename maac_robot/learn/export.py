@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from maac_robot.artifacts import (
+from maac_robot.runtime.artifacts import (
     FORMAT_VERSION,
     GRAPH_NAMES,
     MANIFEST_NAME,
@@ -40,8 +40,8 @@ from maac_robot.artifacts import (
     load_artifacts,
     sha256_bytes,
 )
-from maac_robot.errors import UserError
-from maac_robot.tasks import Task
+from maac_robot.runtime.errors import UserError
+from maac_robot.learn.tasks import Task
 
 # The exporter logs one warning per torchvision op it cannot register (torchvision is not a dependency).
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -302,7 +302,7 @@ def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: n
 
 def export_from_run(run_dir: str | Path, out: str | Path, plan_horizon: int | None = None) -> Manifest:
     """Export the latest checkpoint of a training run (see `trainer.load_run`)."""
-    from maac_robot.trainer import load_run
+    from maac_robot.learn.trainer import load_run
 
     run = load_run(run_dir)
     cfg = run.config

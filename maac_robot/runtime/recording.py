@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from maac_robot.errors import UserError
+from maac_robot.runtime.errors import UserError
 
 TRANSITION_KEYS = ("states", "actions", "rewards", "next_states", "terminated", "truncated")
 FLAG_PREFIX = "flag_"
