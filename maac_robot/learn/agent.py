@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maac_robot.learn.buffer import Batch
+from maac_robot.learn.rollout import Dynamics, TransitionFn, model_rollout
 from maac_robot.runtime.errors import UserError
 
 if TYPE_CHECKING:
@@ -38,9 +39,7 @@ if TYPE_CHECKING:
 # policy(state [B, S], repeat) -> (action [B·repeat, A], log_prob [B·repeat]): `repeat` reparameterised draws
 # per state, rows in repeat_interleave order, so repeated states share one network pass.
 Policy = Callable[[Tensor, int], tuple[Tensor, Tensor]]
-Dynamics = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]  # (s, a) -> (s', reward or None)
 Critic = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (s, a) -> (q1, q2)
-TransitionFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (s, a, s') -> reward or termination
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -128,22 +127,6 @@ class TwinQ(nn.Module):
         return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
 
 
-def transition_reward(reward: Tensor | None, reward_fn: TransitionFn | None, s: Tensor, a: Tensor, s2: Tensor) -> Tensor:
-    """The model's learned reward if it predicts one, else the task's closed-form reward."""
-    if reward is not None:
-        return reward
-    if reward_fn is None:
-        raise ValueError("the dynamics predicts no reward and the task has no reward_fn")
-    return reward_fn(s, a, s2)
-
-
-def alive_after(alive: Tensor, termination_fn: TransitionFn | None, s: Tensor, a: Tensor, s2: Tensor) -> Tensor:
-    """Alive mask after the transition s -> s2: zero from a predicted termination on."""
-    if termination_fn is None:
-        return alive
-    return alive * (~termination_fn(s, a, s2)).to(alive.dtype)
-
-
 class PolicyLoss(NamedTuple):
     loss: Tensor  # −J_π (minimise); differentiable w.r.t. the policy's parameters
     log_prob: Tensor  # log π of the entropy-charged (first) actions, detached: feeds the α loss
@@ -175,28 +158,25 @@ def maac_policy_loss(
     """
     if horizon > 0 and dynamics is None:
         raise ValueError(f"horizon {horizon} > 0 needs a dynamics model")
-    state = start_states.repeat_interleave(num_samples, dim=0)
-    alive = state.new_ones(state.shape[0])
-    model_return = state.new_zeros(state.shape[0])
-    first_log_prob = None
-    for t in range(horizon):
+    terminal_log_prob = None
+
+    def act(t: int, state: Tensor) -> tuple[Tensor, Tensor]:
         # The num_samples copies of a start state share one policy pass and draw their own noise.
-        action, log_prob = policy(start_states, num_samples) if t == 0 else policy(state, 1)
-        if t == 0:
-            first_log_prob = log_prob
-        next_state, reward = dynamics(state, action)  # type: ignore[misc]
-        model_return = model_return + gamma**t * alive * transition_reward(reward, reward_fn, state, action, next_state)
-        alive = alive_after(alive, termination_fn, state, action, next_state)
-        state = next_state
-    last, repeat = (state, terminal_q_samples) if horizon > 0 else (start_states, num_samples * terminal_q_samples)
-    terminal_actions, terminal_log_prob = policy(last, repeat)
-    q1, q2 = critic(last.repeat_interleave(repeat, dim=0), terminal_actions)
-    terminal_q = torch.min(q1, q2).view(-1, terminal_q_samples).mean(dim=1)
-    if first_log_prob is None:
-        first_log_prob = terminal_log_prob
-    objective = model_return + gamma**horizon * alive * terminal_q
-    loss = alpha * first_log_prob.mean() - objective.mean()
-    return PolicyLoss(loss, first_log_prob.detach(), model_return.detach().mean())
+        return policy(start_states, num_samples) if t == 0 else policy(state, 1)
+
+    def terminal_q(last: Tensor) -> Tensor:
+        """mean_k min(Q1, Q2)(ŝ_H, a_H^k); with H = 0 the a_0^k at the start states, whose log π is charged."""
+        nonlocal terminal_log_prob
+        last, repeat = (last, terminal_q_samples) if horizon > 0 else (start_states, num_samples * terminal_q_samples)
+        terminal_actions, terminal_log_prob = policy(last, repeat)
+        q1, q2 = critic(last.repeat_interleave(repeat, dim=0), terminal_actions)
+        return torch.min(q1, q2).view(-1, terminal_q_samples).mean(dim=1)
+
+    path = model_rollout(start_states.repeat_interleave(num_samples, dim=0), act, dynamics,  # type: ignore[arg-type]
+                         reward_fn, termination_fn, horizon=horizon, gamma=gamma, terminal_value=terminal_q)
+    first_log_prob = path.log_probs[0] if horizon > 0 else terminal_log_prob
+    loss = alpha * first_log_prob.mean() - path.value.mean()  # type: ignore[union-attr]
+    return PolicyLoss(loss, first_log_prob.detach(), path.returns[-1].detach().mean())
 
 
 def twin_value(q1: Tensor, q2: Tensor, pessimism: float = 1.0) -> Tensor:
@@ -258,26 +238,19 @@ def steve_targets(
     estimates of each T^i give its mean and variance, combined by inverse-variance weighting. The min is
     `twin_value` at `pessimism`.
     """
-    state = next_state.expand(num_members, *next_state.shape)
-    alive = state.new_ones(state.shape[:-1])
-    partial = state.new_zeros(state.shape[:-1])
-    states, actions, log_probs, partials, alives = [], [], [], [], []
-    for i in range(horizon + 1):
+    def act(t: int, state: Tensor) -> tuple[Tensor, Tensor]:
         action, log_prob = policy(state.flatten(0, 1), 1)
-        action, log_prob = action.view(*state.shape[:-1], -1), log_prob.view(state.shape[:-1])
-        states.append(state), actions.append(action), log_probs.append(log_prob)
-        partials.append(partial), alives.append(alive)
-        if i == horizon:
-            break
-        nxt, r = member_dynamics(state, action)
-        partial = partial + gamma**i * alive * (transition_reward(r, reward_fn, state, action, nxt) - alpha * log_prob)
-        alive = alive_after(alive, termination_fn, state, action, nxt)
-        state = nxt
-    # One critic call for all horizons: [I, K, B].
-    q1, q2 = target_critic(torch.stack(states), torch.stack(actions))
-    soft_value = twin_value(q1, q2, pessimism) - alpha * torch.stack(log_probs)
+        return action.view(*state.shape[:-1], -1), log_prob.view(state.shape[:-1])
+
+    path = model_rollout(next_state.expand(num_members, *next_state.shape), act, member_dynamics, reward_fn,
+                         termination_fn, horizon=horizon, gamma=gamma, alpha=alpha)
+    # Every prefix of the rollout is a candidate, so the soft value is taken at every ŝ_i (the policy's action
+    # at ŝ_H is the last draw), in one critic call for all horizons: [I, K, B].
+    last_action, last_log_prob = act(horizon, path.states[-1])
+    q1, q2 = target_critic(torch.stack(path.states), torch.stack([*path.actions, last_action]))
+    soft_value = twin_value(q1, q2, pessimism) - alpha * torch.stack([*path.log_probs, last_log_prob])
     discount = gamma ** torch.arange(horizon + 1, dtype=soft_value.dtype, device=soft_value.device).view(-1, 1, 1)
-    candidates = reward + gamma * (1 - done) * (torch.stack(partials) + discount * torch.stack(alives) * soft_value)
+    candidates = reward + gamma * (1 - done) * (torch.stack(path.returns) + discount * torch.stack(path.alive) * soft_value)
     return inverse_variance_combine(candidates)
 
 

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from maac_robot.envs import make_env
-from maac_robot.learn.agent import alive_after, frozen, maac_policy_loss, transition_reward
+from maac_robot.learn.agent import frozen, maac_policy_loss
 from maac_robot.learn.evaluation import critic_bias, rollout_episode
+from maac_robot.learn.rollout import model_rollout
 from maac_robot.learn.trainer import LoadedRun, load_run
 from maac_robot.runtime.errors import UserError
 
@@ -67,18 +68,14 @@ def model_return(run: LoadedRun, states: Tensor, actions: Tensor, rewards: np.nd
     starts = len(actions) - k + 1
     if starts <= 0:
         return None
-    reward_fn, termination_fn = run.task.reward_fn, run.task.termination_fn
-    state = states[:starts].expand(elites.numel(), starts, -1)
-    predicted = state.new_zeros(state.shape[:-1])
-    alive = state.new_ones(state.shape[:-1])
-    realised = np.zeros(starts)
-    for j in range(k):
-        action = actions[j:j + starts].expand(elites.numel(), starts, -1)
-        next_state, _, reward, _ = model.predict_members(state, action, elites)
-        predicted += gamma**j * alive * transition_reward(reward, reward_fn, state, action, next_state)
-        alive = alive_after(alive, termination_fn, state, action, next_state)
-        realised += gamma**j * rewards[j:j + starts]
-        state = next_state
+
+    def real_action(j: int, state: Tensor) -> tuple[Tensor, None]:
+        return actions[j:j + starts].expand(elites.numel(), starts, -1), None
+
+    predicted = model_rollout(states[:starts].expand(elites.numel(), starts, -1), real_action,
+                              lambda s, a: model.mean_step(s, a, elites),
+                              run.task.reward_fn, run.task.termination_fn, horizon=k, gamma=gamma).returns[-1]
+    realised = sum(gamma**j * rewards[j:j + starts] for j in range(k))
     return {"predicted": round(float(predicted.mean()), 3), "real": round(float(realised.mean()), 3)}
 
 

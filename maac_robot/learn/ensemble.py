@@ -126,6 +126,12 @@ class GaussianEnsemble(nn.Module):
             return next_mean, next_logvar, None, None
         return next_mean, next_logvar, mean[..., k], logvar[..., k]
 
+    def mean_step(self, state: Tensor, action: Tensor, members: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`predict_members`' mean next state and reward (None unless learned): a deterministic model step,
+        what the plan graph and the diagnostics roll open-loop action sequences through."""
+        next_mean, _, reward_mean, _ = self.predict_members(state, action, members)
+        return next_mean, reward_mean
+
     def _full(self, x: Tensor, fill: float = 0.0) -> Tensor:
         """Modelled dims [..., K] -> full state dims [..., S], `fill` in the dims that are carried over."""
         if self._embed is None:

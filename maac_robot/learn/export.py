@@ -41,6 +41,7 @@ from maac_robot.runtime.artifacts import (
     sha256_bytes,
 )
 from maac_robot.runtime.errors import UserError
+from maac_robot.learn.rollout import model_rollout
 from maac_robot.learn.tasks import Task
 
 # The exporter logs one warning per torchvision op it cannot register (torchvision is not a dependency).
@@ -108,9 +109,9 @@ class PlanGraph(nn.Module):
     Particle i rolls through elite member elites[i % E] (E = num_elites): the particles are
     reshaped [P] -> [P/E, E] -> transposed to [E, P/E], so each elite member runs once on its
     own P/E rows with the batched [E,in,out] weights (no per-particle gather, no loop over members).
-    Each step uses the member's mean prediction, the task's reward (or the learned reward mean) and
-    termination mask; the return adds γ^H·min(Q1,Q2)(s_H, deterministic policy action) for
-    particles still alive.
+    The return is the actor's (`rollout.model_rollout`): each step the member's mean prediction, the
+    task's reward (or the learned reward mean) and termination mask, and γ^H·min(Q1,Q2)(s_H,
+    deterministic policy action) for particles still alive.
     """
 
     def __init__(self, actor: nn.Module, critic: nn.Module, model: nn.Module, task: Task, *,
@@ -126,22 +127,17 @@ class PlanGraph(nn.Module):
         particles, _, act_dim = actions.shape
         # [P,H,A] -> [P/E, E, H, A] -> [E, P/E, H, A]: row e holds particles e, e+E, e+2E, ...
         acts = actions.reshape(-1, num_elites, self.plan_horizon, act_dim).transpose(0, 1)
-        s = state.reshape(1, 1, -1).expand(num_elites, acts.shape[1], -1)
-        returns = torch.zeros_like(s[..., 0])
-        alive = torch.ones_like(returns)
-        for t in range(self.plan_horizon):
-            a = acts[:, :, t]
-            next_s, _, reward, _ = self.model.predict_members(s, a, self.elites)
-            if self.reward_fn is not None:
-                reward = self.reward_fn(s, a, next_s)
-            returns = returns + (self.gamma ** t) * alive * reward
-            alive = alive * (~self.termination_fn(s, a, next_s)).to(alive.dtype)
-            s = next_s
-        flat = s.reshape(-1, s.shape[-1])
-        q1, q2 = self.critic(flat, self.actor.deterministic(flat))
-        terminal = torch.minimum(q1, q2).reshape(returns.shape)
-        returns = returns + (self.gamma ** self.plan_horizon) * alive * terminal
-        return returns.transpose(0, 1).reshape(particles)
+
+        def terminal_q(last: Tensor) -> Tensor:
+            flat = last.reshape(-1, last.shape[-1])
+            q1, q2 = self.critic(flat, self.actor.deterministic(flat))
+            return torch.minimum(q1, q2).reshape(last.shape[:-1])
+
+        path = model_rollout(state.reshape(1, 1, -1).expand(num_elites, acts.shape[1], -1),
+                             lambda t, s: (acts[:, :, t], None), lambda s, a: self.model.mean_step(s, a, self.elites),
+                             self.reward_fn, self.termination_fn, horizon=self.plan_horizon, gamma=self.gamma,
+                             terminal_value=terminal_q)
+        return path.value.transpose(0, 1).reshape(particles)
 
 
 def _example_inputs(m: Manifest, graph: str, generator: torch.Generator, batch: int) -> tuple[Tensor, ...]:

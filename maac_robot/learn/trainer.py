@@ -47,6 +47,7 @@ from maac_robot.learn.evaluation import evaluate_policy, mean_critic_bias
 from maac_robot.envs import make_env
 from maac_robot.runtime.errors import UserError
 from maac_robot.learn.plotting import plot_learning_curves
+from maac_robot.learn.rollout import transition_reward
 from maac_robot.learn.tasks import Task, get_task
 
 CHECKPOINT_FORMAT = 1
@@ -255,9 +256,8 @@ class Trainer:
         state = torch.from_numpy(self.d_env.state[idx]).to(self.device)
         for _ in range(r.length):
             action, _ = self.agent.actor.sample(state)
-            next_state, reward = self.model.step(state, action, sample=True, generator=self.torch_gen)
-            if reward is None:
-                reward = self.task.reward_fn(state, action, next_state)
+            next_state, predicted = self.model.step(state, action, sample=True, generator=self.torch_gen)
+            reward = transition_reward(predicted, self.task.reward_fn, state, action, next_state)
             terminated = self.task.termination_fn(state, action, next_state)
             self.d_model.add_batch(*(t.cpu().numpy() for t in (state, action, reward, next_state, terminated)))
             alive = ~terminated
