@@ -39,6 +39,7 @@ from maac_robot.runtime.artifacts import (
     graph_signatures,
     load_artifacts,
     sha256_bytes,
+    signature_mismatch,
 )
 from maac_robot.runtime.errors import UserError
 from maac_robot.learn.rollout import model_rollout
@@ -156,26 +157,20 @@ def _dynamic_shapes(m: Manifest, graph: str) -> dict[str, dict[int, Any]]:
             for name, shape in graph_signatures(m)[graph]["inputs"].items()}
 
 
-def _proto_shape(value: onnx.ValueInfoProto) -> list[int | str]:
-    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+def _proto_io(values: Any) -> dict[str, tuple[str, list[int | str | None]]]:
+    """ONNX ValueInfoProtos as onnxruntime describes them: ("tensor(float)", dims; None for an unnamed dynamic dim)."""
+    return {v.name: (f"tensor({onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()})",
+                     [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in v.type.tensor_type.shape.dim])
+            for v in values}
 
 
 def assert_exported_shapes(proto: onnx.ModelProto, m: Manifest, graph: str) -> None:
-    """Refuse a graph whose inputs/outputs differ from the signature: fixed dims equal, the dynamic
-    axes symbolic and every other axis fixed (the dynamo exporter has put dynamic axes on the wrong
-    input before; see FIELD-NOTES)."""
-    want = graph_signatures(m)[graph]
-    for kind, values in (("inputs", proto.graph.input), ("outputs", proto.graph.output)):
-        got = {v.name: _proto_shape(v) for v in values}
-        if list(got) != list(want[kind]):
-            raise ExportError(f"{graph}.onnx: exported {kind} {list(got)}, expected {list(want[kind])}")
-        for name, shape in want[kind].items():
-            ok = len(got[name]) == len(shape) and all(
-                (g == w) if isinstance(w, int) else (isinstance(g, str) and g != "")
-                for g, w in zip(got[name], shape, strict=True))
-            if not ok:
-                raise ExportError(f"{graph}.onnx: exported {kind[:-1]} {name!r} has shape {got[name]}, "
-                                  f"expected {list(shape)} (str = dynamic axis)")
+    """Refuse a graph the loader would refuse for its inputs/outputs (`artifacts.signature_mismatch`) before
+    anything is written: the dynamo exporter can put a dynamic axis on the wrong input or freeze one."""
+    io = {"inputs": _proto_io(proto.graph.input), "outputs": _proto_io(proto.graph.output)}
+    if problem := signature_mismatch(io, m, graph):
+        raise ExportError(f"{graph}.onnx: exported {problem}")
 
 
 def _versions() -> dict[str, str]:

@@ -131,6 +131,36 @@ def graph_signatures(m: Manifest) -> dict[str, dict[str, dict[str, tuple[Dim, ..
     }
 
 
+# A graph's actual inputs or outputs ("inputs"/"outputs" -> name -> (onnxruntime type string, dims)), a dim an
+# int when fixed and a str (or None when unnamed) when dynamic.
+GraphIO = dict[str, dict[str, tuple[str, list[int | str | None]]]]
+
+
+def signature_mismatch(io: GraphIO, m: Manifest, graph: str) -> str | None:
+    """How a graph's inputs/outputs disagree with `graph_signatures(m)[graph]`, or None when they agree.
+
+    The one check the exporter (on the graph it wrote) and the loader (on the graph it is given) both run:
+    the names in order, float32 tensors, every fixed dim equal and every dynamic axis left dynamic (a graph
+    whose batch axis was frozen at the export example's size would fail on the robot only at run time).
+    """
+    want = graph_signatures(m)[graph]
+    for kind in ("inputs", "outputs"):
+        got = io[kind]
+        if list(got) != list(want[kind]):
+            return f"graph {kind} are {list(got)}, the manifest implies {list(want[kind])}"
+        for name, (dtype, dims) in got.items():
+            if dtype != "tensor(float)":
+                return f"{kind[:-1]} {name!r} is {dtype}, expected tensor(float)"
+            expected = want[kind][name]
+            agree = len(dims) == len(expected) and all(
+                d == e if isinstance(e, int) else not isinstance(d, int) for d, e in zip(dims, expected))
+            if not agree:
+                return (f"{kind[:-1]} {name!r} has shape {_fmt_shape(dims)}, the manifest implies "
+                        f"{_fmt_shape(expected)} (state_dim={m.state_dim}, act_dim={m.act_dim}, "
+                        f"num_models={m.num_models}, plan_horizon={m.plan_horizon}; names are dynamic axes)")
+    return None
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -157,19 +187,6 @@ def _read_bounded(file: Path, limit: int, what: str) -> tuple[bytes, str]:
             buffer.write(chunk)
     # getvalue() hands over the buffer without copying it, so a graph costs its size in memory once
     return buffer.getvalue(), digest.hexdigest()
-
-
-def _dims_agree(actual: list[Any], expected: tuple[Dim, ...]) -> bool:
-    """Fixed dims must be equal; a dynamic expected dim must not be fixed in the graph."""
-    if len(actual) != len(expected):
-        return False
-    for got, want in zip(actual, expected, strict=True):
-        if isinstance(want, int):
-            if got != want:
-                return False
-        elif isinstance(got, int):
-            return False
-    return True
 
 
 def _fmt_shape(dims: Any) -> str:
@@ -336,22 +353,11 @@ class Artifacts:
         return "\n".join(lines)
 
 
-def _check_signature(file: Path, sess: Any, manifest: Manifest,
-                   expected: dict[str, dict[str, tuple[Dim, ...]]]) -> None:
-    for kind, args in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
-        actual = {arg.name: list(arg.shape) for arg in args}
-        want = expected[kind]
-        if list(actual) != list(want):
-            raise ArtifactError(f"{file}: graph {kind} are {list(actual)}, the manifest implies {list(want)}")
-        for arg in args:
-            if arg.type != "tensor(float)":
-                raise ArtifactError(f"{file}: {kind[:-1]} {arg.name!r} is {arg.type}, expected tensor(float)")
-            if not _dims_agree(actual[arg.name], want[arg.name]):
-                raise ArtifactError(
-                    f"{file}: {kind[:-1]} {arg.name!r} has shape {_fmt_shape(actual[arg.name])}, the manifest "
-                    f"implies {_fmt_shape(want[arg.name])} (state_dim={manifest.state_dim}, "
-                    f"act_dim={manifest.act_dim}, num_models={manifest.num_models}, "
-                    f"plan_horizon={manifest.plan_horizon}; names are dynamic axes)")
+def _check_signature(file: Path, sess: Any, manifest: Manifest, graph: str) -> None:
+    io = {kind: {arg.name: (arg.type, list(arg.shape)) for arg in args}
+          for kind, args in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs()))}
+    if problem := signature_mismatch(io, manifest, graph):
+        raise ArtifactError(f"{file}: {problem}")
 
 
 def _check_metadata(file: Path, graph: str, sess: Any, manifest: Manifest) -> None:
@@ -381,7 +387,6 @@ def load_artifacts(path: str | Path, expected_env_id: str | None = None,
     manifest = read_manifest(path)
     if expected_env_id is not None and manifest.env_id != expected_env_id:
         raise ArtifactError(f"{path}: artifacts are for env {manifest.env_id!r}, expected {expected_env_id!r}")
-    signatures = graph_signatures(manifest)
     options = session_options(intra_op_threads, allow_spinning)
     sessions = {}
     for graph in GRAPH_NAMES:
@@ -397,7 +402,7 @@ def load_artifacts(path: str | Path, expected_env_id: str | None = None,
             sess = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - onnxruntime raises several private exception types
             raise ArtifactError(f"{file}: onnxruntime cannot load it: {err}") from None
-        _check_signature(file, sess, manifest, signatures[graph])
+        _check_signature(file, sess, manifest, graph)
         sessions[graph] = sess
     # after every signature passed, so a wrong manifest field is reported as the shape it breaks
     for graph, sess in sessions.items():
