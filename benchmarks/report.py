@@ -1,0 +1,490 @@
+"""Rebuild the generated tables of benchmarks/RESULTS.md and the learning-curve PNGs from benchmarks/results/.
+
+    python benchmarks/report.py            # rewrite every marked table and every figure
+    python benchmarks/report.py --check    # exit 1 if RESULTS.md is not what the CSVs give (nothing written)
+
+Each generated table sits between `<!-- table:NAME:begin -->` and `<!-- table:NAME:end -->` in RESULTS.md;
+only the text between a pair is replaced, so the prose around it is kept and a second run changes nothing.
+A marker pair whose table has no data is left as it is and reported. Inputs, all under benchmarks/results/:
+`sample_efficiency_<task>.csv` (every evaluation of every seed, `sample_efficiency.py`),
+`sample_efficiency_archived.csv` (per-step means of sessions 1-7, whose run records were lost),
+`training_cost_<task>.csv` (`profile_update.py`), and `diagnose.json`, `critic_probe.json`,
+`entropy_pressure.json` (`diagnose_runs.py`, `critic_probe.py`, `entropy_pressure.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_csv import RESULTS, ROOT, TASKS, eval_csv, read_rows  # noqa: E402
+
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+FIGURES = ROOT / "benchmarks"
+# task -> [(return, within env steps)]: the targets of issue 2
+TARGETS: dict[str, list[tuple[float, int]]] = {
+    "inverted_pendulum": [(1000.0, 3000)], "hopper": [(2500.0, 20000)],
+    "half_cheetah": [(5000.0, 20000), (10000.0, 50000)]}
+MILESTONES = {"inverted_pendulum": [1000, 2000, 3000, 3500, 4000, 5000, 10000, 20000, 30000]}
+DEFAULT_MILESTONES = [5000, 10000, 15000, 20000, 30000, 50000]
+_MARKER = re.compile(r"<!-- table:(?P<name>[\w.-]+):begin -->\n.*?<!-- table:(?P=name):end -->", re.S)
+
+
+# ---- statistics over seeds -------------------------------------------------------------------------------
+
+
+def iqm(values: Sequence[float]) -> float:
+    """Interquartile mean: the mean of the values left after dropping the lowest and highest quarter
+    (⌊n/4⌋ each side; with fewer than 4 seeds nothing is dropped and it is the mean). Less swayed than the
+    mean by the one seed that balanced or fell, and it uses more seeds than the median."""
+    ordered = sorted(values)
+    cut = len(ordered) // 4
+    kept = ordered[cut: len(ordered) - cut]
+    return float(np.mean(kept))
+
+
+@dataclass
+class Group:
+    """The evaluations of one variant on one task: seed -> [(env_step, return)] in step order."""
+
+    label: str
+    algo: str
+    seeds: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    rows: list[Mapping[str, str]] = field(default_factory=list)
+
+    def at(self, step: int) -> list[float]:
+        """The return of every seed that was evaluated at `step`."""
+        return [r for curve in self.seeds.values() for s, r in curve if s == step]
+
+    def steps(self) -> list[int]:
+        return sorted({s for curve in self.seeds.values() for s, _ in curve})
+
+    def mean_curve(self) -> tuple[list[int], list[float], list[float], list[int]]:
+        """Steps with the mean and std over the seeds evaluated there, and how many were."""
+        steps = self.steps()
+        values = [self.at(s) for s in steps]
+        return steps, [float(np.mean(v)) for v in values], [float(np.std(v)) for v in values], [len(v) for v in values]
+
+
+def groups(rows: Iterable[Mapping[str, str]]) -> dict[str, Group]:
+    """Rows grouped by run identity (variant and config digest). A label that ran under more than one
+    config is shown once per config, as 'LABEL @DIGEST', rather than averaged across configs."""
+    by_key: dict[tuple[str, str], Group] = {}
+    for row in rows:
+        key = (row["variant"], row.get("config_digest", ""))
+        group = by_key.setdefault(key, Group(row["variant"], row["algo"]))
+        group.seeds.setdefault(int(row["seed"]), []).append((int(row["env_step"]), float(row["eval_return_mean"])))
+        group.rows.append(row)
+    labels = defaultdict(list)
+    for variant, digest in by_key:
+        labels[variant].append(digest)
+    out = {}
+    for (variant, digest), group in sorted(by_key.items()):
+        if len(labels[variant]) > 1:
+            group.label = f"{variant} @{digest or 'no config'}"
+        for curve in group.seeds.values():
+            curve.sort()
+        out[group.label] = group
+    return out
+
+
+def first_reaching(steps: Sequence[int], values: Sequence[float], level: float) -> int | None:
+    return next((s for s, v in zip(steps, values) if v >= level), None)
+
+
+def display(label: str) -> str:
+    """'maac[tau=0.02]' -> 'MAAC[tau=0.02]': the algorithm stands out from its overrides."""
+    name, bracket, rest = label.partition("[")
+    return name.upper() + bracket + rest
+
+
+def legend_name(label: str) -> str:
+    """'maac[num_samples=1,updates_per_step=2,precision=bfloat16]' -> 'MAAC [ns=1, ups=2, bf16]': multi-word
+    keys by their initials, the numerics-only precision switch by its dtype (legends must stay short)."""
+    base, _, rest = label.partition("[")
+    overrides = dict(item.split("=", 1) for item in rest.rstrip("]").split(",")) if rest else {}
+    if not overrides:
+        return base.upper()
+    parts = []
+    for key, value in overrides.items():
+        if key == "precision":
+            parts.append({"bfloat16": "bf16"}.get(value, value))
+            continue
+        words = key.split("_")
+        parts.append(f"{''.join(w[0] for w in words) if len(words) > 1 else key}={value}")
+    return f"{base.upper()} [{', '.join(parts)}]"
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return ""
+    return f"{np.mean(values):.0f} ± {np.std(values):.0f} (n={len(values)})"
+
+
+# ---- sample-efficiency tables ------------------------------------------------------------------------------
+
+
+def cpu_per_1000(group: Group) -> str:
+    """Training CPU seconds per 1000 env steps (evaluation excluded), mean over seeds at each seed's last row."""
+    rates = [float(r["train_cpu_s"]) / int(r["env_step"]) * 1000 for r in _last_rows(group) if r.get("train_cpu_s")]
+    return f"{np.mean(rates):.0f}" if rates else "–"
+
+
+def _last_rows(group: Group) -> list[Mapping[str, str]]:
+    last: dict[int, Mapping[str, str]] = {}
+    for row in group.rows:
+        seed = int(row["seed"])
+        if seed not in last or int(row["env_step"]) > int(last[seed]["env_step"]):
+            last[seed] = row
+    return list(last.values())
+
+
+def target_cell(group: Group, level: float, budget: int) -> str:
+    """Where the mean over seeds first reached `level` (and whether within `budget`), and how many seeds
+    reached it by the budget. A run that stopped before the budget and missed counts as 'not run to it'."""
+    steps, means, _, counts = group.mean_curve()
+    hit = first_reaching(steps, means, level)
+    seed_hits = [first_reaching([s for s, _ in curve], [r for _, r in curve], level) for curve in group.seeds.values()]
+    seeds_by_budget = sum(1 for h in seed_hits if h is not None and h <= budget)
+    ran_to = sum(1 for curve in group.seeds.values() if curve[-1][0] >= budget)
+    if hit is None:
+        mean = f"not by {steps[-1]}" if steps[-1] >= budget else f"not run to {budget}"
+    else:
+        fewer = f" (n={counts[steps.index(hit)]})" if counts[steps.index(hit)] < len(group.seeds) else ""
+        mean = f"{hit}{fewer}" + (" ✓" if hit <= budget else "")
+    return f"{mean}; {seeds_by_budget} of {len(group.seeds)} seeds by {budget} ({ran_to} ran to it)"
+
+
+def sac_ratio(group: Group, sac: Group | None) -> str:
+    """Env steps this variant's mean needs to reach SAC's final mean return, over the steps SAC's mean needed."""
+    if sac is None or group is sac:
+        return "–"
+    sac_steps, sac_means, _, _ = sac.mean_curve()
+    final = sac_means[-1]
+    sac_hit = first_reaching(sac_steps, sac_means, final)
+    steps, means, _, _ = group.mean_curve()
+    hit = first_reaching(steps, means, final)
+    if hit is None:
+        return f"not reached ({final:.0f} at {sac_hit})"
+    return f"{hit / sac_hit:.2f} ({hit} / {sac_hit})"
+
+
+def summary_table(task: str, found: Mapping[str, Group]) -> list[str]:
+    """One row per variant: seeds, final return (mean, IQM), each target, env-step ratio to SAC, CPU cost."""
+    targets = TARGETS.get(task, [])
+    sac = next((g for g in found.values() if g.label == "sac"), None)
+    head = ["variant", "seeds", "last evaluation: mean ± std (IQM), n", "best mean (step)",
+            *[f"mean ≥ {level:g} by {budget} (first step)" for level, budget in targets],
+            "steps to SAC's final return: ratio (MAAC / SAC)", "train CPU-s / 1000 steps"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, group in found.items():
+        steps, means, _, counts = group.mean_curve()
+        full = [i for i, n in enumerate(counts) if n == len(group.seeds)]  # the last step every seed reached
+        last = steps[full[-1]] if full else steps[-1]
+        values = group.at(last)
+        best = int(np.argmax(means))
+        seeds = ", ".join(str(s) for s in sorted(group.seeds))
+        cells = [display(label), seeds,
+                 f"{np.mean(values):.0f} ± {np.std(values):.0f} ({iqm(values):.0f}) at {last}, n={len(values)}",
+                 f"{means[best]:.0f} ({steps[best]}, n={counts[best]})",
+                 *[target_cell(group, level, budget) for level, budget in targets],
+                 sac_ratio(group, sac), cpu_per_1000(group)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def milestone_table(task: str, found: Mapping[str, Group]) -> list[str]:
+    """Mean ± std over seeds (and how many) at fixed env steps; every evaluation is in the CSV."""
+    every = sorted({s for g in found.values() for s in g.steps()})
+    steps = [s for s in MILESTONES.get(task, DEFAULT_MILESTONES) if s in every]
+    if not steps:
+        return []
+    lines = ["| variant | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for label, group in found.items():
+        lines.append(f"| {display(label)} | " + " | ".join(_cell(group.at(s)) for s in steps) + " |")
+    return lines
+
+
+def provenance_lines(found: Mapping[str, Group]) -> list[str]:
+    """Machines and library versions the rows ran on: CPU seconds compare only within one CPU model."""
+    machines = sorted({(r.get("cpu", ""), r.get("threads", ""), r.get("versions", ""))
+                       for g in found.values() for r in g.rows})
+    return [f"- {cpu}, torch threads {threads}; {versions}" for cpu, threads, versions in machines]
+
+
+def plot_task(task: str, found: Mapping[str, Group], path: Path, title: str) -> None:
+    """Mean ± std over the seeds that reached each step, thin lines per seed, dashed where fewer seeds go on."""
+    from maac_robot.learn.plotting import plot_learning_curves
+
+    curves, members, partial = {}, {}, {}
+    for label, group in found.items():
+        steps, means, stds, counts = group.mean_curve()
+        n = len(group.seeds)
+        name = legend_name(label) + (", 1 seed" if n == 1 else f", mean ± std of {n} seeds")
+        common = [i for i, c in enumerate(counts) if c == n]
+        if len(common) < len(steps):
+            name += " (dashed: fewer seeds)"
+            beyond = range(common[-1] if common else 0, len(steps))
+            partial[name] = ([steps[i] for i in beyond], [means[i] for i in beyond])
+        curves[name] = tuple([seq[i] for i in common] for seq in (steps, means, stds))
+        members[name] = [([s for s, _ in c], [r for _, r in c]) for c in group.seeds.values()]
+    plot_learning_curves(curves, path, title, targets=TARGETS.get(task, []), members=members, partial=partial)
+
+
+# ---- archived sessions 1-7: per-step means only ------------------------------------------------------------
+
+
+def archived_groups(rows: Iterable[Mapping[str, str]], task: str) -> dict[str, list[Mapping[str, str]]]:
+    out: dict[str, list[Mapping[str, str]]] = {}
+    for row in rows:
+        if row["task"] == task:
+            out.setdefault(row["variant"], []).append(row)
+    return out
+
+
+def archived_table(task: str, found: Mapping[str, list[Mapping[str, str]]]) -> list[str]:
+    every = sorted({int(r["env_step"]) for rows in found.values() for r in rows})
+    steps = [s for s in MILESTONES.get(task, DEFAULT_MILESTONES) if s in every]
+    lines = ["| variant | seeds | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for label, rows in found.items():
+        at = {int(r["env_step"]): r for r in rows}
+        cells = [f"{float(at[s]['return_mean']):.0f} ± {float(at[s]['return_std']):.0f} (n={at[s]['n_seeds']})"
+                 if s in at else "" for s in steps]
+        lines.append(f"| {display(label)} | {rows[0]['seeds']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_archived(task: str, found: Mapping[str, list[Mapping[str, str]]], path: Path) -> None:
+    from maac_robot.learn.plotting import plot_learning_curves
+
+    curves = {}
+    for label, rows in found.items():
+        ordered = sorted(rows, key=lambda r: int(r["env_step"]))
+        curves[f"{legend_name(label)} (max n={max(int(r['n_seeds']) for r in rows)})"] = (
+            [int(r["env_step"]) for r in ordered], [float(r["return_mean"]) for r in ordered],
+            [float(r["return_std"]) for r in ordered])
+    plot_learning_curves(curves, path, f"{TASKS[task]}: sessions 1-7 (records lost; per-step means)",
+                         targets=TARGETS.get(task, []))
+
+
+# ---- training cost ----------------------------------------------------------------------------------------
+
+
+def _cost(rows: Sequence[Mapping[str, str]], kind: str) -> dict[tuple[str, str], Mapping[str, str]]:
+    return {(r["item"], r["unit"]): r for r in rows if r["kind"] == kind}
+
+
+def profile_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Where 1000 env steps go, extrapolated from measured parts; then the shares inside one G2 update."""
+    parts = _cost(rows, "per_1000_steps")
+    if not parts:
+        return []
+    facts = {k: float(r["value"]) for (k, unit), r in _cost(rows, "profile").items()
+             for k in [f"{k}:{unit}"]}
+    first = next(iter(parts.values()))
+    items = list(dict.fromkeys(item for item, _ in parts))
+    total_cpu = sum(float(parts[(i, "cpu_s")]["value"]) for i in items)
+    total_wall = sum(float(parts[(i, "wall_s")]["value"]) for i in items)
+    lines = [f"`{first['command']}` at {first['commit']} on {first['cpu']} (torch threads {first['threads']}), "
+             f"{first['date']}. After the random phase (D_env {facts.get('d_env:rows', math.nan):.0f}): cold model fit "
+             f"{facts.get('cold_fit:cpu_s', math.nan)} CPU-s ({facts.get('cold_fit:epochs', math.nan):.0f} epochs), "
+             f"warm fit {facts.get('warm_fit:cpu_s', math.nan)} CPU-s ({facts.get('warm_fit:epochs', math.nan):.0f} "
+             f"epochs), one rollout round {facts.get('rollout_round:wall_s', math.nan)} s, "
+             f"{facts.get('updates_measured:updates', math.nan):.0f} G2 updates at "
+             f"{facts.get('update:cpu_ms', math.nan)} CPU-ms each.", "",
+             "| part | CPU s / 1000 env steps | share | wall s / 1000 env steps |", "|---|---|---|---|"]
+    for item in items:
+        cpu = float(parts[(item, "cpu_s")]["value"])
+        lines.append(f"| {item} | {cpu:.1f} | {100 * cpu / total_cpu:.0f} % | {float(parts[(item, 'wall_s')]['value']):.1f} |")
+    lines.append(f"| **total** | **{total_cpu:.1f}** | target ≤ 150 s | {total_wall:.1f} |")
+    shares = _cost(rows, "update_share")
+    if shares:
+        lines += ["", "Inside one G2 update: " + ", ".join(
+            f"{item} {100 * float(r['value']):.0f} %" for (item, _), r in shares.items())
+            + f" ({next(iter(shares.values()))['unit']})."]
+    return lines
+
+
+def update_cost_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """FLOPs and CPU time of one G2 update per setting; operator shares; the matmul ceiling."""
+    cost = _cost(rows, "update_cost")
+    if not cost:
+        return []
+    first = next(iter(cost.values()))
+    items = list(dict.fromkeys(item for item, _ in cost))
+    lines = [f"`{first['command']}` at {first['commit']} on {first['cpu']} (torch threads {first['threads']}), "
+             f"{first['date']}:", "",
+             "| settings | GFLOP / update | CPU ms / update | CPU s of updates / 1000 env steps |", "|---|---|---|---|"]
+    for item in items:
+        lines.append(f"| {item} | {cost[(item, 'gflop')]['value']} | {cost[(item, 'cpu_ms')]['value']} | "
+                     f"{cost[(item, 'cpu_s_per_1000_env_steps')]['value']} |")
+    ops = _cost(rows, "op_share")
+    if ops:
+        lines += ["", "Self-CPU share by operator in the first setting's update (torch.profiler): "
+                  + ", ".join(f"{item} {100 * float(r['value']):.0f} %" for (item, _), r in ops.items()) + "."]
+    matmul = _cost(rows, "matmul")
+    if matmul:
+        lines += ["", "One 6400×256 by 256×256 matmul at the same thread count (the ceiling for this work): "
+                  + ", ".join(f"{item} {r['value']} GFLOP/s" for (item, _), r in matmul.items()) + "."]
+    return lines
+
+
+# ---- checkpoint analyses (JSON: nested per-episode results) ------------------------------------------------
+
+
+def diagnosis_table(d: Mapping[str, Any]) -> list[str]:
+    """Per run (latest checkpoint): deterministic episodes, the critic's bias and the ensemble's foresight."""
+    lines = ["| run | env step | return | length | last state (1st episode) | foresight k=1/5/20 "
+             "| model return: predicted / real | stochastic return | Q(s₀) | G(s₀) | bias |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        eps = r["episodes"]
+        biases = [e["q_bias_mean"] for e in eps if e["q_bias_mean"] is not None]
+        ends = [e["elites_predicting_end"] for e in eps if e["elites_predicting_end"]]
+        foresight = "/".join(f"{np.mean([f[k] for f in ends if k in f]):.2f}" if any(k in f for f in ends) else "–"
+                             for k in ("1", "5", "20"))
+        last = ", ".join(f"{k} {v}" for k, v in eps[0]["final_state"].items())
+        imagined = [e["model_return"] for e in eps if e.get("model_return")]  # absent from rows diagnosed before it
+        model = (f"{np.mean([m['predicted'] for m in imagined]):.2f} / {np.mean([m['real'] for m in imagined]):.2f} "
+                 f"(H={eps[0]['model_return_steps']})" if imagined else "–")
+        soft = [e["soft_return_start"] for e in eps if e["soft_return_start"] is not None]
+        lines.append(
+            f"| {r['run'].removeprefix('benchmarks/runs/')} | {r['env_step']} | {np.mean([e['return'] for e in eps]):.0f} | "
+            f"{np.mean([e['length'] for e in eps]):.0f} | {last} | {foresight if ends else '– (none terminated)'} | {model} | "
+            f"{np.mean([e['stochastic_return'] for e in eps]):.0f} | {np.mean([e['q_start'] for e in eps]):.1f} | "
+            f"{f'{np.mean(soft):.1f}' if soft else '–'} | "
+            f"{f'{np.mean(biases):.1f}' if biases else '– (all cut by the time limit)'} |")
+    return lines
+
+
+def probe_fit_lines(r: Mapping[str, Any]) -> list[str]:
+    """The checkpoint's critic against its own targets per data slice, beside the frozen policy's episodes."""
+    fit = r.get("fit_at_checkpoint")
+    if not fit:  # probes run before the fit check was added
+        return []
+    lines = ["| data (before any probe update) | rows | mean reward | terminal | mean Q | mean target |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {f['rows']} | {f['reward']:.3f} | {f['terminal']:.4f} | {f['q']:.1f} | {f['target']:.1f} |"
+              for name, f in fit.items()]
+    return lines + [f"| the frozen policy's stochastic episodes | {r['episode_steps']} | "
+                    f"{r['episode_reward']:.3f} | | | |", ""]
+
+
+def probe_table(d: Mapping[str, Any]) -> list[str]:
+    """Critic bias under policy evaluation, per probe variant, at each measured number of updates."""
+    lines: list[str] = []
+    for r in d["runs"]:
+        curves = r["bias_by_updates"]
+        steps = [u for u, _ in next(iter(curves.values()))]
+        lines += [f"`{r['command']}` ({r['date']}): {r['run'].removeprefix('benchmarks/runs/')} at {r['env_step']} "
+                  f"env steps, α {r['alpha']}, stochastic return {r['stochastic_return']} "
+                  f"({r['steps_measured']} steps of {r['episodes']} episodes measured).", "",
+                  *probe_fit_lines(r),
+                  "| critic-only updates | " + " | ".join(str(u) for u in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        lines += [f"| {name} | " + " | ".join(f"{b:+.1f}" for _, b in curve) + " |" for name, curve in curves.items()]
+        lines.append("")
+    return lines[:-1]
+
+
+def entropy_pressure_table(d: Mapping[str, Any]) -> list[str]:
+    """Per checkpoint: the entropy bonus's push on the first action's log σ against the objective's pull."""
+    lines = ["| run | env step | α | push | pull by step t = 0…H (H: terminal actions) | 1st-step pull: rewards / "
+             "terminal Q | 1st-step pull at horizon 0/1/2/H |", "|---|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        by_h = r["pull_first_step_by_horizon"]
+        lines.append(f"| {r['run'].removeprefix('benchmarks/runs/')} | {r['env_step']} | {r['alpha']:.3f} | "
+                     f"{r['push']:+.3f} | {' '.join(f'{v:+.3f}' for v in r['pull_by_step'])} | "
+                     f"{r['pull_first_step']['rewards_only']:+.3f} / {r['pull_first_step']['terminal_q_only']:+.3f} | "
+                     + " / ".join(f"{v:+.3f}" for v in by_h.values()) + f" (H={len(r['pull_by_step']) - 1}) |")
+    return lines
+
+
+# ---- assembling -------------------------------------------------------------------------------------------
+
+
+def tables(results: Path = RESULTS, figures: Path | None = FIGURES) -> dict[str, list[str]]:
+    """Every generated table by marker name, from the files under `results`; writes the PNGs to `figures`."""
+    out: dict[str, list[str]] = {}
+    for task, env_id in TASKS.items():
+        found = groups(read_rows(results / eval_csv(task).name))
+        if not found:
+            continue
+        milestones = milestone_table(task, found)
+        out[f"sample_efficiency_{task}"] = [
+            f"Rows: `benchmarks/results/{eval_csv(task).name}` (every evaluation of every seed, with its command "
+            "and commit).", "", *summary_table(task, found), "", *milestones, *([""] if milestones else []),
+            "Machines:", *provenance_lines(found)]
+        if figures is not None:
+            plot_task(task, found, figures / f"{task}_learning_curve.png",
+                      f"{env_id}: MAAC vs SAC\n(MAAC: configs/{task}.yaml [with overrides])")
+    archived = read_rows(results / "sample_efficiency_archived.csv")
+    for task in TASKS:
+        found_archived = archived_groups(archived, task)
+        if found_archived:
+            out[f"archived_{task}"] = archived_table(task, found_archived)
+            if figures is not None:
+                plot_archived(task, found_archived, figures / "archive" / f"{task}_learning_curve.png")
+    for path in sorted(results.glob("training_cost_*.csv")):
+        task = path.stem.removeprefix("training_cost_")
+        rows = read_rows(path)
+        for name, lines in ((f"profile_{task}", profile_table(rows)), (f"update_cost_{task}", update_cost_table(rows))):
+            if lines:
+                out[name] = lines
+    for name, render in (("diagnose", diagnosis_table), ("critic_probe", probe_table),
+                         ("entropy_pressure", entropy_pressure_table)):
+        path = results / f"{name}.json"
+        if path.is_file():
+            out[name] = render(json.loads(path.read_text()))
+    return out
+
+
+def fill_markers(text: str, generated: Mapping[str, Sequence[str]]) -> tuple[str, list[str]]:
+    """`text` with each marked table replaced by its generated lines; also the marker names with no table."""
+    missing = []
+
+    def replace(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in generated:
+            missing.append(name)
+            return match[0]
+        body = "\n".join(generated[name]).strip("\n")
+        return f"<!-- table:{name}:begin -->\n{body}\n<!-- table:{name}:end -->"
+
+    return _MARKER.sub(replace, text), missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of result CSVs and JSONs")
+    parser.add_argument("--markdown", type=Path, default=RESULTS_MD)
+    parser.add_argument("--check", action="store_true", help="compare only: exit 1 if the markdown is stale")
+    args = parser.parse_args(argv)
+    generated = tables(args.results, None if args.check else FIGURES)
+    text = args.markdown.read_text()
+    new, missing = fill_markers(text, generated)
+    for name in missing:
+        print(f"no data for table {name!r}: left as it is", file=sys.stderr)
+    unused = sorted(set(generated) - set(_MARKER.findall(text)))
+    for name in unused:
+        print(f"table {name!r} has data but no markers in {args.markdown.name}", file=sys.stderr)
+    if args.check:
+        return 0 if new == text else 1
+    args.markdown.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
