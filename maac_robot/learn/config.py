@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from maac_robot.runtime.config import (ConfigError, ControllerConfig, EnvConfig, Section, SimConfig, apply_overrides,
                                        format_errors, read_sections, section_help)
 from maac_robot.runtime.config import parse_set as parse_sections
+from maac_robot.runtime.files import atomic_write
 
 
 class RegisteredEnvConfig(EnvConfig):
@@ -152,4 +153,5 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    """Write the resolved config (atomically: a resumed run reads it back)."""
+    atomic_write(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())

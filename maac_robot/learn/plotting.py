@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training machines; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from maac_robot.runtime.files import atomic_write  # noqa: E402
 
 
 def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
@@ -24,7 +25,7 @@ def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
 
     `members` optionally adds, per label, thin lines in the same colour for the individual seeds
     (so seeds that stopped early stay visible without bending the mean), and `partial` a dashed
-    continuation of a label's mean over the steps only some of its seeds reached. Atomic (tmp + rename)
+    continuation of a label's mean over the steps only some of its seeds reached. Written atomically
     because the trainer refreshes the PNG at every evaluation and a viewer or a kill -9 must never
     see half a file.
     """
@@ -53,8 +54,7 @@ def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
                   fontsize="small", frameon=False)
     # No tight_layout: it would shrink the axes to fit a long legend into the figure; savefig's tight
     # bounding box grows the figure around the legend instead.
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")  # grows the figure to hold the legend
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))  # grows the figure to hold the legend
+    finally:
+        plt.close(fig)

@@ -23,8 +23,6 @@ cut as a terminal state.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from maac_robot.runtime.errors import UserError
+from maac_robot.runtime.files import atomic_write
 
 TRANSITION_KEYS = ("states", "actions", "rewards", "next_states", "terminated", "truncated")
 FLAG_PREFIX = "flag_"
@@ -101,20 +100,11 @@ class EpisodeRecorder:
 
 
 def save_episode(path: str | Path, episode: Episode) -> Path:
-    """Write atomically (temp file + rename) so a reader never sees half an episode."""
-    path = Path(path)
+    """Write atomically, so a reader never sees half an episode, not even after a crash."""
     arrays = {key: getattr(episode, key) for key in TRANSITION_KEYS}
     arrays.update({FLAG_PREFIX + name: value for name, value in episode.flags.items()})
     arrays["meta"] = np.array(json.dumps(episode.meta))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_episode(path: str | Path) -> Episode:
