@@ -1,9 +1,8 @@
-"""benchmarks/sample_efficiency.py `critic-probe`: policy evaluation from a checkpoint under each target/data variant."""
+"""benchmarks/critic_probe.py and entropy_pressure.py: measurements on a checkpoint that leave the run untouched."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from pathlib import Path
 
@@ -13,10 +12,17 @@ from maac_robot.learn.trainer import train
 
 from test_trainer import _tiny
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "sample_efficiency.py"
-_spec = importlib.util.spec_from_file_location("sample_efficiency", _PATH)
-sample_efficiency = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sample_efficiency)
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+critic_probe = _benchmark("critic_probe")
+entropy_pressure = _benchmark("entropy_pressure")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -24,9 +30,9 @@ def test_critic_probe_restarts_each_variant_from_the_checkpoint(tmp_path: Path) 
     run_dir = tmp_path / "run"
     train(config_from_dict(_tiny(train={"total_steps": 200})), run_dir, progress=False)
     before = (run_dir / "checkpoints" / "latest.pt").read_bytes()
-    result = sample_efficiency.critic_probe(run_dir, updates=40, every=20, episodes=2)
+    result = critic_probe.critic_probe(run_dir, updates=40, every=20, episodes=2)
     curves = result["bias_by_updates"]
-    assert set(curves) == set(sample_efficiency.PROBE_VARIANTS)
+    assert set(curves) == set(critic_probe.PROBE_VARIANTS)
     starts = {curve[0] for curve in curves.values()}
     assert len(starts) == 1 and math.isfinite(next(iter(starts))[1])  # every variant starts from the same critic
     assert all([u for u, _ in curve] == [0, 20, 40] for curve in curves.values())
@@ -43,23 +49,13 @@ def test_critic_probe_restarts_each_variant_from_the_checkpoint(tmp_path: Path) 
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("bench") / "run"
     train(config_from_dict(_tiny(train={"total_steps": 200})), run_dir, progress=False)
-    sample_efficiency._write_meta(run_dir, "maac", "inverted_pendulum", 0, 200, 1)
     return run_dir
 
 
 def test_entropy_pressure_run_draws_start_states_from_the_checkpoints_buffers(tiny_run: Path) -> None:
     before = (tiny_run / "checkpoints" / "latest.pt").read_bytes()
-    row = sample_efficiency.entropy_pressure_run(tiny_run, states=64, draws=2, name="tiny")
+    row = entropy_pressure.entropy_pressure_run(tiny_run, states=64, draws=2, name="tiny")
     assert (row["run"], row["env_step"], row["states"]) == ("tiny", 200, 64)
     assert len(row["pull_by_step"]) == 3 and all(math.isfinite(v) for v in row["pull_by_step"])  # horizon 2
-    assert row == sample_efficiency.entropy_pressure_run(tiny_run, states=64, draws=2, name="tiny")  # seeded
+    assert row == entropy_pressure.entropy_pressure_run(tiny_run, states=64, draws=2, name="tiny")  # seeded
     assert (tiny_run / "checkpoints" / "latest.pt").read_bytes() == before
-
-
-def test_branch_run_copies_the_checkpoint_and_records_where_it_branched(tiny_run: Path, tmp_path: Path) -> None:
-    branch = tmp_path / "maac[horizon=1]-s0"
-    assert sample_efficiency.branch_run(tiny_run, branch) == {"run": "maac-s0", "env_step": 200}
-    assert json.loads((branch / "meta.json").read_text())["algo"] == "maac[horizon=1]"  # reported as the variant
-    assert (branch / "checkpoints" / "latest.pt").read_bytes() == (tiny_run / "checkpoints" / "latest.pt").read_bytes()
-    with pytest.raises(SystemExit, match="already has a checkpoint"):
-        sample_efficiency.branch_run(tiny_run, branch)
