@@ -12,32 +12,32 @@ from pathlib import Path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from maac_robot.learn.trainer import train_from_cli
+    from maac_robot.commands import train_from_cli
 
     return train_from_cli(config=args.config, resume=args.resume, seed=args.seed, steps=args.steps,
                           out=args.out, device=args.device, sets=args.set)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from maac_robot.learn.trainer import evaluate_from_cli
+    from maac_robot.commands import evaluate_from_cli
 
     return evaluate_from_cli(run_dir=args.run, episodes=args.episodes, seed=args.seed)
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
-    from maac_robot.learn.diagnostics import diagnose_from_cli
+    from maac_robot.commands import diagnose_from_cli
 
     return diagnose_from_cli(run_dir=args.run, episodes=args.episodes, seed=args.seed)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from maac_robot.learn.export import export_from_cli
+    from maac_robot.commands import export_from_cli
 
     return export_from_cli(run_dir=args.run, out=args.out, plan_horizon=args.plan_horizon)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from maac_robot.runtime.artifacts import inspect_from_cli
+    from maac_robot.commands import inspect_from_cli
 
     return inspect_from_cli(artifacts=args.artifacts)
 

@@ -163,8 +163,7 @@ def session_keys(directory: Path) -> dict[str, list[str]]:
 
 def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int, sets: list[str] | None = None) -> int:
     """From nothing to a robot under MPC: train (or resume) -> export -> sim + controller over ZeroMQ."""
-    from maac_robot.learn.export import export_from_cli
-    from maac_robot.learn.trainer import train_from_cli
+    from maac_robot.commands import export_from_cli, train_from_cli
 
     checkpoint = out / "checkpoints" / "latest.pt"
     print(f"[demo] 1/3 training {config} into {out}" + (" (resuming)" if checkpoint.is_file() else ""))

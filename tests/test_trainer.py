@@ -24,7 +24,7 @@ import yaml
 from maac_robot import cli
 from maac_robot.learn.buffer import ReplayBuffer
 from maac_robot.learn.config import config_from_dict, load_config
-from maac_robot.learn.trainer import Trainer, load_checkpoint, load_run, read_metrics, train
+from maac_robot.learn.trainer import RunError, Trainer, load_checkpoint, load_run, read_metrics, train
 
 TINY = {
     "env": {"id": "InvertedPendulum-v5", "max_episode_steps": 60},
@@ -60,8 +60,6 @@ def test_replay_buffer_ring_sampling_and_state_dict() -> None:
         buf.add(np.full(2, i), np.full(1, -i), float(i), np.full(2, i + 1), i % 2 == 0)
     assert (len(buf), buf.ptr, buf.total_added) == (5, 2, 7)
     assert sorted(buf.reward.tolist()) == [2, 3, 4, 5, 6]
-    assert buf.reward[buf.recent_indices(3)].tolist() == [4, 5, 6]  # newest last, across the wrap
-    assert buf.reward[buf.recent_indices(99)].tolist() == [2, 3, 4, 5, 6]
     b1 = buf.sample(16, np.random.default_rng(0))
     b2 = buf.sample(16, np.random.default_rng(0))
     assert torch.equal(b1.reward, b2.reward) and len(b1) == 16
@@ -78,6 +76,26 @@ def test_replay_buffer_ring_sampling_and_state_dict() -> None:
     assert (clone.ptr, clone.size, clone.total_added) == (buf.ptr, buf.size, buf.total_added) == (0, 5, 10)
     with pytest.raises(ValueError, match="empty"):
         ReplayBuffer(2, 1, 5).sample(1, np.random.default_rng(0))
+
+
+# ---- metrics.jsonl ------------------------------------------------------------------------------
+
+
+def test_read_metrics_skips_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    assert read_metrics(path) == []  # no evaluation yet
+    path.write_text('{"env_step": 100}\n\n{"env_step": 200}\n{"env_step": 300, "eval_ret')
+    assert read_metrics(path) == [{"env_step": 100}, {"env_step": 200}]
+
+
+@pytest.mark.parametrize("text, line", [('{"env_step": 100}\n{"env_st\n{"env_step": 300}\n', 2),
+                                        ('{"env_step": 100}\n[1, 2]\n', 2),
+                                        ('{"env_step": 100}\n{"env_step": 2\n', 2)])  # complete, yet not JSON
+def test_read_metrics_names_a_corrupt_line(tmp_path: Path, text: str, line: int) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(text)
+    with pytest.raises(RunError, match=rf"metrics\.jsonl:{line}: not a JSON evaluation record"):
+        read_metrics(path)
 
 
 # ---- end to end ---------------------------------------------------------------------------------

@@ -98,11 +98,6 @@ class ReplayBuffer:
             raise ValueError("cannot sample from an empty replay buffer")
         return rng.integers(0, self.size, size=n)
 
-    def recent_indices(self, n: int) -> np.ndarray:
-        """Rows of the newest min(n, len) transitions, oldest first (the ring wraps at `ptr`)."""
-        n = min(n, self.size)
-        return (self.ptr - n + np.arange(n)) % self.capacity
-
     def batch(self, idx: np.ndarray, device: torch.device | str = "cpu") -> Batch:
         """The transitions at rows `idx`, as tensors on `device`."""
         return Batch(*(torch.from_numpy(getattr(self, f)[idx]).to(device) for f in FIELDS))

@@ -22,7 +22,6 @@ imagined step and by source (model rewards, terminal Q) and compares it with SAC
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +32,7 @@ from maac_robot.envs import make_env
 from maac_robot.learn.agent import frozen, maac_policy_loss
 from maac_robot.learn.evaluation import critic_bias, rollout_episode
 from maac_robot.learn.rollout import model_rollout
-from maac_robot.learn.trainer import LoadedRun, load_run
-from maac_robot.runtime.errors import UserError
+from maac_robot.learn.trainer import LoadedRun
 
 # The leading state dims that show how an episode ended (state = qpos + qvel, root position first).
 LEADING_STATE_NAMES = {
@@ -168,35 +166,4 @@ def diagnose(run: LoadedRun, seeds: list[int]) -> list[dict[str, Any]]:
     return out
 
 
-def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> int:
-    """`maac-robot diagnose`: one line per episode, then the critic's mean bias and the ensemble's mean foresight."""
-    if episodes <= 0:
-        raise UserError(f"--episodes must be positive, got {episodes}")
-    run = load_run(run_dir)
-    rows = diagnose(run, [seed + i for i in range(episodes)])
-    print(f"{run.config.env.id} after {run.env_step} env steps, α {run.agent.alpha:.3g}, γ {run.config.agent.gamma}")
-    for r in rows:
-        end = "terminated" if r["terminated"] else "time limit"
-        last = ", ".join(f"{k} {v}" for k, v in r["final_state"].items())
-        foresight = " ".join(f"k={k}: {v:.0%}" for k, v in r["elites_predicting_end"].items())
-        bias = "n/a (cut by the time limit)" if r["q_bias_mean"] is None else f"{r['q_bias_mean']:+.1f}"
-        print(f"seed {r['seed']}: deterministic return {r['return']:.1f} in {r['length']} steps ({end}"
-              f"{'; last state ' + last if last else ''}){'; elites predicting the end ' + foresight if foresight else ''}"
-              f" | stochastic return {r['stochastic_return']:.1f}: Q(s0) {r['q_start']:.1f} vs realised soft return "
-              f"{r['soft_return_start'] if r['soft_return_start'] is not None else 'n/a'}, mean bias {bias}")
-    biases = [r["q_bias_mean"] for r in rows if r["q_bias_mean"] is not None]
-    if biases:
-        sign = "expects more than the policy gets" if np.mean(biases) > 0 else "expects less than the policy gets"
-        print(f"critic bias over the episodes: {np.mean(biases):+.1f} (the critic {sign})")
-    imagined = [r["model_return"] for r in rows if r["model_return"] is not None]
-    if imagined:
-        print(f"ensemble's {rows[0]['model_return_steps']}-step return along the deterministic episodes: predicted "
-              f"{np.mean([m['predicted'] for m in imagined]):.3f} vs realised {np.mean([m['real'] for m in imagined]):.3f}")
-    ends = [r["elites_predicting_end"] for r in rows if r["elites_predicting_end"]]
-    if ends:
-        print(f"ensemble foresight over {len(ends)} terminated episode(s): " + ", ".join(
-            f"k={k}: {np.mean([e[k] for e in ends if k in e]):.0%}" for k in FORESIGHT_STEPS if any(k in e for e in ends)))
-    return 0
-
-
-__all__ = ["diagnose", "diagnose_from_cli", "elites_predicting_end", "entropy_pressure", "model_return", "std_pull"]
+__all__ = ["diagnose", "elites_predicting_end", "entropy_pressure", "model_return", "std_pull"]

@@ -42,6 +42,7 @@ from maac_robot.runtime.artifacts import (
     signature_mismatch,
 )
 from maac_robot.runtime.errors import UserError
+from maac_robot.runtime.files import atomic_write, fsync_directory
 from maac_robot.learn.rollout import model_rollout
 from maac_robot.learn.tasks import Task
 
@@ -234,11 +235,13 @@ def _check_replaceable(out: Path) -> None:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Move the verified directory into place (checked again: `out` may have changed during the export)."""
+    """Move the verified directory into place (checked again: `out` may have changed during the export), and
+    make the move durable; its files were synced as they were written (`atomic_write`)."""
     _check_replaceable(out)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    fsync_directory(out.parent)
 
 
 def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: nn.Module, model: nn.Module,
@@ -273,10 +276,10 @@ def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: n
         files = {}
         for name, module in graphs.items():
             data = _export_graph(module, manifest, name, generator)
-            (tmp / f"{name}.onnx").write_bytes(data)
+            atomic_write(tmp / f"{name}.onnx", data)
             files[f"{name}.onnx"] = sha256_bytes(data)
         manifest = manifest.model_copy(update={"files": files})
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+        atomic_write(tmp / MANIFEST_NAME, (json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n").encode())
         try:
             loaded = load_artifacts(tmp, expected_env_id=info.env_id, warm_up=False)
         except ArtifactError as err:
@@ -302,12 +305,3 @@ def export_from_run(run_dir: str | Path, out: str | Path, plan_horizon: int | No
         gamma=cfg.agent.gamma, horizon=cfg.agent.horizon,
         plan_horizon=plan_horizon,
         train_steps=run.env_step, config=cfg.model_dump(mode="json"), seed=cfg.train.seed)
-
-
-def export_from_cli(run_dir: Path, out: Path, plan_horizon: int | None = None) -> int:
-    """`maac-robot export RUN --out DIR [--plan-horizon H]`."""
-    manifest = export_from_run(run_dir, out, plan_horizon)
-    print(f"exported {manifest.env_id} run {run_dir} (step {manifest.train_steps}, H={manifest.horizon}, "
-          f"plan H={manifest.plan_horizon}, {manifest.num_models} models / {manifest.num_elites} elites, "
-          f"opset {manifest.opset}) to {out}: " + ", ".join(manifest.files))
-    return 0

@@ -46,6 +46,7 @@ from maac_robot.learn.ensemble import GaussianEnsemble
 from maac_robot.learn.evaluation import evaluate_policy, mean_critic_bias
 from maac_robot.envs import make_env
 from maac_robot.runtime.errors import UserError
+from maac_robot.runtime.files import atomic_write
 from maac_robot.learn.plotting import plot_learning_curves
 from maac_robot.learn.rollout import transition_reward
 from maac_robot.learn.tasks import Task, get_task
@@ -359,7 +360,8 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        save_atomic(self.state_dict(), self.paths.checkpoint)
+        state = self.state_dict()
+        atomic_write(self.paths.checkpoint, lambda f: torch.save(state, f))
 
     def load_checkpoint(self) -> None:
         ckpt = load_checkpoint(self.paths.checkpoint, self.cfg.env.id)
@@ -376,7 +378,7 @@ class Trainer:
         self.last_return = float(ckpt["last_return"])
         self.model_fitted = bool(ckpt["model_fitted"])
         self.timers = defaultdict(float, ckpt["timers"])
-        self.cpu_timers = defaultdict(float, ckpt.get("cpu_timers", {}))  # absent in the first benchmark runs' files
+        self.cpu_timers = defaultdict(float, ckpt.get("cpu_timers", {}))  # optional in format 1: such a run resumes with its CPU time from zero
         self.fit_stats = dict(ckpt["fit_stats"])
         self.update_sums = defaultdict(float, ckpt["update_sums"])
         self.update_count = int(ckpt["update_count"])
@@ -451,17 +453,6 @@ class Trainer:
 # files
 
 
-def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file, fsync, then rename: a kill -9 leaves the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path, env_id: str | None = None) -> dict[str, Any]:
     """A trainer checkpoint, loaded without unpickling arbitrary objects (weights_only)."""
     if not path.is_file():
@@ -477,16 +468,32 @@ def load_checkpoint(path: Path, env_id: str | None = None) -> dict[str, Any]:
     return ckpt
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The evaluation records of a run; a torn last line (process killed mid-write) is skipped."""
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The evaluation records of a run's `metrics.jsonl`, in order ([] when it has none yet).
+
+    A last line that a kill cut short (no newline, not JSON) is skipped: the evaluation it held is lost, the
+    rest of the run is fine, and the next resume rewrites the file without it. Any other line that is not a
+    JSON object is corruption, not a kill, so it raises a RunError naming the file and the line. Blank lines
+    are ignored.
+    """
+    path = Path(path)
     if not path.is_file():
         return []
+    text = path.read_text()
+    lines = text.splitlines()
     rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # torn by a kill mid-write
+            raise RunError(f"{path}:{number}: not a JSON evaluation record ({err})") from None
+        if not isinstance(row, dict):
+            raise RunError(f"{path}:{number}: not a JSON evaluation record (a {type(row).__name__})")
+        rows.append(row)
     return rows
 
 
@@ -496,9 +503,7 @@ def truncate_metrics(path: Path, env_step: int) -> None:
     if not path.is_file():
         return
     kept = [row for row in read_metrics(path) if row["env_step"] <= env_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
 
 
 def _read_run_config(run_dir: Path, overrides: dict[str, Any] | None = None,
@@ -612,38 +617,4 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     return trainer
 
 
-def train_from_cli(config: Path | None = None, resume: Path | None = None, seed: int | None = None,
-                   steps: int | None = None, out: Path | None = None, device: str | None = None,
-                   sets: list[str] | None = None) -> int:
-    """`maac-robot train`: new run from --config, or --resume an interrupted one."""
-    cfg, run_dir, resuming = prepare_run(config, resume, seed, steps, out, device, sets)
-    if resuming:
-        done = int(load_checkpoint(RunPaths(run_dir).checkpoint, cfg.env.id)["env_step"])
-        if done >= cfg.train.total_steps:
-            print(f"{run_dir} already trained {done} of {cfg.train.total_steps} env steps; "
-                  f"raise the budget with --steps N to continue")
-            return 0
-    print(f"run directory: {run_dir}", file=sys.stderr)
-    trainer = train(cfg, run_dir, resume=resuming)
-    rows = read_metrics(RunPaths(run_dir).metrics)
-    if rows:
-        last = rows[-1]
-        print(f"{cfg.env.id}: {trainer.env_step} env steps, last evaluation "
-              f"{last['eval_return_mean']:.1f} ± {last['eval_return_std']:.1f}; run saved in {run_dir}")
-    return 0
-
-
-def evaluate_from_cli(run_dir: Path, episodes: int = 10, seed: int = 10_000) -> int:
-    """`maac-robot evaluate`: mean ± std return of the run's deterministic policy."""
-    if episodes <= 0:
-        raise UserError(f"--episodes must be positive, got {episodes}")
-    run = load_run(run_dir)
-    returns = evaluate_policy(run.agent, run.config.env.id, [seed + i for i in range(episodes)],
-                              run.config.env.max_episode_steps)
-    print(f"{run.config.env.id} after {run.env_step} env steps: return {returns.mean():.1f} ± {returns.std():.1f} "
-          f"over {episodes} episodes (deterministic policy, reset seeds {seed}..{seed + episodes - 1})")
-    return 0
-
-
-__all__ = ["LoadedRun", "Trainer", "eval_seeds", "evaluate_from_cli", "load_run",
-           "train", "train_from_cli"]
+__all__ = ["LoadedRun", "RunError", "Trainer", "eval_seeds", "load_run", "prepare_run", "read_metrics", "train"]

@@ -1,0 +1,109 @@
+"""What `maac-robot train | evaluate | diagnose | export | inspect` print: the library computes and returns,
+these functions turn its results into lines for a person.
+
+Each imports its part of the library when called, so `maac-robot inspect` on a robot computer never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from maac_robot.runtime.errors import UserError
+
+
+def _positive_episodes(episodes: int) -> None:
+    if episodes <= 0:
+        raise UserError(f"--episodes must be positive, got {episodes}")
+
+
+def train_from_cli(config: Path | None = None, resume: Path | None = None, seed: int | None = None,
+                   steps: int | None = None, out: Path | None = None, device: str | None = None,
+                   sets: list[str] | None = None) -> int:
+    """`maac-robot train`: new run from --config, or --resume an interrupted one."""
+    from maac_robot.learn.trainer import RunPaths, load_checkpoint, prepare_run, read_metrics, train
+
+    cfg, run_dir, resuming = prepare_run(config, resume, seed, steps, out, device, sets)
+    if resuming:
+        done = int(load_checkpoint(RunPaths(run_dir).checkpoint, cfg.env.id)["env_step"])
+        if done >= cfg.train.total_steps:
+            print(f"{run_dir} already trained {done} of {cfg.train.total_steps} env steps; "
+                  f"raise the budget with --steps N to continue")
+            return 0
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    trainer = train(cfg, run_dir, resume=resuming)
+    rows = read_metrics(RunPaths(run_dir).metrics)
+    if rows:
+        last = rows[-1]
+        print(f"{cfg.env.id}: {trainer.env_step} env steps, last evaluation "
+              f"{last['eval_return_mean']:.1f} ± {last['eval_return_std']:.1f}; run saved in {run_dir}")
+    return 0
+
+
+def evaluate_from_cli(run_dir: Path, episodes: int = 10, seed: int = 10_000) -> int:
+    """`maac-robot evaluate`: mean ± std return of the run's deterministic policy."""
+    from maac_robot.learn.evaluation import evaluate_policy
+    from maac_robot.learn.trainer import load_run
+
+    _positive_episodes(episodes)
+    run = load_run(run_dir)
+    returns = evaluate_policy(run.agent, run.config.env.id, [seed + i for i in range(episodes)],
+                              run.config.env.max_episode_steps)
+    print(f"{run.config.env.id} after {run.env_step} env steps: return {returns.mean():.1f} ± {returns.std():.1f} "
+          f"over {episodes} episodes (deterministic policy, reset seeds {seed}..{seed + episodes - 1})")
+    return 0
+
+
+def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> int:
+    """`maac-robot diagnose`: one line per episode, then the critic's mean bias and the ensemble's mean foresight."""
+    from maac_robot.learn.diagnostics import FORESIGHT_STEPS, diagnose
+    from maac_robot.learn.trainer import load_run
+
+    _positive_episodes(episodes)
+    run = load_run(run_dir)
+    rows = diagnose(run, [seed + i for i in range(episodes)])
+    print(f"{run.config.env.id} after {run.env_step} env steps, α {run.agent.alpha:.3g}, γ {run.config.agent.gamma}")
+    for r in rows:
+        end = "terminated" if r["terminated"] else "time limit"
+        last = ", ".join(f"{k} {v}" for k, v in r["final_state"].items())
+        foresight = " ".join(f"k={k}: {v:.0%}" for k, v in r["elites_predicting_end"].items())
+        bias = "n/a (cut by the time limit)" if r["q_bias_mean"] is None else f"{r['q_bias_mean']:+.1f}"
+        print(f"seed {r['seed']}: deterministic return {r['return']:.1f} in {r['length']} steps ({end}"
+              f"{'; last state ' + last if last else ''}){'; elites predicting the end ' + foresight if foresight else ''}"
+              f" | stochastic return {r['stochastic_return']:.1f}: Q(s0) {r['q_start']:.1f} vs realised soft return "
+              f"{r['soft_return_start'] if r['soft_return_start'] is not None else 'n/a'}, mean bias {bias}")
+    biases = [r["q_bias_mean"] for r in rows if r["q_bias_mean"] is not None]
+    if biases:
+        sign = "expects more than the policy gets" if np.mean(biases) > 0 else "expects less than the policy gets"
+        print(f"critic bias over the episodes: {np.mean(biases):+.1f} (the critic {sign})")
+    imagined = [r["model_return"] for r in rows if r["model_return"] is not None]
+    if imagined:
+        print(f"ensemble's {rows[0]['model_return_steps']}-step return along the deterministic episodes: predicted "
+              f"{np.mean([m['predicted'] for m in imagined]):.3f} vs realised {np.mean([m['real'] for m in imagined]):.3f}")
+    ends = [r["elites_predicting_end"] for r in rows if r["elites_predicting_end"]]
+    if ends:
+        print(f"ensemble foresight over {len(ends)} terminated episode(s): " + ", ".join(
+            f"k={k}: {np.mean([e[k] for e in ends if k in e]):.0%}" for k in FORESIGHT_STEPS if any(k in e for e in ends)))
+    return 0
+
+
+def export_from_cli(run_dir: Path, out: Path, plan_horizon: int | None = None) -> int:
+    """`maac-robot export RUN --out DIR [--plan-horizon H]`."""
+    from maac_robot.learn.export import export_from_run
+
+    manifest = export_from_run(run_dir, out, plan_horizon)
+    print(f"exported {manifest.env_id} run {run_dir} (step {manifest.train_steps}, H={manifest.horizon}, "
+          f"plan H={manifest.plan_horizon}, {manifest.num_models} models / {manifest.num_elites} elites, "
+          f"opset {manifest.opset}) to {out}: " + ", ".join(manifest.files))
+    return 0
+
+
+def inspect_from_cli(artifacts: Path) -> int:
+    """`maac-robot inspect DIR`: verify the artifacts and print the manifest and graph signatures."""
+    from maac_robot.runtime.artifacts import load_artifacts
+
+    print(load_artifacts(artifacts, warm_up=False).describe())
+    return 0
