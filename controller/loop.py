@@ -97,6 +97,9 @@ class Telemetry:
                 f"fallbacks: {falls}")
 
 
+GRAPHS = ("policy", "ensemble", "plan")  # the artifact graphs a Controller calls (q.onnx is the learner's)
+
+
 class Controller:
     """Policy or CEM-MPC action selection with a deadline, over an `Artifacts`-shaped object.
 
@@ -107,10 +110,6 @@ class Controller:
     def __init__(self, artifacts: Any, cfg: ControllerConfig, planner: Literal["cem", "policy"],
                  rng: np.random.Generator, clock: Callable[[], float] = time.perf_counter) -> None:
         m = artifacts.manifest
-        if cfg.horizon is not None and cfg.horizon != m.plan_horizon:
-            raise UserError(f"controller.horizon={cfg.horizon} but the artifacts' plan graph has a fixed horizon "
-                            f"of {m.plan_horizon}; leave controller.horizon unset or re-export with plan_horizon "
-                            f"{cfg.horizon}")
         self.artifacts, self.cfg, self.planner, self.rng, self.clock = artifacts, cfg, planner, rng, clock
         self.low = np.asarray(m.act_low, np.float64)
         self.high = np.asarray(m.act_high, np.float64)

@@ -15,7 +15,7 @@ times in consecutive slots so each is scored on every elite member and ranked by
 mean. The executed sequence is the best anchor seen, so under the model's ensemble-mean return
 MPC never scores below the policy's own sequence (which is the iteration-0 anchor).
 
-What was measured (benchmarks/RESULTS.md, issue 5): momentum 0.1 beat 0.5 and elite_frac 0.1
+Measured (benchmarks/mpc.py, benchmarks/RESULTS.md): momentum 0.1 beat 0.5 and elite_frac 0.1
 beat 0.2 on InvertedPendulum; TD-MPC2's closed-loop policy samples (`policy_frac`) showed no
 gain on InvertedPendulum, Hopper or HalfCheetah and cost ~2 ms a step, so they are off by
 default. Not implemented: iCEM's colored noise (over H = 3-5 steps a 1/f^β spectrum is barely

@@ -19,7 +19,7 @@ from maac_robot.runtime.config import ControllerConfig, load_section, parse_set
 from maac_robot.runtime.errors import UserError
 from maac_robot.runtime.protocol import ProtocolError, RobotClient, RobotInfo, RobotTimeout
 
-from controller.loop import Controller, Telemetry
+from controller.loop import GRAPHS, Controller, Telemetry
 
 
 def load_controller_config(path: Path | None, sets: list[str] | None = None) -> ControllerConfig:
@@ -268,7 +268,7 @@ def control_from_cli(*, artifacts: Path, connect: str, planner: str | None, epis
     cfg = load_controller_config(config, sets)
     curve = client_curve(client_key or cfg.client_key, server_public or cfg.server_public)
     reconnect_s = cfg.reconnect_s if reconnect else 0.0
-    arts = load_artifacts(artifacts)
+    arts = load_artifacts(artifacts, graphs=GRAPHS)
     apply_realtime_settings(cfg)  # before the client's socket: ZeroMQ's I/O thread must inherit the priority
     client = RobotClient(connect, timeout_s=max(1.0, cfg.timeout_periods * arts.manifest.dt), name="controller",
                          retry_s=cfg.retry_s, curve=curve)

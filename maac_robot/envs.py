@@ -10,7 +10,7 @@ Ant-v5's state also ends with 78 clipped contact forces (13 bodies x 6). The con
 they stay in the state, but neither the networks see them nor the ensemble predicts them (imagined
 transitions carry them over unchanged): mostly zero with rare spikes, they kept an ensemble that also had
 to predict them from learning anything (held-out MSE 0.95 after 40 epochs against 0.39 without them,
-`python benchmarks/model_fit.py --task ant`), and a run with them diverged (benchmarks/RESULTS.md, issue 2). The networks see Ant's qpos[2:] and qvel,
+`python benchmarks/model_fit.py --task ant`), and a run with them diverged (benchmarks/RESULTS.md). The networks see Ant's qpos[2:] and qvel,
 the 27-dim observation of the MAAC and MBPO papers; `EnvInfo.modelled_idx` lists the dims the ensemble
 predicts. The contact cost of imagined steps is therefore that of the start state (5e-4 per unit force^2,
 ~0.003 per step on real data).

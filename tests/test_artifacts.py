@@ -275,3 +275,16 @@ def test_inspect_reports_tampering_as_user_error(copy: Path, capsys: pytest.Capt
     assert main(["inspect", str(copy)]) == 2
     assert "ensemble.onnx: SHA-256 mismatch" in capsys.readouterr().err
 
+
+
+def test_graphs_not_asked_for_are_hash_checked_but_get_no_session(copy: Path) -> None:
+    """The controller's load: no q.onnx session, yet a tampered q.onnx still refuses the whole directory."""
+    art = load_artifacts(copy, graphs=("policy", "ensemble", "plan"))  # warm-up runs only these
+    assert set(art.sessions) == {"policy", "ensemble", "plan"}
+    with pytest.raises(ArtifactError, match=r"q\.onnx was verified but not loaded"):
+        art.q(np.zeros(18), np.zeros(6))
+    (copy / "q.onnx").write_bytes((copy / "q.onnx").read_bytes() + b"appended")
+    with pytest.raises(ArtifactError, match=r"q\.onnx: SHA-256 mismatch"):
+        load_artifacts(copy, graphs=("policy",))
+    with pytest.raises(ValueError, match="unknown graphs \\['value'\\]"):
+        load_artifacts(copy, graphs=("value",))

@@ -203,9 +203,17 @@ def test_a_planned_action_of_the_wrong_length_falls_back(monkeypatch):
         ctl.close()
 
 
-def test_horizon_and_population_are_checked_up_front():
-    with pytest.raises(UserError, match="plan graph"):
-        _controller(_model(), horizon=3)
+def test_a_controller_horizon_is_refused_the_plan_graph_fixes_it(tmp_path):
+    """The controller plans over the artifacts' plan_horizon (set at export): a config that still sets one is refused."""
+    config = tmp_path / "task.yaml"
+    config.write_text("controller:\n  horizon: 3\n")
+    with pytest.raises(ConfigError, match=r"controller\.horizon: Extra inputs are not permitted"):
+        load_controller_config(config)
+    with pytest.raises(ConfigError, match=r"unknown config key 'controller\.horizon'"):
+        load_controller_config(None, ["controller.horizon=3"])
+
+
+def test_population_is_checked_up_front():
     with pytest.raises(UserError, match="no room"):
         _controller(_model(), population=6, policy_frac=0.5)
 

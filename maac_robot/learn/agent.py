@@ -184,8 +184,8 @@ def twin_value(q1: Tensor, q2: Tensor, pessimism: float = 1.0) -> Tensor:
 
     The min's per-backup underestimate compounds over the ~1/(1−γ) steps a target looks ahead: on
     InvertedPendulum, with the policy frozen, the critic settles ~20 below the realised soft return under it
-    (RESULTS.md, critic probe); the knob lets a task trade that pessimism back."""
-    if pessimism == 1.0:  # the exact min: bit for bit what runs before the knob computed
+    (benchmarks/RESULTS.md, critic probe); the knob lets a task trade that pessimism back."""
+    if pessimism == 1.0:  # the exact min: the formula below rounds differently, and 1 is every config's default
         return torch.min(q1, q2)
     return 0.5 * (q1 + q2) - pessimism * 0.5 * (q1 - q2).abs()
 
@@ -348,16 +348,12 @@ class MAACAgent:
         stats = self.update_critic(batch, model)
         return stats | self.update_actor(batch.state.to(self.device), model)
 
-    def critic_targets(self, batch: Batch, model: GaussianEnsemble | None, *, steve: bool | None = None) -> Tensor:
-        """The critic's regression targets for `batch`: STEVE-expanded (or SAC's one-step) soft targets.
-
-        `steve` overrides the config's switch (benchmarks probe where the critic's bias comes from).
-        """
+    def critic_targets(self, batch: Batch, model: GaussianEnsemble | None) -> Tensor:
+        """The critic's regression targets for `batch`: STEVE-expanded (or SAC's one-step) soft targets."""
         cfg = self.cfg
         r, s2 = batch.reward.to(self.device), batch.next_state.to(self.device)
         done = batch.terminated.to(self.device, s2.dtype)
-        steve = cfg.steve if steve is None else steve
-        if steve and cfg.steve_horizon > 0 and model is not None:
+        if cfg.steve and cfg.steve_horizon > 0 and model is not None:
             member_dynamics, num_members = _member_dynamics(model)
             return steve_targets(
                 r, done, s2, self._policy, member_dynamics, self.critic_target, self.task.reward_fn, self.termination_fn,
@@ -367,10 +363,9 @@ class MAACAgent:
         return soft_bellman_target(r, done, s2, self._policy, self.critic_target, gamma=cfg.gamma, alpha=self.alpha,
                                    pessimism=cfg.critic_pessimism)
 
-    def update_critic(self, batch: Batch, model: GaussianEnsemble | None, *, steve: bool | None = None
-                      ) -> dict[str, float]:
+    def update_critic(self, batch: Batch, model: GaussianEnsemble | None) -> dict[str, float]:
         """One twin-Q step towards `critic_targets`, then the Polyak target step."""
-        target = self.critic_targets(batch, model, steve=steve)
+        target = self.critic_targets(batch, model)
         q1, q2 = self.critic(batch.state.to(self.device), batch.action.to(self.device))
         q_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
         self.critic_opt.zero_grad(set_to_none=True)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import io
-import sys
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Literal
 
 import numpy as np
@@ -262,6 +262,9 @@ class Artifacts:
         self._outputs = {g: list(sig["outputs"]) for g, sig in self._signatures.items()}
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if graph not in self.sessions:
+            raise ArtifactError(f"{self.path / graph}.onnx was verified but not loaded; "
+                                f"pass graphs=(..., {graph!r}) to load_artifacts to call it")
         return self.sessions[graph].run(self._outputs[graph], feeds)
 
     def _batch_pair(self, graph: str, state: np.ndarray, second: np.ndarray, second_name: str,
@@ -325,17 +328,17 @@ class Artifacts:
         return self._run("plan", {"state": state, "actions": actions})[0][:particles]
 
     def warm_up(self, calls: int = 3) -> None:
-        """Run every graph a few times so the first control step does not pay allocation/first-run costs."""
+        """Run every loaded graph a few times so the first control step does not pay allocation/first-run costs."""
         m = self.manifest
         rng = np.random.default_rng(0)
         s = rng.standard_normal((1, m.state_dim)).astype(np.float32)
         a = np.zeros((1, m.act_dim), np.float32)
         plan_actions = np.zeros((m.num_elites, m.plan_horizon, m.act_dim), np.float32)
+        run = {"policy": lambda: self.policy(s, a), "ensemble": lambda: self.ensemble(s, a),
+               "q": lambda: self.q(s, a), "plan": lambda: self.plan(s[0], plan_actions)}
         for _ in range(calls):
-            self.policy(s, a)
-            self.ensemble(s, a)
-            self.q(s, a)
-            self.plan(s[0], plan_actions)
+            for graph in self.sessions:
+                run[graph]()
 
     def describe(self) -> str:
         """The manifest (without the config) and every graph's input/output signature, for humans."""
@@ -370,7 +373,8 @@ def _check_metadata(file: Path, graph: str, sess: Any, manifest: Manifest) -> No
 
 def load_artifacts(path: str | Path, expected_env_id: str | None = None,
                    intra_op_threads: int = DEFAULT_INTRA_OP_THREADS, *,
-                   allow_spinning: bool = DEFAULT_ALLOW_SPINNING, warm_up: bool = True) -> Artifacts:
+                   allow_spinning: bool = DEFAULT_ALLOW_SPINNING, warm_up: bool = True,
+                   graphs: Collection[str] = GRAPH_NAMES) -> Artifacts:
     """Load an artifact directory, verify everything, and return warmed-up sessions.
 
     Refuses (ArtifactError, naming the file and the disagreement) on: a missing directory or
@@ -380,9 +384,16 @@ def load_artifacts(path: str | Path, expected_env_id: str | None = None,
     graphs whose input/output names, types or shapes disagree with the manifest, and
     metadata_props from another export. Each session is created from the very bytes that were
     hashed (no check-then-reload race).
+
+    Sessions are opened for `graphs` only (all four by default): the controller never calls q.onnx, so it
+    does not pay the session's memory and load time. Every file's hash is still checked, so an artifact
+    directory is accepted or refused as a whole.
     """
     import onnxruntime as ort
 
+    unknown = sorted(set(graphs) - set(GRAPH_NAMES))
+    if unknown:
+        raise ValueError(f"unknown graphs {unknown}; the artifacts hold {list(GRAPH_NAMES)}")
     path = Path(path)
     manifest = read_manifest(path)
     if expected_env_id is not None and manifest.env_id != expected_env_id:
@@ -398,6 +409,8 @@ def load_artifacts(path: str | Path, expected_env_id: str | None = None,
             raise ArtifactError(f"{file}: SHA-256 mismatch (file {digest[:16]}…, manifest "
                                 f"{manifest.files[file.name][:16]}…, {len(data)} bytes): the file was "
                                 f"modified or truncated after export")
+        if graph not in graphs:
+            continue
         try:
             sess = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - onnxruntime raises several private exception types
@@ -411,10 +424,3 @@ def load_artifacts(path: str | Path, expected_env_id: str | None = None,
     if warm_up:
         artifacts.warm_up()
     return artifacts
-
-
-def inspect_from_cli(artifacts: Path) -> int:
-    """`maac-robot inspect DIR`: verify the artifacts and print the manifest and graph signatures."""
-    loaded = load_artifacts(artifacts, warm_up=False)
-    sys.stdout.write(loaded.describe() + "\n")
-    return 0

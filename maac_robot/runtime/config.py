@@ -58,15 +58,13 @@ class ControllerConfig(Section):
 
     planner: Literal["cem", "policy"] = "cem"
     population: int = Field(256, gt=1)
-    horizon: int | None = Field(None, gt=0, description="None: the plan graph's (manifest plan_horizon); "
-                                "a value must equal it, the fused graph's horizon is fixed at export")
     iterations: int = Field(5, gt=0, description="upper bound; the deadline may stop CEM earlier")
     elite_frac: float = Field(0.1, gt=0, le=1)
     momentum: float = Field(0.1, ge=0, lt=1)
     policy_frac: float = Field(0.0, ge=0, le=1, description="share of each population that is the stochastic "
                               "policy rolled through the model (sampled once per step, in every iteration; TD-MPC2). "
                               "0 by default: no measurable gain on InvertedPendulum/Hopper/HalfCheetah, and the "
-                              "closed-loop rollouts cost ~2 ms a step (benchmarks/RESULTS.md, issue 5)")
+                              "closed-loop rollouts cost ~2 ms a step (benchmarks/mpc.py, benchmarks/RESULTS.md)")
     budget_frac: float = Field(0.45, gt=0, lt=1, description="planning budget as a fraction of dt; latency p99 "
                                "is the budget plus ~0.5 ms wake-up jitter (measured), so 0.45 keeps it under dt/2")
     timeout_periods: float = Field(10.0, gt=0, description="observation receive timeout in dt")
@@ -83,16 +81,6 @@ class ControllerConfig(Section):
 
 class ConfigError(UserError, ValueError):
     """A config file that cannot be used; the message names the file and the offending fields."""
-
-
-def format_errors(source: str, err: ValidationError, prefix: str = "", flags: dict[str, str] | None = None) -> str:
-    """One line per bad field; a field set on the command line names the flag that set it."""
-    lines = [f"invalid config {source}:"]
-    for e in err.errors():
-        field = prefix + (".".join(str(p) for p in e["loc"]) or "<root>")
-        flag = next((f for key, f in (flags or {}).items() if field == key or field.startswith(key + ".")), None)
-        lines.append(f"  {field}{f' (from {flag})' if flag else ''}: {e['msg']}")
-    return "\n".join(lines)
 
 
 def format_errors(source: str, err: ValidationError, prefix: str = "", flags: dict[str, str] | None = None) -> str:
