@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=Path("configs/inverted_pendulum.yaml"))
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--steps", type=int, default=4000,
-                   help="env steps to train (default 4000: InvertedPendulum balances by ~3500 in our runs)")
+                   help="env steps to train (default 4000: 8 of 12 InvertedPendulum seeds balanced by then, benchmarks/RESULTS.md)")
     p.add_argument("--episodes", type=int, default=2)
     _add_set(p)
     p.set_defaults(func=_cmd_demo)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from maac_robot.learn.buffer import Batch
 from maac_robot.learn.rollout import Dynamics, TransitionFn, model_rollout
@@ -365,35 +366,40 @@ class MAACAgent:
 
     def update_critic(self, batch: Batch, model: GaussianEnsemble | None) -> dict[str, float]:
         """One twin-Q step towards `critic_targets`, then the Polyak target step."""
-        target = self.critic_targets(batch, model)
-        q1, q2 = self.critic(batch.state.to(self.device), batch.action.to(self.device))
-        q_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-        self.critic_opt.zero_grad(set_to_none=True)
-        q_loss.backward()
-        self.critic_opt.step()
-        with torch.no_grad():
-            for p_targ, p in zip(self.critic_target.parameters(), self.critic.parameters()):
-                p_targ.lerp_(p, self.cfg.tau)
+        with record_function("critic_targets"):
+            target = self.critic_targets(batch, model)
+        with record_function("critic_step"):
+            q1, q2 = self.critic(batch.state.to(self.device), batch.action.to(self.device))
+            q_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+            self.critic_opt.zero_grad(set_to_none=True)
+            q_loss.backward()
+            self.critic_opt.step()
+            with torch.no_grad():
+                for p_targ, p in zip(self.critic_target.parameters(), self.critic.parameters()):
+                    p_targ.lerp_(p, self.cfg.tau)
         return {"q_loss": q_loss.item(), "q_mean": q1.detach().mean().item(), "target_mean": target.mean().item()}
 
     def update_actor(self, start_states: Tensor, model: GaussianEnsemble | None) -> dict[str, float]:
         """One actor step on the MAAC objective from `start_states`, then one α step towards the target entropy."""
         cfg = self.cfg
         with frozen(self.critic, model):
-            pl = maac_policy_loss(
-                start_states, self._policy, None if model is None else model.step, self.critic, self.task.reward_fn,
-                self.termination_fn, horizon=cfg.horizon, num_samples=cfg.num_samples,
-                terminal_q_samples=cfg.terminal_q_samples, gamma=cfg.gamma, alpha=self.alpha,
-            )
-            self.actor_opt.zero_grad(set_to_none=True)
-            pl.loss.backward()
-        self.actor_opt.step()
+            with record_function("policy_objective"):
+                pl = maac_policy_loss(
+                    start_states, self._policy, None if model is None else model.step, self.critic,
+                    self.task.reward_fn, self.termination_fn, horizon=cfg.horizon, num_samples=cfg.num_samples,
+                    terminal_q_samples=cfg.terminal_q_samples, gamma=cfg.gamma, alpha=self.alpha,
+                )
+            with record_function("actor_step"):
+                self.actor_opt.zero_grad(set_to_none=True)
+                pl.loss.backward()
+                self.actor_opt.step()
 
         if self.alpha_opt is not None:
-            alpha_loss = -(self.log_alpha * (pl.log_prob + self.target_entropy)).mean()
-            self.alpha_opt.zero_grad(set_to_none=True)
-            alpha_loss.backward()
-            self.alpha_opt.step()
+            with record_function("alpha_step"):
+                alpha_loss = -(self.log_alpha * (pl.log_prob + self.target_entropy)).mean()
+                self.alpha_opt.zero_grad(set_to_none=True)
+                alpha_loss.backward()
+                self.alpha_opt.step()
         return {
             "policy_loss": pl.loss.item(),
             "model_return": pl.model_return.item(),

@@ -52,7 +52,9 @@ past a cap, drops every connection (controllers reconnect by themselves).
 Lost messages. Requests (hello, reset, heartbeat, lockstep actions) are resent with the *same*
 seq every ``retry_s`` until ``timeout_s``; the robot answers a repeated reset or lockstep action
 from its owner with the reply it already sent, so a retry never steps the robot twice. In real
-time a lost observation costs one tick: the controller acts on the newest observation it has.
+time nothing is retried: the controller sends each action several times within its period (same
+seq, applied once; ``resend_action``) so a lost copy rarely costs a tick, and when an observation
+does not come it plans from the ensemble's prediction of the state instead of stalling.
 
 Versions. Every header carries ``v``; a message from another protocol version is answered with a
 ``version`` error naming both versions (the client sees it at ``hello()``), never half-parsed.
