@@ -3,7 +3,7 @@
     python benchmarks/faults.py --artifacts artifacts/faults-ip [--fuzz 10000] [--episodes 2]
 
 `--artifacts`: an exported InvertedPendulum policy that balances (return 1000), e.g.
-`maac-robot train --config configs/inverted_pendulum.yaml --seed 1 --steps 5000 --out runs/faults-ip`
+`maac-robot train --config inverted_pendulum --seed 1 --steps 5000 --out runs/faults-ip`
 then `maac-robot export runs/faults-ip --out artifacts/faults-ip`. Every sim is its own process
 (`maac-robot sim`), so a crash, an abort or a stall is what a robot would suffer. Hostile peers use
 plain ZeroMQ sockets or hand-written ZMTP over TCP, never the project's client. Every loop is bounded

@@ -8,7 +8,7 @@ one configuration (onnxruntime's spinning workers, torch's OpenMP pool) cannot d
 the configurations take turns over --rounds rounds so a shared machine's changing load hits all alike.
 Before timing, every backend's output is checked against onnxruntime's (same computation).
 
-    python benchmarks/inference.py                  # random HalfCheetah-v5-shaped model (configs/half_cheetah.yaml)
+    python benchmarks/inference.py                  # random HalfCheetah-v5-shaped model (built-in config half_cheetah)
     python benchmarks/inference.py --run runs/NAME  # a trained run
     python benchmarks/inference.py --calls 1000 --rounds 1 --particles 64   # quick look
 
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("onnxruntime", "torch", "numpy")
 
 
@@ -255,7 +254,7 @@ def _machine() -> dict[str, str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, help="trained run directory (default: random init from --config)")
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "half_cheetah.yaml")
+    p.add_argument("--config", type=Path, default=Path("half_cheetah"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--particles", type=int, nargs="+", default=[64, 256, 512])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="onnxruntime intra-op threads")

@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"ant": "Ant-v5", "hopper": "Hopper-v5", "half_cheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 
 
@@ -47,7 +45,7 @@ def measure(task: str, transitions: int, epochs: int, seed: int) -> dict:
     from maac_robot.envs import env_info
 
     torch.set_num_threads(1)
-    cfg = load_config(ROOT / "configs" / f"{task}.yaml")
+    cfg = load_config(task)
     info = env_info(cfg.env.id)
     s, a, s2 = (torch.as_tensor(x, dtype=torch.float32) for x in random_transitions(cfg.env.id, transitions, seed))
     modelled = list(info.modelled_idx or range(info.state_dim))

@@ -10,8 +10,8 @@ Two measurements, each against a sim running as its own process (as deployed):
    achieved, fallbacks, deadline misses (controller side: action later than dt after the
    observation) and robot-side held ticks (a tick that found no fresh action).
 
-    python benchmarks/mpc.py --artifacts artifacts/hc --config configs/half_cheetah.yaml --episodes 10
-    python benchmarks/mpc.py --artifacts artifacts/hop --config configs/hopper.yaml --population 64 \\
+    python benchmarks/mpc.py --artifacts artifacts/hc --config half_cheetah --episodes 10
+    python benchmarks/mpc.py --artifacts artifacts/hop --config hopper --population 64 \\
         --budget-frac 0.4 --variant no-policy-samples:policy_frac=0 --json benchmarks/logs/mpc-hopper.json
 
 Output: markdown on stdout and (with --json) every figure, the command, machine and versions.

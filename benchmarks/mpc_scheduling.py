@@ -9,7 +9,7 @@ I/O thread are process-wide):
   controller's priority set before vs after its ZeroMQ socket exists (then the I/O thread
   does or does not inherit it). Reports robot-side held ticks and observation age at decode.
 
-    python benchmarks/mpc_scheduling.py --artifacts ARTIFACTS --config configs/hopper.yaml --repeats 2
+    python benchmarks/mpc_scheduling.py --artifacts ARTIFACTS --config hopper --repeats 2
 """
 
 from __future__ import annotations

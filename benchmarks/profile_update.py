@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_csv import (  # noqa: E402
-    RESULTS, ROOT, TASKS, command_line, git_commit, machine, read_rows, versions_text, write_rows,
+    RESULTS, TASKS, command_line, git_commit, machine, read_rows, versions_text, write_rows,
 )
 
 COLUMNS = ("kind", "item", "value", "unit", "command", "commit", "date", "cpu", "threads", "versions")
@@ -55,7 +55,7 @@ UPDATE_VARIANTS: list[dict[str, Any]] = [
 def config(task: str, threads: int, overrides: dict[str, Any] | None = None):  # -> Config
     from maac_robot.learn.config import load_config
 
-    return load_config(ROOT / "configs" / f"{task}.yaml", {
+    return load_config(task, {
         "train.seed": 0, "train.num_threads": threads, "train.eval_every": 10**9, "train.checkpoint_every": 10**9,
         **(overrides or {})})
 

@@ -429,7 +429,7 @@ def tables(results: Path = RESULTS, figures: Path | None = FIGURES) -> dict[str,
             "Machines:", *provenance_lines(found)]
         if figures is not None:
             plot_task(task, found, figures / f"{task}_learning_curve.png",
-                      f"{env_id}: MAAC vs SAC\n(MAAC: configs/{task}.yaml [with overrides])")
+                      f"{env_id}: MAAC vs SAC\n(MAAC: --config {task} [with overrides])")
     archived = read_rows(results / "sample_efficiency_archived.csv")
     for task in TASKS:
         found_archived = archived_groups(archived, task)

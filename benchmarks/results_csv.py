@@ -78,7 +78,7 @@ def machine() -> dict[str, Any]:
 def git_commit() -> str:
     """HEAD's short hash, '+dirty' when tracked files differ from it (the row then did not run at HEAD alone)."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "maac_robot", "configs", "benchmarks"],
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "maac_robot", "benchmarks"],
                            cwd=ROOT).returncode != 0
     return head.strip() + ("+dirty" if dirty else "")
 

@@ -14,8 +14,8 @@ config's `train.initial_random_steps`), the same torch thread count, the same ev
 seeds (`maac_robot.learn.trainer.eval_seeds`) and the same episode loop
 (`maac_robot.learn.evaluation.evaluate_policy`), deterministic policy. SAC is SB3's SAC with the usual
 settings taken from the MAAC config (hidden sizes, lr, batch, τ, γ; one gradient step per env step) on
-Gymnasium's default observation. MAAC uses configs/TASK.yaml with the `--set` overrides; LABEL is `maac`
-or `maac[key=value,...]`, what the resolved config changes from configs/TASK.yaml at this commit.
+Gymnasium's default observation. MAAC uses maac_robot/configs/TASK.yaml with the `--set` overrides; LABEL is `maac`
+or `maac[key=value,...]`, what the resolved config changes from maac_robot/configs/TASK.yaml at this commit.
 """
 
 from __future__ import annotations
@@ -35,26 +35,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from collect_runs import collect  # noqa: E402
 from results_csv import (  # noqa: E402
-    NOT_IN_DIGEST, RESULTS, ROOT, RUNS, TASKS, command_line, config_digest, eval_csv, git_commit, machine, read_rows,
+    NOT_IN_DIGEST, RESULTS, RUNS, TASKS, command_line, config_digest, eval_csv, git_commit, machine, read_rows,
 )
 
 
 def resolved_config(task: str, seed: int, steps: int, threads: int, overrides: dict[str, Any]):  # -> Config
-    """configs/TASK.yaml with seed, budget, thread count and `overrides` (dotted keys) applied."""
+    """maac_robot/configs/TASK.yaml with seed, budget, thread count and `overrides` (dotted keys) applied."""
     from maac_robot.learn.config import load_config
 
-    return load_config(ROOT / "configs" / f"{task}.yaml", {
+    return load_config(task, {
         **overrides, "train.seed": seed, "train.total_steps": steps, "train.num_threads": threads})
 
 
 def variant_label(algo: str, task: str, config: dict[str, dict[str, Any]]) -> str:
-    """'maac', or 'maac[key=value,...]' for each learner field that differs from configs/TASK.yaml (field
+    """'maac', or 'maac[key=value,...]' for each learner field that differs from maac_robot/configs/TASK.yaml (field
     order), so the same variant lands in the same directory however its overrides were written."""
     from maac_robot.learn.config import load_config
 
     if algo != "maac":
         return algo
-    base = load_config(ROOT / "configs" / f"{task}.yaml").model_dump(mode="json")
+    base = load_config(task).model_dump(mode="json")
     changed = [f"{key}={value}" for section, fields in config.items() for key, value in fields.items()
                if f"{section}.{key}" not in NOT_IN_DIGEST and base[section][key] != value]
     return f"maac[{','.join(changed)}]" if changed else "maac"

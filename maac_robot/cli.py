@@ -10,6 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+# The built-in configs (maac_robot/configs/*.yaml), which every --config takes by name.
+_BUILTIN = ", ".join(sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml")))
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from maac_robot.commands import train_from_cli
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train MAAC on a MuJoCo task (Algorithm 1)")
-    p.add_argument("--config", type=Path, help="YAML config (configs/<task>.yaml)")
+    p.add_argument("--config", type=Path, help=f"YAML config file, or a built-in one by name ({_BUILTIN})")
     p.add_argument("--resume", type=Path, help="run directory to continue from its last checkpoint")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int, help="total env steps (overrides train.total_steps)")
@@ -128,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("sim", help="serve a MuJoCo env over the robot protocol")
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True,
+                   help=f"YAML config file, or a built-in one by name ({_BUILTIN})")
     p.add_argument("--bind", help="endpoint (default from config: tcp://127.0.0.1:5555)")
     p.add_argument("--mode", choices=["lockstep", "realtime"])
     p.add_argument("--render", type=Path, help="write a video of the episodes (mp4)")
@@ -146,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", default="tcp://127.0.0.1:5555")
     p.add_argument("--planner", choices=["cem", "policy"])
     p.add_argument("--episodes", type=int, default=1)
-    p.add_argument("--config", type=Path, help="YAML whose `controller` section overrides the defaults")
+    p.add_argument("--config", type=Path,
+                   help=f"YAML (a file, or a built-in name: {_BUILTIN}) whose `controller` section overrides the defaults")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", action="store_true",
                    help="policy-only vs CEM-MPC on the same seeds (lockstep), the paper's Table 1")
@@ -164,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="start sim and controller as two processes on loopback")
     p.add_argument("--artifacts", type=Path, required=True)
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True,
+                   help=f"YAML config file, or a built-in one by name ({_BUILTIN})")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555")
     p.add_argument("--episodes", type=int, default=3)
     p.add_argument("--mode", choices=["lockstep", "realtime"], default="realtime")
@@ -173,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("demo", help="from nothing: train a small policy, export, run sim + MPC controller")
-    p.add_argument("--config", type=Path, default=Path("configs/inverted_pendulum.yaml"))
+    p.add_argument("--config", type=Path, default=Path("inverted_pendulum"),
+                   help=f"YAML config file, or a built-in one by name ({_BUILTIN}; default inverted_pendulum)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--steps", type=int, default=4000,
                    help="env steps to train (default 4000: 8 of 12 InvertedPendulum seeds balanced by then, benchmarks/RESULTS.md)")

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-exec maac-robot demo --config configs/inverted_pendulum.yaml --out runs/demo "$@"
+exec maac-robot demo --config inverted_pendulum --out runs/demo "$@"

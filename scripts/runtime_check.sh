@@ -11,7 +11,7 @@ cleanup() { [ -n "$SIM_PID" ] && kill "$SIM_PID" 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 echo "[runtime] full install: a short InvertedPendulum run, exported"
-.venv/bin/maac-robot train --config configs/inverted_pendulum.yaml --steps 300 --out "$WORK/run" \
+.venv/bin/maac-robot train --config inverted_pendulum --steps 300 --out "$WORK/run" \
   --set train.initial_random_steps=250 --set train.eval_every=300 --set train.eval_episodes=1 \
   --set model.max_epochs=2 --set agent.updates_per_step=1 >/dev/null 2>&1
 .venv/bin/maac-robot export "$WORK/run" --out "$WORK/artifacts"
@@ -29,8 +29,8 @@ echo "[runtime] no torch, gymnasium, mujoco or onnx in the runtime venv"
 
 "$WORK/venv/bin/maac-robot" inspect "$WORK/artifacts"
 ENDPOINT="ipc://$WORK/robot.sock"
-.venv/bin/maac-robot sim --config configs/inverted_pendulum.yaml --bind "$ENDPOINT" --mode lockstep &
+.venv/bin/maac-robot sim --config inverted_pendulum --bind "$ENDPOINT" --mode lockstep &
 SIM_PID=$!
 timeout 120 "$WORK/venv/bin/maac-robot" control --artifacts "$WORK/artifacts" --connect "$ENDPOINT" \
-  --config configs/inverted_pendulum.yaml --planner cem --episodes 1 --no-reconnect
+  --config inverted_pendulum --planner cem --episodes 1 --no-reconnect
 echo "[runtime] OK: the torch-free controller drove the sim through one episode"

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 from maac_robot.learn.config import Config, ConfigError, load_config, parse_set, save_config
+from maac_robot.runtime.config import BUILTIN_CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = BUILTIN_CONFIGS
 TASK_CONFIGS = {
     "inverted_pendulum.yaml": "InvertedPendulum-v5",
     "hopper.yaml": "Hopper-v5",
@@ -137,3 +138,28 @@ def test_the_runtime_knows_every_section_name_of_the_learner_config() -> None:
     from maac_robot.runtime.config import SECTION_NAMES
 
     assert tuple(SECTIONS) == SECTION_NAMES
+
+
+def test_config_names_resolve_to_the_built_in_files_from_any_directory(tmp_path, monkeypatch):
+    from maac_robot.runtime.config import builtin_configs, resolve_config
+
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    assert builtin_configs() == sorted(name.removesuffix(".yaml") for name in TASK_CONFIGS)
+    for given in ("hopper", "hopper.yaml", "configs/hopper.yaml"):  # the last: the pre-package-data path
+        assert resolve_config(given) == BUILTIN_CONFIGS / "hopper.yaml"
+    assert load_config("hopper").env.id == "Hopper-v5"
+    own = tmp_path / "hopper.yaml"  # a file of that name in the working directory wins
+    own.write_text("env:\n  id: InvertedPendulum-v5\n")
+    assert load_config("hopper.yaml").env.id == "InvertedPendulum-v5"
+    with pytest.raises(ConfigError, match="built-in configs.*hopper"):
+        load_config("no_such_task")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "elsewhere" / "hopper.yaml")  # a path is never replaced by a built-in
+
+
+def test_the_built_in_configs_ship_as_package_data():
+    import tomllib
+
+    pyproject = tomllib.loads((BUILTIN_CONFIGS.parents[1] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["package-data"]["maac_robot"] == ["configs/*.yaml"]
+    assert BUILTIN_CONFIGS.parent.name == "maac_robot"

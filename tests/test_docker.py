@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from maac_robot.cli import build_parser
+from maac_robot.runtime.config import BUILTIN_CONFIGS, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker" / "compose.yaml"
@@ -34,14 +35,15 @@ def services() -> dict:
 
 
 def _local_config(path: str) -> Path:
-    assert path.startswith("/app/"), path
-    return ROOT / path.removeprefix("/app/")
+    """The config a service names: built-in names resolve inside the installed package, in any directory."""
+    return resolve_config(path)
 
 
 def test_sim_and_controller_commands_parse_with_the_cli(services):
     parser = build_parser()
     sim = parser.parse_args(services["sim"]["command"])
     assert sim.command == "sim" and sim.mode == "realtime" and _local_config(str(sim.config)).is_file()
+    assert _local_config(str(sim.config)).parent == BUILTIN_CONFIGS  # shipped in the package, no COPY needed
     controller = parser.parse_args(services["controller"]["command"])
     assert controller.command == "control" and controller.connect == "tcp://sim:5555"
     assert _local_config(str(controller.config)).is_file()

@@ -138,11 +138,36 @@ def parse_set(items: list[str] | None, sections: Mapping[str, type[Section]]) ->
     return overrides, flags
 
 
-def read_sections(path: str | Path) -> dict[str, Any]:
-    """The raw mapping of sections in a YAML config file, or a ConfigError saying why there is none."""
+# The built-in task configs ship inside the package (maac_robot/configs/NAME.yaml), so `--config hopper` works
+# from any directory and in a plain `pip install .`.
+BUILTIN_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the built-in configs (`--config NAME`)."""
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config(path: str | Path) -> Path:
+    """The YAML file `--config` names: an existing file as given; otherwise a built-in name (`hopper`,
+    `hopper.yaml`), or `configs/hopper.yaml`, where the repository kept the built-in configs before they
+    became package data (older commands and records name them so)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    if path.is_file():
+        return path
+    parts = path.parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "configs"):
+        builtin = BUILTIN_CONFIGS / f"{path.name.removesuffix('.yaml')}.yaml"
+        if builtin.is_file():
+            return builtin
+    raise ConfigError(f"config file not found: {path} (built-in configs, usable from any directory: "
+                      f"{', '.join(builtin_configs())}; e.g. --config {builtin_configs()[0]})")
+
+
+def read_sections(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of sections in a YAML config file (a path or a built-in name, see `resolve_config`),
+    or a ConfigError saying why there is none."""
+    path = resolve_config(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
