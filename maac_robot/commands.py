@@ -15,6 +15,15 @@ import numpy as np
 from maac_robot.runtime.errors import UserError
 
 
+def _step_line(command: str):
+    """A progress callback `(step, steps, what)` that prints one short line per step to stderr."""
+
+    def report(step: int, steps: int, what: str) -> None:
+        print(f"{command}: [{step}/{steps}] {what}", file=sys.stderr, flush=True)
+
+    return report
+
+
 def _positive_episodes(episodes: int) -> None:
     if episodes <= 0:
         raise UserError(f"--episodes must be positive, got {episodes}")
@@ -94,7 +103,8 @@ def export_from_cli(run_dir: Path, out: Path, plan_horizon: int | None = None) -
     """`maac-robot export RUN --out DIR [--plan-horizon H]`."""
     from maac_robot.learn.export import export_from_run
 
-    manifest = export_from_run(run_dir, out, plan_horizon)
+    print(f"export: loading {run_dir}", file=sys.stderr, flush=True)
+    manifest = export_from_run(run_dir, out, plan_horizon, progress=_step_line("export"))
     print(f"exported {manifest.env_id} run {run_dir} (step {manifest.train_steps}, H={manifest.horizon}, "
           f"plan H={manifest.plan_horizon}, {manifest.num_models} models / {manifest.num_elites} elites, "
           f"opset {manifest.opset}) to {out}: " + ", ".join(manifest.files))

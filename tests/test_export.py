@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -213,8 +215,16 @@ def test_cli_export_from_a_run_then_reexport_with_other_plan_horizon(tmp_path: P
     run.mkdir()
     save_config(cfg, RunPaths(run).config)
     trainer.save_checkpoint()
-    assert cli.main(["export", str(run), "--out", str(out)]) == 0
-    assert "exported InvertedPendulum-v5" in capsys.readouterr().out
+    umask = os.umask(0o022)
+    try:
+        assert cli.main(["export", str(run), "--out", str(out)]) == 0
+    finally:
+        os.umask(umask)
+    printed = capsys.readouterr()
+    assert "exported InvertedPendulum-v5" in printed.out
+    steps = [line for line in printed.err.splitlines() if line.startswith("export: [")]  # progress, one line a step
+    assert steps[0] == "export: [1/5] policy.onnx" and steps[-1].startswith("export: [5/5] verifying")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not tempfile.mkdtemp's 0700: others may read artifacts
     first = load_artifacts(out, expected_env_id="InvertedPendulum-v5").manifest
     assert (first.horizon, first.plan_horizon, first.train_steps, first.terminates) == (2, 2, 0, True)
     assert first.config == cfg.model_dump(mode="json") and first.gamma == cfg.agent.gamma

@@ -89,3 +89,15 @@ def test_the_temporary_a_kill_left_behind_is_reused(tmp_path: Path) -> None:
     (tmp_path / ".data.bin.tmp").write_bytes(b"a stale half-written checkpoint")
     atomic_write(tmp_path / "data.bin", b"new")
     assert [p.name for p in tmp_path.iterdir()] == ["data.bin"]
+
+
+def test_make_temp_dir_applies_the_umask_not_0700(tmp_path):
+    from maac_robot.runtime.files import make_temp_dir
+
+    old = os.umask(0o022)
+    try:
+        first, second = make_temp_dir(tmp_path, ".out."), make_temp_dir(tmp_path, ".out.")
+    finally:
+        os.umask(old)
+    assert first != second and first.name.startswith(".out.") and first.parent == tmp_path
+    assert stat.S_IMODE(first.stat().st_mode) == 0o755

@@ -18,8 +18,8 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from maac_robot.runtime.artifacts import (
     signature_mismatch,
 )
 from maac_robot.runtime.errors import UserError
-from maac_robot.runtime.files import atomic_write, fsync_directory
+from maac_robot.runtime.files import atomic_write, fsync_directory, make_temp_dir
 from maac_robot.learn.rollout import model_rollout
 from maac_robot.learn.tasks import Task
 
@@ -246,12 +246,14 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: nn.Module, model: nn.Module,
                      gamma: float, horizon: int, plan_horizon: int | None = None, train_steps: int,
-                     config: dict[str, Any], seed: int = 0) -> Manifest:
+                     config: dict[str, Any], seed: int = 0,
+                     progress: Callable[[int, int, str], None] | None = None) -> Manifest:
     """Write policy/ensemble/q/plan.onnx + manifest.json to `out`, verified, and return the manifest.
 
     `plan_horizon` (the fused graph's H) defaults to the trained `horizon`. The directory is built
     beside `out` and moved into place only after shapes, loading and parity all pass, so `out`
-    never holds a half-written or unverified export.
+    never holds a half-written or unverified export. `progress(step, steps, what)`, if given, is
+    called as each step starts (one per graph, then the verification).
     """
     plan_horizon = horizon if plan_horizon is None else plan_horizon
     if plan_horizon < 1:
@@ -270,16 +272,21 @@ def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: n
         created_utc=dt_.datetime.now(dt_.UTC).isoformat(timespec="seconds"))
     graphs = build_graphs(task, actor, critic, model, gamma=gamma, plan_horizon=plan_horizon)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.")  # umask permissions, like the files in it
+    steps = len(graphs) + 1
     try:
         generator = torch.Generator().manual_seed(seed)
         files = {}
-        for name, module in graphs.items():
+        for step, (name, module) in enumerate(graphs.items(), start=1):
+            if progress is not None:
+                progress(step, steps, f"{name}.onnx")
             data = _export_graph(module, manifest, name, generator)
             atomic_write(tmp / f"{name}.onnx", data)
             files[f"{name}.onnx"] = sha256_bytes(data)
         manifest = manifest.model_copy(update={"files": files})
         atomic_write(tmp / MANIFEST_NAME, (json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n").encode())
+        if progress is not None:
+            progress(steps, steps, "verifying (load, signatures, onnxruntime vs PyTorch parity)")
         try:
             loaded = load_artifacts(tmp, expected_env_id=info.env_id, warm_up=False)
         except ArtifactError as err:
@@ -294,8 +301,9 @@ def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: n
     return manifest
 
 
-def export_from_run(run_dir: str | Path, out: str | Path, plan_horizon: int | None = None) -> Manifest:
-    """Export the latest checkpoint of a training run (see `trainer.load_run`)."""
+def export_from_run(run_dir: str | Path, out: str | Path, plan_horizon: int | None = None,
+                    progress: Callable[[int, int, str], None] | None = None) -> Manifest:
+    """Export the latest checkpoint of a training run (see `trainer.load_run`); `progress` as in `export_artifacts`."""
     from maac_robot.learn.trainer import load_run
 
     run = load_run(run_dir)
@@ -304,4 +312,4 @@ def export_from_run(run_dir: str | Path, out: str | Path, plan_horizon: int | No
         out, task=run.task, actor=run.agent.actor, critic=run.agent.critic, model=run.model,
         gamma=cfg.agent.gamma, horizon=cfg.agent.horizon,
         plan_horizon=plan_horizon,
-        train_steps=run.env_step, config=cfg.model_dump(mode="json"), seed=cfg.train.seed)
+        train_steps=run.env_step, config=cfg.model_dump(mode="json"), seed=cfg.train.seed, progress=progress)

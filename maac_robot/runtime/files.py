@@ -9,6 +9,7 @@ across file systems is a copy), fsync it, rename it over the target, then fsync 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -50,3 +51,20 @@ def atomic_write(path: str | Path, data: bytes | Callable[[BinaryIO], None]) -> 
         raise
     fsync_directory(path.parent)
     return path
+
+
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A new, uniquely named directory in `parent` with the permissions an ordinary `mkdir` gives (umask applied).
+
+    `tempfile.mkdtemp` makes 0700 directories, private to their owner; a directory built to be renamed into
+    place for others to read (an export's artifacts, served by another user's controller) must not be.
+    """
+    parent = Path(parent)
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary directory name {prefix}* in {parent}")
