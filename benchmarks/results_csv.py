@@ -44,7 +44,7 @@ EVAL_COLUMNS = (
 RUN_KEY = ("algo", "variant", "seed", "config_digest")
 NOT_TRAINING = ("eval", "checkpoint")  # phases that are bookkeeping, not the cost of learning
 # Fields that say how long or on how many threads a run ran, not what it computes: not part of the digest.
-NOT_IN_DIGEST = ("train.seed", "train.total_steps", "train.num_threads")
+NOT_IN_DIGEST = ("train.seed", "train.total_steps", "train.num_threads", "train.wandb")  # wandb: logging only
 LEARNER_SECTIONS = ("env", "model", "agent", "rollout", "train")  # sim/controller do not change training
 
 

@@ -7,6 +7,7 @@ imports torch.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def train_from_cli(config: Path | None = None, resume: Path | None = None, seed:
                    steps: int | None = None, out: Path | None = None, device: str | None = None,
                    sets: list[str] | None = None) -> int:
     """`maac-robot train`: new run from --config, or --resume an interrupted one."""
-    from maac_robot.learn.trainer import RunPaths, load_checkpoint, prepare_run, read_metrics, train
+    from maac_robot.learn.trainer import (RunPaths, TrainingInterrupted, load_checkpoint, prepare_run,
+                                          read_metrics, train)
 
     cfg, run_dir, resuming = prepare_run(config, resume, seed, steps, out, device, sets)
     if resuming:
@@ -42,8 +44,23 @@ def train_from_cli(config: Path | None = None, resume: Path | None = None, seed:
             print(f"{run_dir} already trained {done} of {cfg.train.total_steps} env steps; "
                   f"raise the budget with --steps N to continue")
             return 0
-    print(f"run directory: {run_dir}", file=sys.stderr)
-    trainer = train(cfg, run_dir, resume=resuming)
+    print(f"run directory: {run_dir} (curves: tensorboard --logdir {run_dir / 'tensorboard'}; Ctrl-C saves a "
+          f"checkpoint and stops)", file=sys.stderr)
+    try:
+        trainer = train(cfg, run_dir, resume=resuming)
+    except TrainingInterrupted as stop:
+        print(f"interrupted at env step {stop.env_step}; checkpoint saved; continue with: "
+              f"maac-robot train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: the last periodic checkpoint, if any, is what remains
+        path = RunPaths(run_dir).checkpoint
+        if path.is_file():
+            done = int(load_checkpoint(path, cfg.env.id)["env_step"])
+            print(f"interrupted; the last checkpoint is at env step {done}; continue with: "
+                  f"maac-robot train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
+        else:
+            print("interrupted before the first checkpoint; nothing to resume", file=sys.stderr)
+        return 130
     rows = read_metrics(RunPaths(run_dir).metrics)
     if rows:
         last = rows[-1]

@@ -25,6 +25,7 @@ from maac_robot import cli
 from maac_robot.learn.buffer import ReplayBuffer
 from maac_robot.learn.config import config_from_dict, load_config
 from maac_robot.learn.trainer import RunError, Trainer, load_checkpoint, load_run, read_metrics, train
+from maac_robot.runtime.errors import UserError
 
 TINY = {
     "env": {"id": "InvertedPendulum-v5", "max_episode_steps": 60},
@@ -36,6 +37,15 @@ TINY = {
     "train": {"total_steps": 200, "initial_random_steps": 100, "eval_every": 100, "eval_episodes": 2,
               "checkpoint_every": 100, "buffer_size": 5000, "num_threads": 1, "seed": 3},
 }
+
+
+def _tb_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one tag in a run's TensorBoard events, as TensorBoard shows them (purged steps hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
 
 
 def _tiny(**sections: dict) -> dict:
@@ -119,6 +129,12 @@ def test_tiny_training_writes_run_files_and_evaluates(tmp_path: Path, capsys: py
     assert trained["buffer_env"] == 200 and trained["buffer_model"] > 0
     assert set(trained["phase_time_s"]) >= {"env", "model_fit", "rollout", "update", "eval", "checkpoint"}
     assert (run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # the same evaluations as TensorBoard events: returns, losses, alpha, model error, timings
+    for tag in ("eval/return_mean", "eval/return_std", "update/q_loss", "update/policy_loss", "update/alpha",
+                "model/holdout_mse", "time/update_cpu_s", "time/env_steps_per_s"):
+        assert [step for step, _ in _tb_scalars(run, tag)] == [100, 200], tag
+    assert [v for _, v in _tb_scalars(run, "eval/return_mean")] == pytest.approx(
+        [r["eval_return_mean"] for r in rows])
 
     loaded = load_run(run)
     assert loaded.env_step == 200 and loaded.config.env.id == "InvertedPendulum-v5"
@@ -157,6 +173,80 @@ def test_resume_continues_buffers_counters_and_metrics(tmp_path: Path) -> None:
     assert [r["env_step"] for r in read_metrics(run / "metrics.jsonl")] == [100, 200]
     assert load_config(run / "config.yaml").train.total_steps == 200
     assert "resumed from" in (run / "train.log").read_text()
+
+
+def test_resume_appends_to_the_event_files_without_repeating_steps(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    config = _config_file(tmp_path, _tiny(train={"eval_every": 50}))
+    assert cli.main(["train", "--config", str(config), "--out", str(run), "--steps", "100"]) == 0
+    with SummaryWriter(str(run / "tensorboard")) as dead:  # what a process killed after its checkpoint logged
+        dead.add_scalar("eval/return_mean", -12345.0, 150)
+    assert cli.main(["train", "--resume", str(run), "--steps", "200"]) == 0
+    logged = _tb_scalars(run, "eval/return_mean")
+    assert [step for step, _ in logged] == [50, 100, 150, 200]
+    assert -12345.0 not in [v for _, v in logged]
+    assert [v for _, v in logged] == pytest.approx([r["eval_return_mean"] for r in read_metrics(run / "metrics.jsonl")])
+
+
+def test_wandb_is_used_only_when_asked_and_refused_clearly_when_missing(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    calls: list[tuple[str, object]] = []
+
+    class FakeRun:
+        def log(self, values: dict, step: int) -> None:
+            calls.append(("log", step))
+
+        def finish(self) -> None:
+            calls.append(("finish", None))
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw["id"])) or FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    config = _config_file(tmp_path)
+    assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "off"), "--steps", "100"]) == 0
+    assert calls == []  # installed but not asked for: unused
+    run = tmp_path / "on"
+    assert cli.main(["train", "--config", str(config), "--out", str(run), "--steps", "100",
+                     "--set", "train.wandb=true"]) == 0
+    run_id = (run / "wandb_id").read_text().strip()
+    assert calls == [("init", run_id), ("log", 100), ("finish", None)]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(UserError, match="wandb is not installed"):
+        train(config_from_dict(_tiny(train={"wandb": True})), tmp_path / "missing", progress=False)
+
+
+def test_ctrl_c_checkpoints_prints_the_resume_command_and_resumes(tmp_path: Path) -> None:
+    """SIGINT to a training process: it stops between env steps, saves that step and says how to continue."""
+    run = tmp_path / "run"
+    data = _tiny(train={"total_steps": 100_000, "checkpoint_every": 1000, "eval_every": 50,
+                        "initial_random_steps": 100})
+    cmd = [sys.executable, "-m", "maac_robot.cli", "train", "--config", str(_config_file(tmp_path, data)),
+           "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(read_metrics(run / "metrics.jsonl")) < 3:
+            time.sleep(0.3)
+        assert len(read_metrics(run / "metrics.jsonl")) >= 3, "no evaluation at step 150 within 240 s"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    step = load_checkpoint(run / "checkpoints" / "latest.pt")["env_step"]  # not a multiple of checkpoint_every
+    assert (f"interrupted at env step {step}; checkpoint saved; continue with: maac-robot train --resume {run}"
+            in err), err
+    assert "interrupted at env step" in (run / "train.log").read_text()
+    assert cli.main(["train", "--resume", str(run), "--steps", str(step + 60)]) == 0
+    ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert ckpt["env_step"] == ckpt["d_env"]["total_added"] == step + 60
+    steps = [r["env_step"] for r in read_metrics(run / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == step + 60
+    assert [s for s, _ in _tb_scalars(run, "eval/return_mean")] == steps
 
 
 def test_kill_9_then_resume(tmp_path: Path) -> None:

@@ -103,6 +103,8 @@ class TrainConfig(Section):
     seed: int = 0
     device: str = Field("cpu", description="'cpu' or 'cuda'; nothing requires a GPU")
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; None: all cores")
+    wandb: bool = Field(False, description="also log each evaluation to Weights & Biases (needs `pip install wandb`; "
+                        "TensorBoard event files in RUN_DIR/tensorboard are written either way)")
     precision: Literal["float32", "bfloat16"] = Field(
         "float32", description="bfloat16: autocast the G2 updates' matrix products (same algorithm, coarser "
         "rounding; pays on CPUs with AVX512-BF16/AMX and on recent GPUs)")

@@ -12,8 +12,9 @@ Learning (2-4) starts once D_env holds max(initial_random_steps, agent.batch_siz
 transitions: neither a model nor a minibatch can be formed from less.
 
 A run directory holds `config.yaml` (resolved, with CLI overrides), `metrics.jsonl` (one
-line per deterministic evaluation), `train.log`, `learning_curve.png` and
-`checkpoints/latest.pt`. The checkpoint has everything needed to continue: agent (with
+line per deterministic evaluation), `tensorboard/` (the same evaluations as TensorBoard events,
+`learn.tracking`), `train.log`, `learning_curve.png` and `checkpoints/latest.pt`. The checkpoint
+has everything needed to continue: agent (with
 optimizers), ensemble (its fit starts a fresh Adam each time), D_env and D_model, every RNG,
 the env step and episode counters, and the cumulative phase timers. The episode that was in
 progress at the checkpoint is not resumed mid-way: its transitions up to the checkpoint are
@@ -27,7 +28,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -50,6 +53,7 @@ from maac_robot.runtime.files import atomic_write
 from maac_robot.learn.plotting import plot_learning_curves
 from maac_robot.learn.rollout import transition_reward
 from maac_robot.learn.tasks import Task, get_task
+from maac_robot.learn.tracking import RunLoggers
 
 CHECKPOINT_FORMAT = 1
 # Independent seed streams derived from the run seed (numpy SeedSequence spawn keys).
@@ -60,6 +64,38 @@ log = logging.getLogger("maac_robot.learn.trainer")
 
 class RunError(UserError):
     """A run directory that cannot be used the way it was asked for."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training between two env steps, after a checkpoint of that step was written."""
+
+    def __init__(self, env_step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at env step {env_step}; checkpoint saved to {checkpoint}")
+        self.env_step, self.checkpoint = env_step, checkpoint
+
+
+class _StopRequest:
+    """While active (main thread only), the first SIGINT asks the loop to stop at its next safe point instead of
+    raising wherever Python happens to be (mid-update, mid-checkpoint); a second one raises KeyboardInterrupt
+    at once, as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +241,8 @@ class Trainer:
         self.update_sums: dict[str, float] = defaultdict(float)  # G2 loss sums since the last evaluation
         self.update_count = 0
         self.episode_returns_since_eval: list[float] = []
+        self.resumed_at: int | None = None  # the checkpoint's env step, once `load_checkpoint` ran
+        self._loggers: RunLoggers | None = None  # TensorBoard (+ W&B) while `train` runs
         self.state = self._reset_episode()
 
     # ---- env interaction -------------------------------------------------------------------
@@ -320,6 +358,8 @@ class Trainer:
         self.episode_returns_since_eval.clear()
         with self.paths.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._loggers is not None:
+            self._loggers.log(record)
         self._plot()
         log.info("step %d: eval return %.2f ± %.2f  losses %s", self.env_step, record["eval_return_mean"],
                  record["eval_return_std"], json.dumps({k: round(v, 5) for k, v in losses.items()}))
@@ -386,6 +426,7 @@ class Trainer:
         # The interrupted episode is not continued (see the module docstring): next seed, fresh reset.
         self.episode_index = int(ckpt["episode_index"]) + 1
         self.state = self._reset_episode()
+        self.resumed_at = self.env_step
         truncate_metrics(self.paths.metrics, self.env_step)
         log.info("resumed from %s at env step %d (D_env %d, D_model %d)", self.paths.checkpoint, self.env_step,
                  len(self.d_env), len(self.d_model))
@@ -393,9 +434,19 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
 
     def train(self, progress: bool = True) -> list[dict[str, Any]]:
-        """Run Algorithm 1 up to `train.total_steps`; returns the evaluation records of this call."""
+        """Run Algorithm 1 up to `train.total_steps`; returns the evaluation records of this call.
+
+        Ctrl-C (SIGINT, in the main thread) stops it between two env steps: the checkpoint of that step is
+        written and `TrainingInterrupted` (a KeyboardInterrupt) raised; a second Ctrl-C interrupts at once,
+        leaving the last periodic checkpoint. Every evaluation also goes to TensorBoard (and W&B if asked).
+        """
         t = self.cfg.train
         records = []
+        self._loggers = RunLoggers(
+            self.paths.root, config=self.cfg.model_dump(mode="json"), use_wandb=t.wandb,
+            # events past the checkpoint were logged by the process that was interrupted: hide them
+            purge_step=None if self.resumed_at is None else self.resumed_at + 1,
+            start_step=self.env_step, start_wall_s=sum(self.timers.values()))
         bar = tqdm(total=t.total_steps, initial=self.env_step, disable=not progress, unit="step",
                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
         last_wall, last_cpu = time.perf_counter(), time.process_time()
@@ -408,30 +459,42 @@ class Trainer:
             last_wall, last_cpu = wall, cpu
 
         try:
-            while self.env_step < t.total_steps:
-                self._env_step()
-                phase("env")
-                if self.env_step >= self.learning_starts:
-                    if self.uses_model and self._due(self.cfg.model.train_every):
-                        self.fit_model()
-                        phase("model_fit")
-                    if self.uses_model and not self.cfg.agent.real_data_only and self._due(self.cfg.rollout.every):
-                        self.imagine()
-                        phase("rollout")
-                    self.update()
-                    phase("update")
-                if self.env_step % t.eval_every == 0 or self.env_step == t.total_steps:
-                    records.append(self.evaluate())
-                    phase("eval")
-                if self.env_step % t.checkpoint_every == 0 or self.env_step == t.total_steps:
-                    self.save_checkpoint()
-                    phase("checkpoint")
-                bar.update(1)
-                if progress and self.env_step % 50 == 0:
-                    bar.set_postfix_str(self._postfix(records), refresh=False)
+            with _StopRequest() as stop:
+                while self.env_step < t.total_steps:
+                    if stop.requested:
+                        self.save_checkpoint()
+                        raise TrainingInterrupted(self.env_step, self.paths.checkpoint)
+                    self._step_once(records, phase)
+                    bar.update(1)
+                    if progress and self.env_step % 50 == 0:
+                        bar.set_postfix_str(self._postfix(records), refresh=False)
         finally:
             bar.close()
+            self._loggers.close()
+            self._loggers = None
+            self.resumed_at = None  # purge once: a later call in this process continues what this one logged
         return records
+
+    def _step_once(self, records: list[dict[str, Any]], phase: Any) -> None:
+        """One iteration of Algorithm 1: an env step, then whatever learning, evaluation and checkpoint is due."""
+        t = self.cfg.train
+        self._env_step()
+        phase("env")
+        if self.env_step >= self.learning_starts:
+            if self.uses_model and self._due(self.cfg.model.train_every):
+                self.fit_model()
+                phase("model_fit")
+            if self.uses_model and not self.cfg.agent.real_data_only and self._due(self.cfg.rollout.every):
+                self.imagine()
+                phase("rollout")
+            self.update()
+            phase("update")
+        if self.env_step % t.eval_every == 0 or self.env_step == t.total_steps:
+            records.append(self.evaluate())
+            phase("eval")
+        if self.env_step % t.checkpoint_every == 0 or self.env_step == t.total_steps:
+            self.save_checkpoint()
+            phase("checkpoint")
 
     def _postfix(self, records: list[dict[str, Any]]) -> str:
         """Last episode return, last evaluation, model holdout MSE, mean policy and Q losses since the last eval."""
@@ -612,9 +675,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         else:
             log.info("new run %s: %s, seed %d, %d steps, device %s, %d torch threads", run_dir, cfg.env.id,
                      cfg.train.seed, cfg.train.total_steps, trainer.device, torch.get_num_threads())
-        trainer.train(progress=progress)
+        try:
+            trainer.train(progress=progress)
+        except TrainingInterrupted as stop:
+            log.info("interrupted at env step %d; checkpoint saved", stop.env_step)
+            raise
         log.info("finished at env step %d", trainer.env_step)
     return trainer
 
 
-__all__ = ["LoadedRun", "RunError", "Trainer", "eval_seeds", "load_run", "prepare_run", "read_metrics", "train"]
+__all__ = ["LoadedRun", "RunError", "Trainer", "TrainingInterrupted", "eval_seeds", "load_run", "prepare_run",
+           "read_metrics", "train"]
