@@ -24,7 +24,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from maac_robot.commands import evaluate_from_cli
 
-    return evaluate_from_cli(run_dir=args.run, episodes=args.episodes, seed=args.seed)
+    return evaluate_from_cli(run_dir=args.run, episodes=args.episodes, seed=args.seed, seeds=args.seeds,
+                             video=args.video)
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
@@ -45,9 +46,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return inspect_from_cli(artifacts=args.artifacts)
 
 
+def _check_set_keys(sets: list[str]) -> None:
+    """The sim and the controller read only their own sections, so they cannot tell a typo in another
+    section's key from a key meant for another process: every key is checked against the whole config here."""
+    from maac_robot.learn.config import parse_set
+
+    parse_set(sets)
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     from sim.server import sim_from_cli
 
+    _check_set_keys(args.set)
     return sim_from_cli(config=args.config, bind=args.bind, mode=args.mode, render=args.render, seed=args.seed,
                         record=args.record, server_key=args.server_key, authorized=args.authorized,
                         admin_key=args.admin_key, insecure=args.insecure, sets=args.set)
@@ -56,6 +66,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 def _cmd_control(args: argparse.Namespace) -> int:
     from controller.run import control_from_cli
 
+    _check_set_keys(args.set)
     return control_from_cli(artifacts=args.artifacts, connect=args.connect, planner=args.planner,
                             episodes=args.episodes, config=args.config, seed=args.seed,
                             compare=args.compare, client_key=args.client_key, server_public=args.server_public,
@@ -110,8 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="mean +- std return of the deterministic policy of a run")
     p.add_argument("run", type=Path)
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--seed", type=int, default=10_000)
+    p.add_argument("--episodes", type=int,
+                   help="episodes, one per reset seed (default 10; with --seeds training: train.eval_episodes)")
+    p.add_argument("--seed", type=int, help="first reset seed of --seeds default (default 10000)")
+    p.add_argument("--seeds", choices=["default", "training"], default="default",
+                   help="default: reset seeds --seed, --seed+1, ...; training: the reset seeds of the training "
+                        "curve's evaluations (metrics.jsonl), so the returns compare with it")
+    p.add_argument("--video", type=Path, metavar="FILE",
+                   help="also record the episodes to this mp4 (needs the [render] extra; ~0.3 s a frame headless)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("diagnose", help="how a run's episodes end; its critic's bias and its ensemble's foresight")
@@ -190,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXTRA_OF_MODULE = {"torch": "train", "onnx": "train", "onnxscript": "train", "tqdm": "train", "matplotlib": "train",
+                   "tensorboard": "train", "gymnasium": "sim", "mujoco": "sim", "imageio": "render",
+                   "imageio_ffmpeg": "render"}
+"""The optional dependencies and the extra that installs each: a robot computer has only the runtime."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -197,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:
+        extra = EXTRA_OF_MODULE.get((err.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"error: `maac-robot {args.command}` needs {err.name}, which this install lacks: "
+              f"pip install 'maac-robot[{extra}]'", file=sys.stderr)
+        return 2
     except Exception as err:  # noqa: BLE001 - a CLI prints one clear line; --debug-free by design
         from maac_robot.runtime.errors import UserError
 

@@ -69,17 +69,64 @@ def train_from_cli(config: Path | None = None, resume: Path | None = None, seed:
     return 0
 
 
-def evaluate_from_cli(run_dir: Path, episodes: int = 10, seed: int = 10_000) -> int:
-    """`maac-robot evaluate`: mean ± std return of the run's deterministic policy."""
-    from maac_robot.learn.evaluation import evaluate_policy
-    from maac_robot.learn.trainer import load_run
+DEFAULT_EVAL_SEED, DEFAULT_EVAL_EPISODES = 10_000, 10
 
-    _positive_episodes(episodes)
+
+def _seed_range(seeds: list[int]) -> str:
+    return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+
+
+def evaluate_from_cli(run_dir: Path, episodes: int | None = None, seed: int | None = None, seeds: str = "default",
+                      video: Path | None = None) -> int:
+    """`maac-robot evaluate`: mean ± std return of the run's deterministic policy.
+
+    `seeds="default"`: reset seeds `seed`.. (10000..). `seeds="training"`: the reset seeds of the training
+    curve's evaluations (`trainer.eval_seeds`), so the number can be compared with metrics.jsonl.
+    """
+    if video is not None:
+        from maac_robot.video import check_video_support
+
+        check_video_support("--video")  # before anything imports MuJoCo (it picks EGL then)
+    from maac_robot.learn.evaluation import evaluate_policy
+    from maac_robot.learn.trainer import RunPaths, eval_seeds, load_run, read_metrics
+
+    if seeds == "training" and seed is not None:
+        raise UserError("--seed sets the first reset seed of --seeds default; --seeds training uses the run's own")
     run = load_run(run_dir)
-    returns = evaluate_policy(run.agent, run.config.env.id, [seed + i for i in range(episodes)],
-                              run.config.env.max_episode_steps)
-    print(f"{run.config.env.id} after {run.env_step} env steps: return {returns.mean():.1f} ± {returns.std():.1f} "
-          f"over {episodes} episodes (deterministic policy, reset seeds {seed}..{seed + episodes - 1})")
+    cfg = run.config
+    curve = eval_seeds(cfg.train.seed, cfg.train.eval_episodes)
+    if seeds == "training":
+        episodes = cfg.train.eval_episodes if episodes is None else episodes
+        _positive_episodes(episodes)
+        chosen = eval_seeds(cfg.train.seed, episodes)
+    else:
+        episodes = DEFAULT_EVAL_EPISODES if episodes is None else episodes
+        _positive_episodes(episodes)
+        first = DEFAULT_EVAL_SEED if seed is None else seed
+        chosen = [first + i for i in range(episodes)]
+
+    def report(i: int, n: int, reset_seed: int, ret: float, length: int) -> None:
+        print(f"evaluate: [{i}/{n}] reset seed {reset_seed}: return {ret:.1f} in {length} steps",
+              file=sys.stderr, flush=True)
+
+    print(f"evaluate: {episodes} episode(s) of {cfg.env.id}" + (f", recording to {video}" if video else ""),
+          file=sys.stderr, flush=True)
+    returns = evaluate_policy(run.agent, cfg.env.id, chosen, cfg.env.max_episode_steps, video=video,
+                              on_episode=report)
+    which = "the training curve's" if seeds == "training" else "--seeds default"
+    print(f"{cfg.env.id} after {run.env_step} env steps: return {returns.mean():.1f} ± {returns.std():.1f} "
+          f"over {episodes} episodes (deterministic policy, reset seeds {_seed_range(chosen)}, {which})")
+    if seeds == "training":
+        row = next((r for r in read_metrics(RunPaths(run_dir).metrics) if r["env_step"] == run.env_step), None)
+        if row is not None:
+            print(f"the training curve read {row['eval_return_mean']:.1f} ± {row['eval_return_std']:.1f} at this "
+                  f"step over its {len(row.get('eval_returns', [])) or cfg.train.eval_episodes} episodes "
+                  f"(reset seeds {_seed_range(curve)})")
+    else:
+        print(f"the training curve (metrics.jsonl) evaluates on other reset seeds, {_seed_range(curve)} "
+              f"(train.eval_episodes {cfg.train.eval_episodes}): `--seeds training` uses them, so the numbers compare")
+    if video is not None:
+        print(f"video of the {episodes} episode(s): {video}")
     return 0
 
 
@@ -90,7 +137,12 @@ def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> i
 
     _positive_episodes(episodes)
     run = load_run(run_dir)
-    rows = diagnose(run, [seed + i for i in range(episodes)])
+
+    def report(i: int, n: int, reset_seed: int) -> None:
+        print(f"diagnose: [{i}/{n}] reset seed {reset_seed}: a deterministic and a stochastic episode",
+              file=sys.stderr, flush=True)
+
+    rows = diagnose(run, [seed + i for i in range(episodes)], on_episode=report)
     print(f"{run.config.env.id} after {run.env_step} env steps, α {run.agent.alpha:.3g}, γ {run.config.agent.gamma}")
     for r in rows:
         end = "terminated" if r["terminated"] else "time limit"

@@ -76,6 +76,7 @@ from maac_robot.runtime.protocol import (
     seed_routing_ids,
 )
 from maac_robot.runtime.recording import EpisodeRecorder
+from maac_robot.video import VideoError, VideoWriter, check_video_support
 
 log = logging.getLogger("sim")
 
@@ -312,7 +313,7 @@ class SimServer:
         try:
             if server_key is not None:
                 self._auth = ServerAuth(server_key, authorized, admin_key, self._ctx)  # type: ignore[arg-type]
-            self._video = _Video(render_path, fps=1.0 / self.dt) if render_path is not None else None
+            self._video = VideoWriter(render_path, fps=1.0 / self.dt) if render_path is not None else None
             self._listener, self._serve_at = self._listen(bind)
             self._sock = self._router()
         except BaseException:
@@ -853,30 +854,10 @@ def _remove_stale_ipc(bind: str) -> None:
 
 def _check_video_support() -> None:
     """Fail before serving, not after the first episode; rendering is headless (EGL) unless MUJOCO_GL says otherwise."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
     try:
-        import imageio  # noqa: F401
-        import imageio_ffmpeg  # noqa: F401  - imageio's mp4 backend
-    except ImportError as err:
-        raise SimError(f"--render needs imageio and imageio-ffmpeg ({err}); "
-                       f"install them with `pip install 'maac-robot[render]'` or drop --render") from None
-
-
-class _Video:
-    """All served episodes, one frame per control period, into one mp4."""
-
-    def __init__(self, path: str | Path, fps: float) -> None:
-        import imageio.v2 as imageio
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = imageio.get_writer(path, fps=fps, macro_block_size=1)
-
-    def add(self, frame: np.ndarray) -> None:
-        self._writer.append_data(frame)
-
-    def close(self) -> None:
-        self._writer.close()
+        check_video_support("--render")
+    except VideoError as err:
+        raise SimError(str(err)) from None
 
 
 def sim_from_cli(*, config: Path, bind: str | None, mode: str | None, render: Path | None, seed: int | None,

@@ -414,7 +414,7 @@ def test_render_writes_an_mp4_of_the_served_steps(tmp_path):
             client.reset(seed=0)
             for _ in range(3):
                 client.step(np.zeros(1))
-            client.shutdown()
+        proc.send_signal(signal.SIGTERM)  # shutdown over the wire needs the admin key; a signal stops it cleanly
         assert proc.wait(timeout=20) == 0
     finally:
         proc.kill()

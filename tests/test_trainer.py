@@ -24,7 +24,8 @@ import yaml
 from maac_robot import cli
 from maac_robot.learn.buffer import ReplayBuffer
 from maac_robot.learn.config import config_from_dict, load_config
-from maac_robot.learn.trainer import RunError, Trainer, load_checkpoint, load_run, read_metrics, train
+from maac_robot.learn.trainer import (RunError, Trainer, eval_seeds, load_checkpoint, load_run, read_metrics,
+                                      train)
 from maac_robot.runtime.errors import UserError
 
 TINY = {
@@ -382,3 +383,30 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert err.startswith("error: ") and message in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "gpu").exists(), "a refused run must not leave a run directory behind"
+
+
+def test_evaluate_states_its_seeds_repeats_the_training_curve_and_records_video(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(_config_file(tmp_path)), "--out", str(run), "--steps", "100"]) == 0
+    row = read_metrics(run / "metrics.jsonl")[-1]
+    curve = eval_seeds(3, 2)  # TINY: train.seed 3, train.eval_episodes 2
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run), "--episodes", "2"]) == 0
+    printed = capsys.readouterr()
+    assert "reset seeds 10000..10001, --seeds default" in printed.out
+    assert f"other reset seeds, {curve[0]}..{curve[1]}" in printed.out and "--seeds training" in printed.out
+    assert "evaluate: [2/2] reset seed 10001: return" in printed.err  # progress, one line an episode
+    assert cli.main(["evaluate", str(run), "--seeds", "training"]) == 0
+    out = capsys.readouterr().out
+    # the training curve's own seeds give the training curve's own number
+    assert f"return {row['eval_return_mean']:.1f} ± {row['eval_return_std']:.1f} over 2 episodes" in out
+    assert f"the training curve read {row['eval_return_mean']:.1f}" in out
+    assert cli.main(["evaluate", str(run), "--seeds", "training", "--seed", "5"]) == 2
+    pytest.importorskip("imageio_ffmpeg", reason="--video needs the [render] extra")
+    video = tmp_path / "eval.mp4"
+    assert cli.main(["evaluate", str(run), "--episodes", "1", "--video", str(video)]) == 0
+    import imageio.v3 as iio
+
+    length = int(capsys.readouterr().err.split(" in ")[-1].split()[0])
+    assert sum(1 for _ in iio.imiter(video)) == length + 1  # the reset, then one frame a step

@@ -22,6 +22,7 @@ imagined step and by source (model rewards, terminal Q) and compares it with SAC
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -130,16 +131,19 @@ def entropy_pressure(run: LoadedRun, start_states: Tensor, *, draws: int = 8, se
             "pull_first_step": first, "pull_first_step_by_horizon": by_horizon}
 
 
-def diagnose(run: LoadedRun, seeds: list[int]) -> list[dict[str, Any]]:
+def diagnose(run: LoadedRun, seeds: list[int],
+             on_episode: Callable[[int, int, int], None] | None = None) -> list[dict[str, Any]]:
     """Per reset seed, a deterministic episode (how the evaluation ends, the ensemble's foresight of a
     termination and of the actor's H-step return) and a stochastic one from the same reset (the critic's
-    bias against its realised soft return)."""
+    bias against its realised soft return). `on_episode(i, n, seed)` is called as each seed starts."""
     agent, gamma, horizon = run.agent, run.config.agent.gamma, max(run.config.agent.horizon, 1)
     names = LEADING_STATE_NAMES.get(run.config.env.id, ())
     env = make_env(run.config.env.id, max_episode_steps=run.config.env.max_episode_steps)
     out = []
     try:
-        for seed in seeds:
+        for i, seed in enumerate(seeds, start=1):
+            if on_episode is not None:
+                on_episode(i, len(seeds), seed)
             det = rollout_episode(agent, env, seed, deterministic=True)
             sto = rollout_episode(agent, env, seed, deterministic=False)
             foresight = {k: elites_predicting_end(run, det["states"], det["actions"], k) for k in FORESIGHT_STEPS

@@ -8,12 +8,14 @@ MAAC agent and a Stable-Baselines3 model are evaluated by the same loop on the s
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from maac_robot.envs import make_env
+from maac_robot.envs import env_info, make_env
+from maac_robot.video import VideoWriter, check_video_support
 from maac_robot.learn.agent import MAACAgent
 
 Policy = Callable[[np.ndarray], tuple[np.ndarray, float]]
@@ -33,16 +35,22 @@ def agent_policy(agent: MAACAgent, deterministic: bool) -> Policy:
     return policy
 
 
-def run_episode(policy: Policy, env: Any, seed: int) -> dict[str, Any]:
+def run_episode(policy: Policy, env: Any, seed: int, on_frame: Callable[[np.ndarray], None] | None = None
+                ) -> dict[str, Any]:
     """One episode from reset `seed`: states [T+1, S], actions [T, A], rewards [T], −log π of the taken
-    actions [T] and whether it terminated (rather than being cut by the time limit)."""
+    actions [T] and whether it terminated (rather than being cut by the time limit). `on_frame` gets
+    `env.render()` after the reset and after every step (an env made with render_mode="rgb_array")."""
     state, _ = env.reset(seed=seed)
+    if on_frame is not None:
+        on_frame(env.render())
     states, actions, rewards, entropies, terminated, truncated = [state], [], [], [], False, False
     while not (terminated or truncated):
         action, entropy = policy(state)
         actions.append(action)
         entropies.append(entropy)
         state, reward, terminated, truncated, _ = env.step(action)
+        if on_frame is not None:
+            on_frame(env.render())
         states.append(state)
         rewards.append(float(reward))
     return {"states": torch.as_tensor(np.array(states), dtype=torch.float32),
@@ -60,16 +68,32 @@ def rollout_episode(agent: MAACAgent, env: Any, seed: int, deterministic: bool) 
         return run_episode(agent_policy(agent, deterministic), env, seed)
 
 
-def evaluate_policy(policy: MAACAgent | Policy, env_id: str, seeds: list[int], max_episode_steps: int | None = None
-                    ) -> np.ndarray:
-    """Returns of a policy (an agent: its deterministic policy), one episode per reset seed, on a fresh env."""
+def evaluate_policy(policy: MAACAgent | Policy, env_id: str, seeds: list[int], max_episode_steps: int | None = None,
+                    *, video: str | Path | None = None,
+                    on_episode: Callable[[int, int, int, float, int], None] | None = None) -> np.ndarray:
+    """Returns of a policy (an agent: its deterministic policy), one episode per reset seed, on a fresh env.
+
+    `video`: also write the episodes, one after another, to this mp4 (the `[render]` extra; rendering
+    does not change the episodes). `on_episode(i, n, seed, return, length)` is called after each one.
+    """
     if isinstance(policy, MAACAgent):
         policy = agent_policy(policy, deterministic=True)
-    env = make_env(env_id, max_episode_steps=max_episode_steps)
+    if video is not None:
+        check_video_support("--video")  # before MuJoCo is imported: it picks EGL
+    env = make_env(env_id, max_episode_steps=max_episode_steps, render_mode="rgb_array" if video else None)
+    writer = VideoWriter(video, fps=1.0 / env_info(env_id).dt) if video is not None else None
+    returns = []
     try:
-        return np.asarray([run_episode(policy, env, seed)["rewards"].sum() for seed in seeds], dtype=float)
+        for i, seed in enumerate(seeds, start=1):
+            rewards = run_episode(policy, env, seed, writer.add if writer is not None else None)["rewards"]
+            returns.append(float(rewards.sum()))
+            if on_episode is not None:
+                on_episode(i, len(seeds), seed, returns[-1], len(rewards))
+        return np.asarray(returns, dtype=float)
     finally:
         env.close()
+        if writer is not None:
+            writer.close()
 
 
 def soft_returns(rewards: np.ndarray, entropies: np.ndarray, alpha: float, gamma: float) -> np.ndarray:
