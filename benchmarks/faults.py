@@ -36,6 +36,7 @@ import zmq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from controller.loop import GRAPHS  # noqa: E402
 from controller.run import make_controller, reset_owned, run_episode, run_resilient  # noqa: E402
 from maac_robot.runtime.artifacts import load_artifacts  # noqa: E402
 from maac_robot.runtime.auth import ClientCurve, create_keys  # noqa: E402
@@ -516,7 +517,7 @@ def main() -> None:
 
     def artifacts():  # loaded once, by the first scenario that needs the policy
         if not loaded:
-            loaded.append(load_artifacts(args.artifacts, expected_env_id=ENV))
+            loaded.append(load_artifacts(args.artifacts, expected_env_id=ENV, graphs=GRAPHS))
         return loaded[0]
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from controller.loop import GRAPHS  # noqa: E402
 from controller.run import make_controller, run_episode  # noqa: E402
 from maac_robot.runtime.artifacts import load_artifacts  # noqa: E402
 from maac_robot.runtime.config import ControllerConfig  # noqa: E402
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="episode cap")
     args = parser.parse_args()
-    artifacts = load_artifacts(args.artifacts)
+    artifacts = load_artifacts(args.artifacts, graphs=GRAPHS)
     controller = make_controller(artifacts, ControllerConfig(planner="policy"), "policy", 0)
     try:
         for name, direction in DIRECTIONS.items():

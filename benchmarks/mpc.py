@@ -39,7 +39,7 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controller.loop import Telemetry  # noqa: E402
+from controller.loop import GRAPHS, Telemetry  # noqa: E402
 from controller.run import (  # noqa: E402
     EpisodeResult,
     apply_realtime_settings,
@@ -125,7 +125,7 @@ def main() -> None:
                                    ("realtime_priority", args.realtime_priority)) if v is not None}
     cfg = cfg.model_copy(update=overrides)
     cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate the overrides
-    arts = load_artifacts(args.artifacts)
+    arts = load_artifacts(args.artifacts, graphs=GRAPHS)
     m = arts.manifest
     task = yaml.safe_load(args.config.read_text())
     if args.max_episode_steps:

@@ -40,11 +40,12 @@ CONFIGS = [
 def child(args: argparse.Namespace, spec: dict) -> dict:
     import os
 
+    from controller.loop import GRAPHS
     from controller.run import load_controller_config, make_controller
     from maac_robot.runtime.artifacts import load_artifacts
 
     cfg = load_controller_config(args.config).model_copy(update={"realtime_priority": spec["priority"]})
-    arts = load_artifacts(args.artifacts)
+    arts = load_artifacts(args.artifacts, graphs=GRAPHS)
     dt = arts.manifest.dt
 
     def realtime() -> None:

@@ -13,7 +13,8 @@ trap cleanup EXIT
 echo "[runtime] full install: a short InvertedPendulum run, exported"
 .venv/bin/maac-robot train --config inverted_pendulum --steps 300 --out "$WORK/run" \
   --set train.initial_random_steps=250 --set train.eval_every=300 --set train.eval_episodes=1 \
-  --set model.max_epochs=2 --set agent.updates_per_step=1 >/dev/null 2>&1
+  --set model.max_epochs=2 --set agent.updates_per_step=1 >"$WORK/train.log" 2>&1 \
+  || { cat "$WORK/train.log"; echo "[runtime] FAIL: training in the full install failed"; exit 1; }
 .venv/bin/maac-robot export "$WORK/run" --out "$WORK/artifacts"
 
 echo "[runtime] fresh venv with 'pip install .' (no extras)"

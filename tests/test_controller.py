@@ -359,3 +359,13 @@ def test_predict_stands_in_for_a_lost_observation_with_the_elite_mean_or_says_it
         assert ctl.predict(state, action) is None and "NonFiniteError" in ctl.last_error
     finally:
         ctl.close()
+
+
+def test_a_run_saved_with_horizon_null_still_loads(tmp_path):
+    """Configs saved while the controller had a `horizon` field hold `horizon: null`; their runs must still load."""
+    from maac_robot.learn.config import load_config
+
+    config = tmp_path / "config.yaml"
+    config.write_text("env:\n  id: InvertedPendulum-v5\ncontroller:\n  horizon: null\n  population: 64\n")
+    assert load_controller_config(config).population == 64
+    assert load_config(config).controller.population == 64

@@ -24,3 +24,13 @@ def test_the_controller_process_never_loads_torch():
             "bad = [m for m in ('torch', 'gymnasium', 'mujoco', 'maac_robot.learn.trainer') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_a_command_whose_extra_is_missing_names_the_extra():
+    """On a runtime-only install `maac-robot sim` (needs Gymnasium) says which extra to install, in one line."""
+    code = ("import sys; sys.modules['gymnasium'] = None;"  # None in sys.modules makes the import fail
+            "from maac_robot.cli import main;"
+            "sys.exit(main(['sim', '--config', 'inverted_pendulum', '--bind', 'ipc:///tmp/maac-no-such.sock']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "pip install 'maac-robot[sim]'" in result.stderr and "gymnasium" in result.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from maac_robot.runtime.errors import UserError
 
@@ -77,6 +77,16 @@ class ControllerConfig(Section):
         None, ge=1, le=99, description="real-time mode: SCHED_FIFO priority of the control process (Linux, needs "
         "CAP_SYS_NICE); None: normal scheduling, which misses deadlines on a loaded machine")
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plan_horizon_is_the_artifacts(cls, data: Any) -> Any:
+        """Run directories saved by versions that had a `horizon` field carry `horizon: null`: dropped, so those
+        runs still resume, evaluate and export. A number is refused as an unknown key: the plan graph's horizon
+        is fixed at export (`maac-robot export --plan-horizon`)."""
+        if isinstance(data, dict) and "horizon" in data and data["horizon"] is None:
+            return {k: v for k, v in data.items() if k != "horizon"}
+        return data
 
 
 class ConfigError(UserError, ValueError):
