@@ -91,7 +91,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from maac_robot.deploy import demo_from_cli
 
-    return demo_from_cli(config=args.config, out=args.out, steps=args.steps, episodes=args.episodes, sets=args.set)
+    return demo_from_cli(config=args.config, out=args.out, steps=args.steps, episodes=args.episodes, sets=args.set,
+                         bind=args.bind)
 
 
 def _add_set(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4000,
                    help="env steps to train (default 4000: 8 of 12 InvertedPendulum seeds balanced by then, benchmarks/RESULTS.md)")
     p.add_argument("--episodes", type=int, default=2)
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                   help="the sim's endpoint (default tcp://127.0.0.1:5555), checked free before training starts")
     _add_set(p)
     p.set_defaults(func=_cmd_demo)
     return parser

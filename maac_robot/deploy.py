@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from maac_robot.runtime.errors import UserError
 
 GRACE_S = 5.0
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
 
 
 def _die_with_parent() -> None:
@@ -161,10 +162,33 @@ def session_keys(directory: Path) -> dict[str, list[str]]:
             "controller": ["--client-key", str(controller_secret), "--server-public", str(server_public)]}
 
 
-def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int, sets: list[str] | None = None) -> int:
-    """From nothing to a robot under MPC: train (or resume) -> export -> sim + controller over ZeroMQ."""
+def export_is_current(run_dir: Path, artifacts: Path) -> bool:
+    """Whether `artifacts` were exported from `run_dir`'s latest checkpoint: the manifest's env and training step
+    are the checkpoint's, and the manifest was written after the checkpoint (a retrained or resumed run writes a
+    newer one). `up` still verifies every file's hash before it serves them."""
+    import json
+
+    from maac_robot.learn.trainer import RunPaths, load_checkpoint
+
+    manifest_path, checkpoint = artifacts / "manifest.json", RunPaths(run_dir).checkpoint
+    if not (manifest_path.is_file() and checkpoint.is_file()):
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return False
+    ckpt = load_checkpoint(checkpoint)
+    return (isinstance(manifest, dict) and manifest.get("env_id") == ckpt["env_id"]
+            and manifest.get("train_steps") == int(ckpt["env_step"])
+            and manifest_path.stat().st_mtime >= checkpoint.stat().st_mtime)
+
+
+def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int, sets: list[str] | None = None,
+                  bind: str = DEFAULT_BIND) -> int:
+    """From nothing to a robot under MPC: train (or resume) -> export (unless up to date) -> sim + controller."""
     from maac_robot.commands import export_from_cli, train_from_cli
 
+    _check_endpoint_free(bind)  # before minutes of training, not after
     checkpoint = out / "checkpoints" / "latest.pt"
     print(f"[demo] 1/3 training {config} into {out}" + (" (resuming)" if checkpoint.is_file() else ""))
     if checkpoint.is_file():
@@ -174,9 +198,12 @@ def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int, 
     if rc:
         return rc
     artifacts = Path("artifacts") / out.name
-    print(f"[demo] 2/3 exporting to {artifacts}")
-    if rc := export_from_cli(run_dir=out, out=artifacts):
-        return rc
-    print("[demo] 3/3 sim + controller (CEM-MPC) over ZeroMQ on loopback")
-    return up_from_cli(artifacts=artifacts, config=config, bind="tcp://127.0.0.1:5555", episodes=episodes,
+    if export_is_current(out, artifacts):
+        print(f"[demo] 2/3 {artifacts} already holds the export of {out}'s latest checkpoint; not exporting again")
+    else:
+        print(f"[demo] 2/3 exporting to {artifacts}")
+        if rc := export_from_cli(run_dir=out, out=artifacts):
+            return rc
+    print(f"[demo] 3/3 sim + controller (CEM-MPC) over ZeroMQ on {bind}")
+    return up_from_cli(artifacts=artifacts, config=config, bind=bind, episodes=episodes,
                        mode="realtime", planner="cem", sets=sets)

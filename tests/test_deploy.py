@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,50 @@ def test_port_in_use_is_one_clear_error():
         with pytest.raises(UserError, match=f"port {port} .* in use"):
             _check_endpoint_free(f"tcp://127.0.0.1:{port}")
     _check_endpoint_free("ipc:///tmp/whatever")  # ipc endpoints are not probed
+
+
+def test_demo_checks_its_port_before_training(tmp_path, monkeypatch, capsys):
+    from maac_robot import cli
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["demo", "--out", str(tmp_path / "run"), "--bind", f"tcp://127.0.0.1:{port}"]) == 2
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err  # and the --bind it suggests exists:
+    assert cli.build_parser().parse_args(["demo", "--bind", "tcp://127.0.0.1:6000"]).bind == "tcp://127.0.0.1:6000"
+    assert not (tmp_path / "run").exists(), "demo trained before finding its port taken"
+
+
+def test_demo_from_another_directory_reuses_an_up_to_date_export(tmp_path, monkeypatch, capsys):
+    """`--config inverted_pendulum` resolves outside the repository; a rerun with nothing new does not re-export,
+    one that trained further does; --bind reaches `up`."""
+    import json
+
+    from maac_robot import cli, commands, deploy
+    from maac_robot.learn.trainer import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    exports, ups = [], []
+
+    def fake_export(run_dir, out, plan_horizon=None):  # the real one is tests/test_export.py's; this one is fast
+        step = int(load_checkpoint(run_dir / "checkpoints" / "latest.pt")["env_step"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").write_text(json.dumps({"env_id": "InvertedPendulum-v5", "train_steps": step}))
+        exports.append(step)
+        return 0
+
+    monkeypatch.setattr(commands, "export_from_cli", fake_export)
+    monkeypatch.setattr(deploy, "up_from_cli", lambda **kw: ups.append(kw) or 0)
+    small = [f"--set={s}" for s in ("train.initial_random_steps=40", "train.eval_every=50", "train.eval_episodes=1",
+                                    "model.max_epochs=1", "agent.updates_per_step=1", "rollout.batch_size=50",
+                                    "train.num_threads=1")]
+    argv = ["demo", "--config", "inverted_pendulum", "--out", "runs/demo", "--bind", "tcp://127.0.0.1:0", *small]
+    assert cli.main([*argv, "--steps", "50"]) == 0
+    assert cli.main([*argv, "--steps", "50"]) == 0  # nothing new: the export is reused
+    assert "already holds the export" in capsys.readouterr().out
+    assert cli.main([*argv, "--steps", "60"]) == 0  # trained further: exported again
+    assert exports == [50, 60] and len(ups) == 3
+    assert {kw["bind"] for kw in ups} == {"tcp://127.0.0.1:0"} and ups[0]["artifacts"] == Path("artifacts/demo")
+    assert (tmp_path / "runs" / "demo" / "checkpoints" / "latest.pt").is_file()
