@@ -9,7 +9,8 @@ A marker pair whose table has no data is left as it is and reported. Inputs, all
 `sample_efficiency_<task>.csv` (every evaluation of every seed, `sample_efficiency.py`),
 `sample_efficiency_archived.csv` (per-step means of sessions 1-7, whose run records were lost),
 `training_cost_<task>.csv` (`profile_update.py`), and `diagnose.json`, `critic_probe.json`,
-`entropy_pressure.json` (`diagnose_runs.py`, `critic_probe.py`, `entropy_pressure.py`).
+`entropy_pressure.json` (`diagnose_runs.py`, `critic_probe.py`, `entropy_pressure.py`), `gradient_error.csv`
+(`gradient_error.py`, paper §5.2).
 """
 
 from __future__ import annotations
@@ -415,6 +416,71 @@ def entropy_pressure_table(d: Mapping[str, Any]) -> list[str]:
 # ---- assembling -------------------------------------------------------------------------------------------
 
 
+def _model_label(row: Mapping[str, str]) -> str:
+    return "true dynamics" if row["dynamics"] == "true" else f"learned, {int(row['data'])} transitions"
+
+
+def gradient_error_curves(rows: Iterable[Mapping[str, str]]) -> dict[str, dict[int, float]]:
+    """Mean relative error of `gradient_error.py`'s rows per (dynamics, data) label and horizon, over seeds."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        out.setdefault(_model_label(r), {}).setdefault(int(r["horizon"]), []).append(float(r["rel_l1_error"]))
+    return {label: {h: float(np.mean(v)) for h, v in sorted(by_h.items())} for label, by_h in out.items()}
+
+
+def gradient_error_verdicts(mean: Mapping[str, Mapping[int, float]]) -> list[str]:
+    """Whether each curve has the paper's shape: true dynamics falling with H; learned falling then rising."""
+    lines = []
+    for label, curve in mean.items():
+        hs, errs = list(curve), list(curve.values())
+        best = hs[int(np.argmin(errs))]
+        if label == "true dynamics":
+            falling = errs[-1] < errs[0] and all(b <= a * 1.05 for a, b in zip(errs, errs[1:]))
+            lines.append(f"{label}: error {errs[0]:.3f} at H={hs[0]} -> {errs[-1]:.3f} at H={hs[-1]}; "
+                         f"{'falls with H as the paper says' if falling else 'does NOT fall monotonically with H'}")
+        else:
+            interior = hs[0] < best < hs[-1]
+            lines.append(f"{label}: lowest error {min(errs):.3f} at H={best} (H={hs[0]}: {errs[0]:.3f}, "
+                         f"H={hs[-1]}: {errs[-1]:.3f}); "
+                         f"{'falls then rises: an intermediate H is best, as the paper says' if interior else 'no intermediate optimum in this range'}")
+    return lines
+
+
+def plot_gradient_error(mean: Mapping[str, Mapping[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in mean.items():
+        ax.plot(list(curve), list(curve.values()), marker="o", label=label, linewidth=2 if "true" in label else 1)
+    ax.set_xlabel("horizon H")
+    ax.set_ylabel("relative L1 error of the policy gradient")
+    ax.set_yscale("log")
+    ax.set_title("MAAC gradient error vs horizon (double integrator)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def gradient_error_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Relative L1 gradient error by horizon: mean ± std (median) over seeds per model, then the verdicts."""
+    by: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by[_model_label(r)][int(r["horizon"])].append(float(r["rel_l1_error"]))
+    horizons = sorted({h for curve in by.values() for h in curve})
+    seeds = sorted({r["seed"] for r in rows}, key=int)
+    lines = [f"Rows: `benchmarks/results/gradient_error.csv` ({len(seeds)} seeds; command and commit on every row).", "",
+             "| model | " + " | ".join(f"H={h}" for h in horizons) + " |", "|---|" + "---|" * len(horizons)]
+    for label, curve in by.items():
+        lines.append(f"| {label} | " + " | ".join(
+            f"{np.mean(curve[h]):.3f} ± {np.std(curve[h]):.3f} ({np.median(curve[h]):.3f})" if h in curve else "–"
+            for h in horizons) + " |")
+    return lines + ["", *(f"- {line}" for line in gradient_error_verdicts(gradient_error_curves(rows)))]
+
+
 def tables(results: Path = RESULTS, figures: Path | None = FIGURES) -> dict[str, list[str]]:
     """Every generated table by marker name, from the files under `results`; writes the PNGs to `figures`."""
     out: dict[str, list[str]] = {}
@@ -443,6 +509,11 @@ def tables(results: Path = RESULTS, figures: Path | None = FIGURES) -> dict[str,
         for name, lines in ((f"profile_{task}", profile_table(rows)), (f"update_cost_{task}", update_cost_table(rows))):
             if lines:
                 out[name] = lines
+    gradient_rows = read_rows(results / "gradient_error.csv")
+    if gradient_rows:
+        out["gradient_error"] = gradient_error_table(gradient_rows)
+        if figures is not None:
+            plot_gradient_error(gradient_error_curves(gradient_rows), figures / "gradient_error.png")
     for name, render in (("diagnose", diagnosis_table), ("critic_probe", probe_table),
                          ("entropy_pressure", entropy_pressure_table)):
         path = results / f"{name}.json"
