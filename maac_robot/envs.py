@@ -15,6 +15,10 @@ the 27-dim observation of the MAAC and MBPO papers; `EnvInfo.modelled_idx` lists
 predicts. The contact cost of imagined steps is therefore that of the start state (5e-4 per unit force^2,
 ~0.003 per step on real data).
 
+`state_layout(env_id)` writes the convention down for the manifest: the gym.make kwargs that give the
+state, where Gymnasium's default observation (`gym.make(env_id)`) sits in it, the network dims, and the
+dims' names, so a policy runs from a plain Gymnasium observation and a third party can rebuild the state.
+
 Any other Gymnasium env with a 1-D Box observation and a Box action space works too: its state is
 the default observation, networks see all of it, the ensemble learns its reward, and imagined
 rollouts assume it never terminates (`terminates=False`) because nothing tells us its rule.
@@ -28,6 +32,7 @@ from functools import lru_cache
 import gymnasium as gym
 import numpy as np
 
+from maac_robot.runtime.artifacts import StateLayout
 from maac_robot.runtime.errors import UserError
 
 
@@ -117,3 +122,58 @@ def env_info(env_id: str) -> EnvInfo:
                        modelled_idx=tuple(range(end)))
     finally:
         env.close()
+
+
+# MuJoCo joint types (mjtJoint: free, ball, slide, hinge) -> names of their qpos and qvel coordinates
+_JOINT_COORDS = {0: (("x", "y", "z", "qw", "qx", "qy", "qz"), ("vx", "vy", "vz", "wx", "wy", "wz")),
+                 1: (("qw", "qx", "qy", "qz"), ("wx", "wy", "wz")), 2: (("",), ("",)), 3: (("",), ("",))}
+_CFRC_AXES = ("tx", "ty", "tz", "fx", "fy", "fz")  # MuJoCo's cfrc_ext rows: torque, then force
+
+
+def _mujoco_state_names(env: gym.Env, state_dim: int) -> list[str] | None:
+    """Names of a built-in env's state dims: qpos, qvel (then Ant's cfrc_ext of every body but the world),
+    the order Gymnasium's v5 MuJoCo envs concatenate them in; None when the counts do not add up."""
+    import mujoco
+
+    model = getattr(env.unwrapped, "model", None)
+    if model is None:
+        return None
+    qpos, qvel = [], []
+    for j in range(model.njnt):
+        joint = mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_JOINT, j) or f"joint{j}"
+        pos, vel = _JOINT_COORDS[int(model.jnt_type[j])]
+        qpos += [f"qpos:{joint}" + (f":{c}" if c else "") for c in pos]
+        qvel += [f"qvel:{joint}" + (f":{c}" if c else "") for c in vel]
+    names = qpos + qvel
+    if state_dim == len(names) + 6 * (model.nbody - 1):
+        bodies = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_BODY, b) or f"body{b}" for b in range(1, model.nbody)]
+        names += [f"cfrc_ext:{body}:{axis}" for body in bodies for axis in _CFRC_AXES]
+    return names if len(names) == state_dim else None
+
+
+@lru_cache(maxsize=None)
+def state_layout(env_id: str) -> StateLayout:
+    """How `env_id`'s state is formed (the manifest's `state_layout`), checked against the envs themselves.
+
+    The state is `gym.make(env_id, **ENV_KWARGS[env_id])`'s observation; Gymnasium's default observation
+    is its tail after the root position (the built-ins) or all of it (other envs). Both envs are built
+    here and reset with one seed, and the default observation must equal the state at `obs_idx`.
+    """
+    info = env_info(env_id)
+    env, default = make_env(env_id), gym.make(env_id)
+    try:
+        root = _BUILTIN[env_id][1] if env_id in _BUILTIN else 0
+        obs_idx = list(range(root, info.state_dim))
+        state, _ = env.reset(seed=0)
+        obs, _ = default.reset(seed=0)
+        if np.shape(obs) != (len(obs_idx),) or not np.array_equal(np.asarray(state)[obs_idx], obs):
+            raise EnvError(f"{env_id}: the default observation {np.shape(obs)} is not the state {np.shape(state)} "
+                           f"without its first {root} dims; the state convention does not describe this env")
+        names = _mujoco_state_names(env, info.state_dim) if env_id in _BUILTIN else None
+        layout = StateLayout(env_kwargs=dict(ENV_KWARGS.get(env_id, {})), names=names, obs_idx=obs_idx,
+                             net_obs_idx=list(info.net_obs_idx))
+        layout.check(info.state_dim)
+        return layout
+    finally:
+        env.close()
+        default.close()

@@ -172,8 +172,19 @@ def test_env_id_mismatch(exported: Path) -> None:
 
 
 def test_manifest_dims_disagree_with_graphs(copy: Path) -> None:
+    # a state_dim the layout does not fit is the manifest's own error
     _edit_manifest(copy, state_dim=17)
-    with pytest.raises(ArtifactError, match=r"policy\.onnx: input 'state' has shape \[batch, 18\], the manifest "
+    with pytest.raises(ArtifactError, match=r"state_layout\.names has 18 entries, state_dim is 17"):
+        load_artifacts(copy)
+    # a consistent manifest for a smaller state: the graphs disagree, the first (policy.onnx) is named
+    layout = json.loads((copy / "manifest.json").read_text())["state_layout"]
+    layout.update(names=layout["names"][:17], obs_idx=list(range(1, 17)), net_obs_idx=list(range(1, 17)))
+    _edit_manifest(copy, state_dim=17, state_layout=layout)
+    with pytest.raises(ArtifactError, match=r"policy\.onnx: input 'net_obs' has shape \[batch, 17\], the manifest "
+                                            r"implies \[batch, 16\]"):
+        load_artifacts(copy)
+    _edit_manifest(copy, state_layout={**layout, "obs_idx": list(range(17)), "net_obs_idx": list(range(17))})
+    with pytest.raises(ArtifactError, match=r"ensemble\.onnx: input 'state' has shape \[batch, 18\], the manifest "
                                             r"implies \[batch, 17\]"):
         load_artifacts(copy)
 

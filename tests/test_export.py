@@ -81,7 +81,8 @@ def test_exported_dynamic_axes_are_exactly_the_batch_axes(cheetah: tuple[Compone
                 for v in [*proto.graph.input, *proto.graph.output]}
 
     policy, plan = shapes("policy"), shapes("plan")
-    assert policy["state"] == ["batch", 18] and policy["noise"] == ["batch", 6] and policy["action"] == ["batch", 6]
+    # the policy takes what the actor reads (HalfCheetah's state without root x), the other graphs the full state
+    assert policy["net_obs"] == ["batch", 17] and policy["noise"] == ["batch", 6] and policy["action"] == ["batch", 6]
     assert shapes("ensemble")["next_state_mean"] == [5, "batch", 18]
     assert plan["state"] == [18] and plan["actions"] == ["3*particles_per_elite", 3, 6]
     # the same check refuses a graph whose batch axis was frozen to the export example's size

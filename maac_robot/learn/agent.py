@@ -86,9 +86,17 @@ class Actor(nn.Module):
 
     def forward(self, state: Tensor) -> tuple[Tensor, Tensor]:
         """Pre-tanh mean and log-std; log-std softly squashed into [LOG_STD_MIN, LOG_STD_MAX] (keeps a gradient)."""
-        mean, raw = self.net(state.index_select(-1, self.net_obs_idx)).chunk(2, dim=-1)
+        return self.from_net_obs(state.index_select(-1, self.net_obs_idx))
+
+    def from_net_obs(self, net_obs: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward` on the dims the actor reads, net_obs = state[..., net_obs_idx] (the exported graph's input)."""
+        mean, raw = self.net(net_obs).chunk(2, dim=-1)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(raw) + 1)
         return mean, log_std
+
+    def squash(self, u: Tensor) -> Tensor:
+        """Pre-tanh values -> env-unit actions: scale·tanh(u) + bias."""
+        return torch.tanh(u) * self.act_scale + self.act_bias
 
     def sample(self, state: Tensor, noise: Tensor | None = None, *, repeat: int = 1,
                log_std_shift: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
@@ -104,14 +112,14 @@ class Actor(nn.Module):
         if noise is None:
             noise = torch.randn_like(mean)
         u = mean + log_std.exp() * noise
-        action = torch.tanh(u) * self.act_scale + self.act_bias
+        action = self.squash(u)
         # log N(u; μ, σ) − log|da/du|, with log(1 − tanh²u) = 2(log 2 − u − softplus(−2u)) (exact, no ε needed).
         log_det = torch.log(self.act_scale) + 2 * (math.log(2) - u - F.softplus(-2 * u))
         log_prob = (-0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi) - log_det).sum(-1)
         return action, log_prob
 
     def deterministic(self, state: Tensor) -> Tensor:
-        return torch.tanh(self(state)[0]) * self.act_scale + self.act_bias
+        return self.squash(self(state)[0])
 
 
 class TwinQ(nn.Module):

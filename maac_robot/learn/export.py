@@ -41,6 +41,7 @@ from maac_robot.runtime.artifacts import (
     sha256_bytes,
     signature_mismatch,
 )
+from maac_robot.envs import state_layout
 from maac_robot.runtime.errors import UserError
 from maac_robot.runtime.files import atomic_write, fsync_directory, make_temp_dir
 from maac_robot.learn.rollout import model_rollout
@@ -64,17 +65,23 @@ class ExportError(UserError):
 
 
 class PolicyGraph(nn.Module):
-    """(state [B,S], noise [B,A]) -> (mean, log_std, action): the actor's pre-tanh Gaussian and its
-    tanh-squashed env-unit action for the given standard-normal noise (noise 0: deterministic)."""
+    """(net_obs [B,N], noise [B,A]) -> (mean, log_std, action): the actor's pre-tanh Gaussian and its
+    tanh-squashed env-unit action for the given standard-normal noise (noise 0: deterministic).
+
+    net_obs = state[:, net_obs_idx], only what the actor reads, so the graph runs from Gymnasium's default
+    observation (manifest.state_layout). Called with a full state [B,S] (S ≠ N), it picks those dims itself:
+    parity checks compare the graph with this module on the states the other graphs take.
+    """
 
     def __init__(self, actor: nn.Module) -> None:
         super().__init__()
         self.actor = actor
 
-    def forward(self, state: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mean, log_std = self.actor(state)
-        action, _ = self.actor.sample(state, noise)
-        return mean, log_std, action
+    def forward(self, net_obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if net_obs.shape[-1] != self.actor.net_obs_idx.numel():  # a full state (static at export: never traced)
+            net_obs = net_obs.index_select(-1, self.actor.net_obs_idx)
+        mean, log_std = self.actor.from_net_obs(net_obs)
+        return mean, log_std, self.actor.squash(mean + log_std.exp() * noise)
 
 
 class EnsembleGraph(nn.Module):
@@ -262,8 +269,13 @@ def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: n
     _check_replaceable(out)
     info = task.info
     elites = [int(e) for e in model.elites]
+    layout = state_layout(info.env_id)
+    if [int(i) for i in actor.net_obs_idx] != layout.net_obs_idx:
+        raise ExportError(f"the actor reads state dims {actor.net_obs_idx.tolist()}, the state convention of "
+                          f"{info.env_id} gives the networks {layout.net_obs_idx}")
     manifest = Manifest(
-        format_version=FORMAT_VERSION, env_id=info.env_id, state_dim=info.state_dim, act_dim=info.act_dim,
+        format_version=FORMAT_VERSION, env_id=info.env_id, state_dim=info.state_dim, state_layout=layout,
+        act_dim=info.act_dim,
         act_low=[float(x) for x in info.act_low], act_high=[float(x) for x in info.act_high], dt=info.dt,
         gamma=gamma, horizon=horizon, plan_horizon=plan_horizon, num_models=int(model.num_models),
         num_elites=len(elites), elites=elites, reward="learned" if task.reward_fn is None else "closed_form",

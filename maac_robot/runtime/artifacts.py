@@ -3,13 +3,17 @@
 Torch-free on purpose: a robot computer has onnxruntime, numpy and pydantic only. An artifact
 directory (written by `maac_robot.learn.export`) holds four ONNX graphs and `manifest.json`:
 
-- `policy.onnx`   (state [B,S], noise [B,A]) -> mean [B,A], log_std [B,A], action [B,A]
+- `policy.onnx`   (net_obs [B,N], noise [B,A]) -> mean [B,A], log_std [B,A], action [B,A], where
+                  net_obs = state[manifest.state_layout.net_obs_idx]: only what the actor reads
 - `ensemble.onnx` (state [B,S], action [B,A]) -> every member's next-state mean/logvar [M,B,S]
                   and reward [M,B] (+ reward_logvar [M,B] when the reward is learned)
 - `q.onnx`        (state [B,S], action [B,A]) -> q1 [B], q2 [B]
 - `plan.onnx`     (state [S], actions [P,H,A]) -> returns [P]  (graph: P a multiple of num_elites)
 
 All normalisation lives inside the graphs: callers pass raw env-unit states and actions.
+The manifest's `state_layout` says how the state is formed from the env (`gym.make(env_id, **env_kwargs)`'s
+observation), where the env's default observation (`gym.make(env_id)`) sits in it, and which dims the
+policy graph takes, so the policy runs from a plain Gymnasium observation (`runtime.policy.Policy`).
 Nothing is trusted on load: every file is hashed, the format version, env id and every graph's
 input/output signature are checked against the manifest, and each failure says which.
 """
@@ -27,7 +31,8 @@ import numpy as np
 from maac_robot.runtime.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-FORMAT_VERSION = 1
+# 2: policy.onnx takes net_obs [B,N] (what the actor reads) instead of the full state; manifest.state_layout.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("policy", "ensemble", "q", "plan")
 # Measured by benchmarks/inference.py (see benchmarks/RESULTS.md, "Inference latency"): one intra-op
@@ -37,7 +42,7 @@ DEFAULT_INTRA_OP_THREADS = 1
 DEFAULT_ALLOW_SPINNING = False
 # Manifest fields copied into every graph's ONNX metadata_props (so a lone .onnx file is identifiable).
 METADATA_KEYS = ("format_version", "env_id", "state_dim", "act_dim", "dt", "gamma", "horizon", "plan_horizon",
-                 "num_models", "num_elites", "reward", "train_steps", "opset")
+                 "num_models", "num_elites", "reward", "train_steps", "opset", "state_layout")
 
 # Upper bounds checked (by `stat`) before a file is read, so a huge or sparse file is refused without
 # costing its size in RAM and seconds. An Ant-sized export (8 members x 4 layers x 200 units, 256-unit
@@ -55,6 +60,47 @@ class ArtifactError(UserError):
     """Artifacts that cannot be used as they are: the message names the file and what disagrees."""
 
 
+class StateLayout(BaseModel):
+    """How the state is formed from the env, and which of its dims the env's default observation and the
+    policy graph hold: everything a third party needs to feed the graphs from Gymnasium.
+
+    state       = gym.make(env_id, **env_kwargs) observation                     [state_dim]
+    observation = gym.make(env_id) observation (Gymnasium's default) = state[obs_idx]
+    net_obs     = policy.onnx's input = state[net_obs_idx]
+                = observation[[obs_idx.index(i) for i in net_obs_idx]]
+
+    The ensemble, Q and plan graphs take the full state: the closed-form rewards read the root position
+    that the default observation drops (Hopper's x, Ant's x and y).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env_kwargs: dict[str, Any] = Field(
+        description="gym.make(env_id, **env_kwargs) returns the state as its observation")
+    names: list[str] | None = Field(
+        description="one name per state dim (MuJoCo: 'qpos:<joint>', 'qvel:<joint>', 'cfrc_ext:<body>:<axis>'), "
+                    "or null when unknown")
+    obs_idx: list[int] = Field(description="gym.make(env_id)'s default observation is state[obs_idx] (increasing)")
+    net_obs_idx: list[int] = Field(description="policy.onnx's net_obs input is state[net_obs_idx] (increasing); a "
+                                               "subset of obs_idx, so the policy runs from the default observation")
+
+    def check(self, state_dim: int) -> None:
+        """Raise ValueError unless the layout fits a state of `state_dim` dims."""
+        if self.names is not None and len(self.names) != state_dim:
+            raise ValueError(f"state_layout.names has {len(self.names)} entries, state_dim is {state_dim}")
+        for name, idx in (("obs_idx", self.obs_idx), ("net_obs_idx", self.net_obs_idx)):
+            if not idx or any(b <= a for a, b in zip(idx, idx[1:])) or not all(0 <= i < state_dim for i in idx):
+                raise ValueError(f"state_layout.{name} must list increasing dims in [0, {state_dim}), got {idx}")
+        if missing := sorted(set(self.net_obs_idx) - set(self.obs_idx)):
+            raise ValueError(f"state_layout.net_obs_idx holds dims {missing} that are not in obs_idx")
+
+    @property
+    def obs_net_idx(self) -> list[int]:
+        """Where the policy's inputs sit in the default observation: net_obs = observation[obs_net_idx]."""
+        where = {dim: pos for pos, dim in enumerate(self.obs_idx)}
+        return [where[i] for i in self.net_obs_idx]
+
+
 class Manifest(BaseModel):
     """What an artifact directory contains and how it was made; `manifest.json` on disk."""
 
@@ -63,6 +109,8 @@ class Manifest(BaseModel):
     format_version: int = Field(description="bumped whenever graphs or fields change incompatibly")
     env_id: str
     state_dim: int = Field(gt=0, description="full state incl. root position (the state convention)")
+    state_layout: StateLayout = Field(description="how the state is formed from the env, and which dims the "
+                                                  "default observation and the policy graph hold")
     act_dim: int = Field(gt=0)
     act_low: list[float]
     act_high: list[float]
@@ -97,6 +145,7 @@ class Manifest(BaseModel):
                              f"num_models={self.num_models}")
         if any(not 0 <= e < self.num_models for e in self.elites):
             raise ValueError(f"elites {self.elites} out of range for num_models={self.num_models}")
+        self.state_layout.check(self.state_dim)
         missing = [f"{g}.onnx" for g in GRAPH_NAMES if f"{g}.onnx" not in self.files]
         if missing:
             raise ValueError(f"files lacks {missing}")
@@ -114,12 +163,12 @@ def graph_signatures(m: Manifest) -> dict[str, dict[str, dict[str, tuple[Dim, ..
     One definition used by the exporter (to assert what it wrote) and by the loader (to refuse
     graphs that disagree), so the two cannot drift apart.
     """
-    s, a, mm = m.state_dim, m.act_dim, m.num_models
+    s, a, mm, n = m.state_dim, m.act_dim, m.num_models, len(m.state_layout.net_obs_idx)
     reward = {"reward": (mm, "batch")}
     if m.reward == "learned":
         reward["reward_logvar"] = (mm, "batch")
     return {
-        "policy": {"inputs": {"state": ("batch", s), "noise": ("batch", a)},
+        "policy": {"inputs": {"net_obs": ("batch", n), "noise": ("batch", a)},
                    "outputs": {"mean": ("batch", a), "log_std": ("batch", a), "action": ("batch", a)}},
         "ensemble": {"inputs": {"state": ("batch", s), "action": ("batch", a)},
                      "outputs": {"next_state_mean": (mm, "batch", s), "next_state_logvar": (mm, "batch", s),
@@ -157,6 +206,7 @@ def signature_mismatch(io: GraphIO, m: Manifest, graph: str) -> str | None:
             if not agree:
                 return (f"{kind[:-1]} {name!r} has shape {_fmt_shape(dims)}, the manifest implies "
                         f"{_fmt_shape(expected)} (state_dim={m.state_dim}, act_dim={m.act_dim}, "
+                        f"len(state_layout.net_obs_idx)={len(m.state_layout.net_obs_idx)}, "
                         f"num_models={m.num_models}, plan_horizon={m.plan_horizon}; names are dynamic axes)")
     return None
 
@@ -187,6 +237,17 @@ def _read_bounded(file: Path, limit: int, what: str) -> tuple[bytes, str]:
             buffer.write(chunk)
     # getvalue() hands over the buffer without copying it, so a graph costs its size in memory once
     return buffer.getvalue(), digest.hexdigest()
+
+
+def _fmt_idx(idx: list[int]) -> str:
+    """Indices with runs of consecutive ones written start..end (inclusive): [0, 1, 2, 5] -> '0..2, 5'."""
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return "[" + ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in runs) + "]"
 
 
 def _fmt_shape(dims: Any) -> str:
@@ -228,9 +289,12 @@ def read_manifest(path: str | Path) -> Manifest:
         raise ArtifactError(f"{file} must hold a JSON object, got {type(raw).__name__}")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
+        why = (" (format 1 policy graphs take the full state and its manifest lacks state_layout)"
+               if version == 1 else "")
         raise ArtifactError(f"{file}: manifest format version {version!r}, this maac_robot "
-                            f"{_package_version()} reads format version {FORMAT_VERSION}; re-export the run "
-                            f"with this version (or load it with a matching maac_robot)")
+                            f"{_package_version()} reads format version {FORMAT_VERSION}{why}; re-export the run "
+                            f"with this version (`maac-robot export RUN --out DIR`) or load it with a matching "
+                            f"maac_robot")
     try:
         return Manifest.model_validate(raw)
     except ValidationError as err:
@@ -240,9 +304,14 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def _package_version() -> str:
-    from maac_robot import __version__
+    # from the installed metadata, not `maac_robot.__version__`: the package root lazily offers the learner
+    # (`maac_robot.MAAC`), and the runtime must not import anything that names it
+    import importlib.metadata
 
-    return __version__
+    try:
+        return importlib.metadata.version("maac-robot")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 class Artifacts:
@@ -260,6 +329,7 @@ class Artifacts:
         self.sessions = sessions
         self._signatures = graph_signatures(manifest)
         self._outputs = {g: list(sig["outputs"]) for g, sig in self._signatures.items()}
+        self._net_obs_idx = np.array(manifest.state_layout.net_obs_idx, dtype=np.intp)
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if graph not in self.sessions:
@@ -285,9 +355,28 @@ class Artifacts:
 
         action = act_low + (tanh(mean + exp(log_std)·noise) + 1)/2·(act_high − act_low), so noise 0
         gives the deterministic action and the caller's own RNG makes sampling reproducible.
+        The graph takes only the dims the actor reads (`state_layout.net_obs_idx`); they are picked here, so
+        the controller keeps passing the state. `policy_net_obs` takes them directly.
         """
         state, noise, single = self._batch_pair("policy", state, noise, "noise", self.manifest.act_dim)
-        mean, log_std, action = self._run("policy", {"state": state, "noise": noise})
+        return self._policy(np.ascontiguousarray(state[:, self._net_obs_idx]), noise, single)
+
+    def policy_net_obs(self, net_obs: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As `policy`, for the graph's own input net_obs = state[state_layout.net_obs_idx], [B,N] or [N]."""
+        net_obs = np.ascontiguousarray(net_obs, dtype=np.float32)
+        noise = np.ascontiguousarray(noise, dtype=np.float32)
+        single = net_obs.ndim == 1
+        if single:
+            net_obs, noise = net_obs[None], noise[None]
+        n, a = len(self._net_obs_idx), self.manifest.act_dim
+        if net_obs.ndim != 2 or net_obs.shape[1] != n or noise.shape != (net_obs.shape[0], a):
+            raise ValueError(f"policy: expected net_obs [B,{n}] (or [{n}]) and noise [B,{a}] with the same B, "
+                             f"got {list(net_obs.shape)} and {list(noise.shape)}")
+        return self._policy(net_obs, noise, single)
+
+    def _policy(self, net_obs: np.ndarray, noise: np.ndarray,
+                single: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mean, log_std, action = self._run("policy", {"net_obs": net_obs, "noise": noise})
         return (mean[0], log_std[0], action[0]) if single else (mean, log_std, action)
 
     def ensemble(self, state: np.ndarray, action: np.ndarray) -> dict[str, np.ndarray]:
@@ -343,8 +432,15 @@ class Artifacts:
     def describe(self) -> str:
         """The manifest (without the config) and every graph's input/output signature, for humans."""
         lines = [f"artifacts: {self.path}"]
-        for key, value in self.manifest.model_dump(exclude={"config", "files", "versions"}).items():
+        for key, value in self.manifest.model_dump(exclude={"config", "files", "versions", "state_layout"}).items():
             lines.append(f"  {key}: {value}")
+        layout = self.manifest.state_layout
+        lines.append("  state_layout:")
+        lines.append(f"    env_kwargs: {json.dumps(layout.env_kwargs)}  (gym.make(env_id, **env_kwargs) gives the state)")
+        lines.append(f"    obs_idx: {_fmt_idx(layout.obs_idx)}  (gym.make(env_id)'s observation = state[obs_idx])")
+        lines.append(f"    net_obs_idx: {_fmt_idx(layout.net_obs_idx)}  (policy.onnx's net_obs = state[net_obs_idx])")
+        if layout.names is not None:
+            lines.append("    names: " + " ".join(f"{i}:{name}" for i, name in enumerate(layout.names)))
         lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in self.manifest.versions.items()))
         lines.append("  files:")
         lines += [f"    {name}  sha256 {digest}" for name, digest in self.manifest.files.items()]
