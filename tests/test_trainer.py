@@ -176,6 +176,20 @@ def test_resume_continues_buffers_counters_and_metrics(tmp_path: Path) -> None:
     assert "resumed from" in (run / "train.log").read_text()
 
 
+def test_every_start_records_the_cores_and_threads_it_ran_with(tmp_path: Path) -> None:
+    from maac_robot.learn.trainer import available_cores
+
+    run = tmp_path / "run"
+    config = _config_file(tmp_path)
+    assert cli.main(["train", "--config", str(config), "--out", str(run), "--steps", "60",
+                     "--set", "train.num_threads=null"]) == 0
+    assert cli.main(["train", "--resume", str(run), "--steps", "80"]) == 0
+    sessions = [json.loads(line) for line in (run / "sessions.jsonl").read_text().splitlines()]
+    assert [s["env_step"] for s in sessions] == [0, 60]
+    assert all(s["cores_available"] == available_cores() == s["torch_threads"] for s in sessions)
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
+
+
 def test_resume_appends_to_the_event_files_without_repeating_steps(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 

@@ -102,7 +102,8 @@ class TrainConfig(Section):
     buffer_size: int = Field(1_000_000, gt=0)
     seed: int = 0
     device: str = Field("cpu", description="'cpu' or 'cuda'; nothing requires a GPU")
-    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; None: all cores")
+    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; None: the CPUs this process "
+                                    "may use (affinity and cgroup quota); recorded in RUN_DIR/sessions.jsonl")
     wandb: bool = Field(False, description="also log each evaluation to Weights & Biases (needs `pip install wandb`; "
                         "TensorBoard event files in RUN_DIR/tensorboard are written either way)")
     precision: Literal["float32", "bfloat16"] = Field(

@@ -126,6 +126,26 @@ class RunPaths:
     def checkpoint(self) -> Path:
         return self.root / "checkpoints" / "latest.pt"
 
+    @property
+    def sessions(self) -> Path:
+        return self.root / "sessions.jsonl"
+
+
+def available_cores() -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (`docker --cpus`).
+
+    `os.cpu_count()` counts the machine's cores, so a run in a 2-CPU container on a 64-core host would
+    start 64 threads that the quota then throttles.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
 
 def _stream_seed(seed: int, stream: int) -> int:
     """A 31-bit seed for one purpose, independent of the others, reproducible from the run seed."""
@@ -209,7 +229,8 @@ class Trainer:
         self.paths = RunPaths(run_dir)
         self.device = _resolve_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+        self.cores = available_cores()
+        torch.set_num_threads(cfg.train.num_threads or self.cores)
         seed = cfg.train.seed
         torch.manual_seed(seed)  # network initialisation and the policy's action noise
         self.rng = np.random.default_rng(_stream_seed(seed, _STREAM_SAMPLING))  # random actions, minibatches
@@ -664,6 +685,19 @@ def prepare_run(config: str | Path | None = None, resume: str | Path | None = No
     return cfg, run_dir, False
 
 
+def _record_session(trainer: Trainer) -> None:
+    """Append what this (re)start runs on to RUN_DIR/sessions.jsonl: a run's speed and its numbers are read
+    against the cores, threads and precision it had, which can change at every resume."""
+    import platform
+
+    record = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "env_step": trainer.env_step,
+              "cores_available": trainer.cores, "torch_threads": torch.get_num_threads(),
+              "device": str(trainer.device), "precision": trainer.precision, "machine": platform.machine(),
+              "python": platform.python_version(), "torch": torch.__version__}
+    with trainer.paths.sessions.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Trainer:
     """Run (or continue) training into `run_dir`; the programmatic twin of `maac-robot train`."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -675,6 +709,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         else:
             log.info("new run %s: %s, seed %d, %d steps, device %s, %d torch threads", run_dir, cfg.env.id,
                      cfg.train.seed, cfg.train.total_steps, trainer.device, torch.get_num_threads())
+        _record_session(trainer)
         try:
             trainer.train(progress=progress)
         except TrainingInterrupted as stop:
