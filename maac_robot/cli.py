@@ -7,6 +7,7 @@ computer never imports torch and `maac-robot --help` is instant.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -95,6 +96,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                          bind=args.bind)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default after its help (none for flags and unset options); the epilog's key list as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == [] or action.default == argparse.SUPPRESS
+        if not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _add_set(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
     """--set, with every key it takes (default, description) listed at the end of --help."""
     from maac_robot.learn.config import config_help
@@ -103,25 +115,25 @@ def _add_set(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None =
                         help="override one config value, typed and validated like the file's "
                              "(repeatable; e.g. --set agent.horizon=5 --set train.eval_every=500)")
     parser.epilog = config_help(sections)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maac-robot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
-    p = sub.add_parser("train", help="train MAAC on a MuJoCo task (Algorithm 1)")
+    p = add("train", help="train MAAC on a MuJoCo task (Algorithm 1)")
     p.add_argument("--config", type=Path, help=f"YAML config file, or a built-in one by name ({_BUILTIN})")
     p.add_argument("--resume", type=Path, help="run directory to continue from its last checkpoint")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="overrides train.seed")
     p.add_argument("--steps", type=int, help="total env steps (overrides train.total_steps)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<task>-<seed>-<time>)")
     p.add_argument("--device", help="cpu or cuda (overrides train.device)")
     _add_set(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="mean +- std return of the deterministic policy of a run")
-    p.add_argument("run", type=Path)
+    p = add("evaluate", help="mean +- std return of the deterministic policy of a run")
+    p.add_argument("run", type=Path, help="run directory (maac-robot train --out)")
     p.add_argument("--episodes", type=int,
                    help="episodes, one per reset seed (default 10; with --seeds training: train.eval_episodes)")
     p.add_argument("--seed", type=int, help="first reset seed of --seeds default (default 10000)")
@@ -132,30 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also record the episodes to this mp4 (needs the [render] extra; ~0.3 s a frame headless)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("diagnose", help="how a run's episodes end; its critic's bias and its ensemble's foresight")
-    p.add_argument("run", type=Path)
-    p.add_argument("--episodes", type=int, default=3)
-    p.add_argument("--seed", type=int, default=10_000)
+    p = add("diagnose", help="how a run's episodes end; its critic's bias and its ensemble's foresight")
+    p.add_argument("run", type=Path, help="run directory (maac-robot train --out)")
+    p.add_argument("--episodes", type=int, default=3, help="episodes, one per reset seed")
+    p.add_argument("--seed", type=int, default=10_000, help="first reset seed")
     p.set_defaults(func=_cmd_diagnose)
 
-    p = sub.add_parser("export", help="export a run's policy, ensemble and Q to ONNX + manifest")
-    p.add_argument("run", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p = add("export", help="export a run's policy, ensemble and Q to ONNX + manifest")
+    p.add_argument("run", type=Path, help="run directory (maac-robot train --out)")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to write (replaced atomically)")
     p.add_argument("--plan-horizon", type=int, help="H of the fused plan graph (default: the trained agent.horizon)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("inspect", help="print an artifact's manifest and graph signatures")
-    p.add_argument("artifacts", type=Path)
+    p = add("inspect", help="print an artifact's manifest and graph signatures")
+    p.add_argument("artifacts", type=Path, help="artifact directory (maac-robot export --out)")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("sim", help="serve a MuJoCo env over the robot protocol")
+    p = add("sim", help="serve a MuJoCo env over the robot protocol")
     p.add_argument("--config", type=Path, required=True,
                    help=f"YAML config file, or a built-in one by name ({_BUILTIN})")
     p.add_argument("--bind", help="endpoint (default from config: tcp://127.0.0.1:5555)")
-    p.add_argument("--mode", choices=["lockstep", "realtime"])
+    p.add_argument("--mode", choices=["lockstep", "realtime"], help="overrides sim.mode (default lockstep)")
     p.add_argument("--render", type=Path, help="write a video of the episodes (mp4)")
     p.add_argument("--record", type=Path, help="directory to record each episode's transitions (.npz)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="overrides sim.seed (reset seeds of the episodes)")
     p.add_argument("--server-key", type=Path, help="CURVE: this sim's NAME.key_secret (see `maac-robot keys`)")
     p.add_argument("--authorized", type=Path, help="CURVE: directory of the public NAME.key files of allowed controllers")
     p.add_argument("--admin-key", type=Path, help="CURVE: public key allowed to stop the sim over the wire")
@@ -163,14 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p, ("env", "sim"))
     p.set_defaults(func=_cmd_sim)
 
-    p = sub.add_parser("control", help="drive a sim or robot with the exported policy / CEM-MPC")
-    p.add_argument("--artifacts", type=Path, required=True)
-    p.add_argument("--connect", default="tcp://127.0.0.1:5555")
-    p.add_argument("--planner", choices=["cem", "policy"])
-    p.add_argument("--episodes", type=int, default=1)
+    p = add("control", help="drive a sim or robot with the exported policy / CEM-MPC")
+    p.add_argument("--artifacts", type=Path, required=True, help="artifact directory (maac-robot export --out)")
+    p.add_argument("--connect", default="tcp://127.0.0.1:5555", help="the robot's (or sim's) endpoint")
+    p.add_argument("--planner", choices=["cem", "policy"], help="overrides controller.planner (default cem)")
+    p.add_argument("--episodes", type=int, default=1, help="episodes to run")
     p.add_argument("--config", type=Path,
                    help=f"YAML (a file, or a built-in name: {_BUILTIN}) whose `controller` section overrides the defaults")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first reset seed")
     p.add_argument("--compare", action="store_true",
                    help="policy-only vs CEM-MPC on the same seeds (lockstep), the paper's Table 1")
     p.add_argument("--client-key", type=Path, help="CURVE: this controller's NAME.key_secret")
@@ -180,29 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p, ("controller",))
     p.set_defaults(func=_cmd_control)
 
-    p = sub.add_parser("keys", help="write a CURVE key pair NAME.key / NAME.key_secret (zmq.auth format)")
-    p.add_argument("dir", type=Path)
+    p = add("keys", help="write a CURVE key pair NAME.key / NAME.key_secret (zmq.auth format)")
+    p.add_argument("dir", type=Path, help="directory to write the key pair into (created)")
     p.add_argument("--name", required=True, help="e.g. server, controller, admin")
     p.set_defaults(func=_cmd_keys)
 
-    p = sub.add_parser("up", help="start sim and controller as two processes on loopback")
-    p.add_argument("--artifacts", type=Path, required=True)
+    p = add("up", help="start sim and controller as two processes on loopback")
+    p.add_argument("--artifacts", type=Path, required=True, help="artifact directory (maac-robot export --out)")
     p.add_argument("--config", type=Path, required=True,
                    help=f"YAML config file, or a built-in one by name ({_BUILTIN})")
-    p.add_argument("--bind", default="tcp://127.0.0.1:5555")
-    p.add_argument("--episodes", type=int, default=3)
-    p.add_argument("--mode", choices=["lockstep", "realtime"], default="realtime")
-    p.add_argument("--planner", choices=["cem", "policy"], default="cem")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="the sim's endpoint")
+    p.add_argument("--episodes", type=int, default=3, help="episodes the controller runs")
+    p.add_argument("--mode", choices=["lockstep", "realtime"], default="realtime", help="the sim's mode")
+    p.add_argument("--planner", choices=["cem", "policy"], default="cem", help="the controller's planner")
     _add_set(p, ("env", "sim", "controller"))
     p.set_defaults(func=_cmd_up)
 
-    p = sub.add_parser("demo", help="from nothing: train a small policy, export, run sim + MPC controller")
+    p = add("demo", help="from nothing: train a small policy, export, run sim + MPC controller")
     p.add_argument("--config", type=Path, default=Path("inverted_pendulum"),
                    help=f"YAML config file, or a built-in one by name ({_BUILTIN}; default inverted_pendulum)")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (resumed if it exists)")
     p.add_argument("--steps", type=int, default=4000,
                    help="env steps to train (default 4000: 8 of 12 InvertedPendulum seeds balanced by then, benchmarks/RESULTS.md)")
-    p.add_argument("--episodes", type=int, default=2)
+    p.add_argument("--episodes", type=int, default=2, help="CEM-MPC episodes on the sim")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="the sim's endpoint (default tcp://127.0.0.1:5555), checked free before training starts")
     _add_set(p)

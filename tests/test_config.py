@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import argparse
 import pytest
 import yaml
 from maac_robot.learn.config import Config, ConfigError, load_config, parse_set, save_config
@@ -163,3 +164,17 @@ def test_the_built_in_configs_ship_as_package_data():
     pyproject = tomllib.loads((BUILTIN_CONFIGS.parents[1] / "pyproject.toml").read_text())
     assert pyproject["tool"]["setuptools"]["package-data"]["maac_robot"] == ["configs/*.yaml"]
     assert BUILTIN_CONFIGS.parent.name == "maac_robot"
+
+
+def test_every_cli_option_has_help_and_shows_its_default() -> None:
+    from maac_robot.cli import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in subcommands.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"maac-robot {name} {'/'.join(action.option_strings) or action.dest} has no help"
+    text = subcommands["diagnose"].format_help()
+    assert "(default: 3)" in text and "(default: 10000)" in text
+    assert "(default: 0)" in subcommands["control"].format_help()
