@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-import argparse
 import pytest
 import yaml
 from maac_robot.learn.config import Config, ConfigError, load_config, parse_set, save_config
