@@ -176,6 +176,19 @@ def test_resume_continues_buffers_counters_and_metrics(tmp_path: Path) -> None:
     assert "resumed from" in (run / "train.log").read_text()
 
 
+def test_training_stops_once_the_target_return_holds_for_the_asked_evaluations(tmp_path: Path) -> None:
+    """Every InvertedPendulum episode returns at least 1, so stop_return 1 holds from the first evaluation on."""
+    run = tmp_path / "run"
+    cfg = config_from_dict(_tiny(train={"total_steps": 400, "eval_every": 50, "stop_return": 1.0, "stop_evals": 2}))
+    trainer = train(cfg, run, progress=False)
+    assert trainer.env_step == 100 and load_checkpoint(run / "checkpoints" / "latest.pt")["env_step"] == 100
+    assert [r["env_step"] for r in read_metrics(run / "metrics.jsonl")] == [50, 100]
+    assert "stopped at env step 100" in (run / "train.log").read_text()
+    assert train(cfg, run, resume=True, progress=False).env_step == 100  # a resume does not train past the stop
+    never = config_from_dict(_tiny(train={"total_steps": 150, "eval_every": 50, "stop_return": 1e9}))
+    assert train(never, tmp_path / "never", progress=False).env_step == 150
+
+
 def test_every_start_records_the_cores_and_threads_it_ran_with(tmp_path: Path) -> None:
     from maac_robot.learn.trainer import available_cores
 

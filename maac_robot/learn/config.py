@@ -98,6 +98,9 @@ class TrainConfig(Section):
     initial_random_steps: int = Field(5_000, ge=0)
     eval_every: int = Field(1_000, gt=0)
     eval_episodes: int = Field(5, gt=0)
+    stop_return: float | None = Field(None, description="stop before total_steps once every episode of `stop_evals` "
+                                      "consecutive evaluations returns at least this; None: run to total_steps")
+    stop_evals: int = Field(2, gt=0, description="consecutive evaluations that must hold stop_return")
     checkpoint_every: int = Field(1_000, gt=0)
     buffer_size: int = Field(1_000_000, gt=0)
     seed: int = 0

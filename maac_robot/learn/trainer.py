@@ -481,7 +481,7 @@ class Trainer:
 
         try:
             with _StopRequest() as stop:
-                while self.env_step < t.total_steps:
+                while self.env_step < t.total_steps and not self._target_held():
                     if stop.requested:
                         self.save_checkpoint()
                         raise TrainingInterrupted(self.env_step, self.paths.checkpoint)
@@ -489,12 +489,25 @@ class Trainer:
                     bar.update(1)
                     if progress and self.env_step % 50 == 0:
                         bar.set_postfix_str(self._postfix(records), refresh=False)
+            if self.env_step < t.total_steps:
+                self.save_checkpoint()
+                log.info("stopped at env step %d: every episode of the last %d evaluations returned at least %g "
+                         "(train.stop_return)", self.env_step, t.stop_evals, t.stop_return)
         finally:
             bar.close()
             self._loggers.close()
             self._loggers = None
             self.resumed_at = None  # purge once: a later call in this process continues what this one logged
         return records
+
+    def _target_held(self) -> bool:
+        """Whether the run may stop early: `train.stop_return` reached by every episode of the last `stop_evals`
+        evaluations. Read from metrics.jsonl, which a resume truncates to its checkpoint, so it survives restarts."""
+        t = self.cfg.train
+        if t.stop_return is None or self.env_step % t.eval_every:
+            return False
+        tail = read_metrics(self.paths.metrics)[-t.stop_evals:]
+        return len(tail) == t.stop_evals and all(min(r["eval_returns"]) >= t.stop_return for r in tail)
 
     def _step_once(self, records: list[dict[str, Any]], phase: Any) -> None:
         """One iteration of Algorithm 1: an env step, then whatever learning, evaluation and checkpoint is due."""
