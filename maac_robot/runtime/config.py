@@ -9,12 +9,14 @@ the field's path instead of silently falling back to a default.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from maac_robot.runtime.errors import UserError
 
@@ -35,6 +37,87 @@ class EnvConfig(Section):
     max_episode_steps: int | None = Field(default=None, gt=0, description="None: the env's own limit")
 
 
+def _value_or_range(what: str, check: Callable[[float], bool], integer: bool = False) -> BeforeValidator:
+    """A number, or a range `[lo, hi]` (lo <= hi) that the sim samples a new value from each episode."""
+
+    def one(value: Any) -> float | int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"must be {what} or a range [lo, hi] of them, got {value!r}")
+        if integer and value != int(value):
+            raise ValueError(f"must be {what} (a whole number), got {value!r}")
+        if not check(value):
+            raise ValueError(f"must be {what}, got {value!r}")
+        return int(value) if integer else float(value)
+
+    def validate(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2:
+                raise ValueError(f"a range is [lo, hi] (two values), got {list(value)!r}")
+            lo, hi = one(value[0]), one(value[1])
+            if lo > hi:
+                raise ValueError(f"range [{lo}, {hi}]: lo must not exceed hi")
+            return (lo, hi)
+        return one(value)
+
+    return BeforeValidator(validate)
+
+
+Scale = Annotated[float | tuple[float, float], _value_or_range("a number > 0", lambda v: v > 0)]
+NonNegative = Annotated[float | tuple[float, float], _value_or_range("a number >= 0", lambda v: v >= 0)]
+Probability = Annotated[float | tuple[float, float], _value_or_range("a probability in [0, 1]", lambda v: 0 <= v <= 1)]
+Ticks = Annotated[int | tuple[int, int], _value_or_range("a tick count >= 0", lambda v: v >= 0, integer=True)]
+
+
+class PerturbConfig(Section):
+    """A sim that differs from the nominal env on purpose (`sim.perturb`, `maac-robot sim --perturb KEY=VALUE`).
+
+    Every value may be a range `[lo, hi]`: the sim samples a new value from it at each reset (domain
+    randomisation), from a generator seeded by the sim seed and the reset seed, so lockstep stays
+    deterministic. Scales multiply the model's nominal values, which the sim keeps, so resampling never
+    compounds. The sim reports the perturbation in force (hello_reply metadata, each recording, its log).
+    """
+
+    mass_scale: Scale = Field(1.0, description="multiplies every body's mass and inertia")
+    body_mass_scale: dict[str, Scale] = Field(default_factory=dict, description="body name -> mass and inertia "
+                                              "scale, on top of mass_scale (names checked against the model)")
+    damping_scale: Scale = Field(1.0, description="multiplies every joint's damping (dof_damping)")
+    friction_scale: Scale = Field(1.0, description="multiplies every geom's friction coefficients")
+    actuator_gain_scale: Scale = Field(1.0, description="multiplies every actuator's force (gain and bias terms)")
+    obs_noise_std: NonNegative = Field(0.0, description="std of Gaussian noise added to each served observation "
+                                       "(state units; the physics is untouched)")
+    action_delay_ticks: Ticks = Field(0, description="the robot applies the action received this many control "
+                                      "periods earlier (the safe action before that)")
+    push_prob: Probability = Field(0.0, description="probability per control period of a random push")
+    push_force: NonNegative = Field(0.0, validate_default=True, description="a push's force in N: horizontal, random direction, on "
+                                    "push_body for one control period")
+    push_body: str | None = Field(None, description="the body pushed; None: the model's first body (the root)")
+
+    @field_validator("push_force")
+    @classmethod
+    def _pushes_need_a_force(cls, value: float | tuple[float, float], info: ValidationInfo) -> Any:
+        if _upper(info.data.get("push_prob", 0.0)) > 0 and _upper(value) == 0:
+            raise ValueError("must be > 0 when push_prob > 0")
+        return value
+
+    @property
+    def nominal(self) -> bool:
+        """Whether this perturbs nothing (the defaults)."""
+        return self == PerturbConfig()
+
+    def in_force(self) -> dict[str, Any]:
+        """The settings that differ from the nominal env, as JSON-ready values."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+    def __repr_args__(self) -> Any:
+        """Only the settings that differ from the defaults: `PerturbConfig()` is the nominal env (e.g. in --help)."""
+        changed = self.model_dump(exclude_defaults=True)
+        return [(key, value) for key, value in super().__repr_args__() if key in changed]
+
+
+def _upper(value: float | tuple[float, float]) -> float:
+    return value[1] if isinstance(value, tuple) else value
+
+
 class SimConfig(Section):
     """The sim process (robot side of the protocol)."""
 
@@ -51,6 +134,8 @@ class SimConfig(Section):
     insecure: bool = Field(False, description="allow a bind off loopback without keys (warns)")
     memory_headroom_mb: float = Field(256, gt=0, description="resident memory above the start-up size at which "
                                       "every connection is dropped (ZeroMQ buffers multipart messages whole)")
+    perturb: PerturbConfig = Field(default_factory=PerturbConfig, description="dynamics that differ from the "
+                                   "nominal env on purpose (maac-robot sim --perturb KEY=VALUE; README)")
 
 
 class ControllerConfig(Section):
@@ -146,6 +231,45 @@ def parse_set(items: list[str] | None, sections: Mapping[str, type[Section]]) ->
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from None
         flags[dotted] = f"--set {item}"
     return overrides, flags
+
+
+def merge_perturb(base: PerturbConfig, items: list[str] | None) -> PerturbConfig:
+    """`base` (the config's `sim.perturb`) with repeatable `--perturb KEY=VALUE` flags merged over it.
+
+    KEY is a `PerturbConfig` field, or `body_mass_scale.BODY` for one body; VALUE is read as YAML
+    like `--set` (`1.5`, `[0.8, 1.2]` for a range). A flag replaces the config's value of its key;
+    bodies are merged one by one. Errors name the key and the flag that set it.
+    """
+    if not items:
+        return base
+    data = base.model_dump(exclude_defaults=True)
+    flags: dict[str, str] = {}
+    fields = list(PerturbConfig.model_fields)
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        name, dot, body = key.partition(".")
+        if not sep or not key:
+            raise ConfigError(f"--perturb {item!r}: expected KEY=VALUE, e.g. --perturb mass_scale=1.5")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"the keys are {', '.join(fields)}"
+            raise ConfigError(f"--perturb {item!r}: unknown perturbation {name!r}; {hint}")
+        if dot and (name != "body_mass_scale" or not body):
+            raise ConfigError(f"--perturb {item!r}: only body_mass_scale takes a body name (body_mass_scale.BODY=...)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--perturb {item!r}: the value is not valid YAML ({err})") from None
+        if dot:
+            data[name] = {**data.get(name, {}), body: value}
+        else:
+            data[name] = value
+        flags[f"sim.perturb.{key}"] = f"--perturb {item}"
+    try:
+        return PerturbConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_errors("--perturb", err, prefix="sim.perturb.", flags=flags)) from None
 
 
 # The built-in task configs ship inside the package (maac_robot/configs/NAME.yaml), so `--config hopper` works
