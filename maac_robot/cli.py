@@ -61,7 +61,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     _check_set_keys(args.set)
     return sim_from_cli(config=args.config, bind=args.bind, mode=args.mode, render=args.render, seed=args.seed,
                         record=args.record, server_key=args.server_key, authorized=args.authorized,
-                        admin_key=args.admin_key, insecure=args.insecure, sets=args.set)
+                        admin_key=args.admin_key, insecure=args.insecure, sets=args.set, perturb=args.perturb)
 
 
 def _cmd_control(args: argparse.Namespace) -> int:
@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authorized", type=Path, help="CURVE: directory of the public NAME.key files of allowed controllers")
     p.add_argument("--admin-key", type=Path, help="CURVE: public key allowed to stop the sim over the wire")
     p.add_argument("--insecure", action="store_true", help="allow binding off loopback without keys (warns)")
+    p.add_argument("--perturb", action="append", metavar="KEY=VALUE",
+                   help="serve dynamics that differ on purpose, over the config's sim.perturb (repeatable): "
+                   "mass_scale, body_mass_scale.BODY, damping_scale, friction_scale, actuator_gain_scale, "
+                   "obs_noise_std, action_delay_ticks, push_prob, push_force, push_body; a value [lo,hi] is "
+                   "drawn anew each episode, e.g. --perturb mass_scale=[0.8,1.2]")
     _add_set(p, ("env", "sim"))
     p.set_defaults(func=_cmd_sim)
 

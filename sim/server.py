@@ -14,6 +14,9 @@ robot side's behaviour:
   with an error reply and apply the safe action;
 * robustness: every malformed message gets an error reply and is counted; replies go out
   non-blocking (a vanished or slow client never stalls the sim); the poll always has a timeout;
+* optionally, dynamics that differ from the nominal env on purpose (`sim.perturb`, `sim/perturb.py`):
+  model scales, observation noise, an action delay and random pushes, drawn anew at each reset,
+  reported in hello_reply's `metadata`, each episode's first observation, the recordings and the log;
 * optional recording of every transition (`maac_robot.runtime.recording`) and an mp4 of the episodes
   (`pip install 'maac-robot[render]'`; headless EGL renders ~0.3 s per 480x480 frame on the 2-core
   dev machine, so render lockstep runs: in real time it would overrun every tick).
@@ -49,8 +52,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 import zmq
+from pydantic import ValidationError
 
 from maac_robot.runtime.auth import ServerAuth, check_bind_security
+from maac_robot.runtime.config import PerturbConfig, format_errors
 from maac_robot.runtime.errors import UserError
 from maac_robot.runtime.protocol import (
     DEFAULT_ENDPOINT,
@@ -77,6 +82,7 @@ from maac_robot.runtime.protocol import (
 )
 from maac_robot.runtime.recording import EpisodeRecorder
 from maac_robot.video import VideoError, VideoWriter, check_video_support
+from sim.perturb import Perturber
 
 log = logging.getLogger("sim")
 
@@ -235,7 +241,8 @@ class SimServer:
                  render_path: str | Path | None = None, context: zmq.Context | None = None,
                  owner_timeout_s: float = DEFAULT_OWNER_TIMEOUT_S, server_key: str | Path | None = None,
                  authorized: str | Path | None = None, admin_key: str | Path | None = None, insecure: bool = False,
-                 memory_headroom_mb: float = DEFAULT_MEMORY_HEADROOM_MB) -> None:
+                 memory_headroom_mb: float = DEFAULT_MEMORY_HEADROOM_MB,
+                 perturb: PerturbConfig | dict[str, Any] | None = None) -> None:
         from maac_robot.envs import make_env
 
         if mode not in ("lockstep", "realtime"):
@@ -265,6 +272,21 @@ class SimServer:
         self.dt = float(self.env.unwrapped.dt)
         self.state_dim = int(self.env.observation_space.shape[0])
         self.gate = ActionGate(self.env.action_space.low, self.env.action_space.high)
+        # dynamics that differ from the nominal env on purpose (sim/perturb.py); None when nothing is perturbed
+        self._perturb: Perturber | None = None
+        if not isinstance(perturb, PerturbConfig):
+            try:
+                perturb = PerturbConfig.model_validate(perturb or {})
+            except ValidationError as err:
+                self.env.close()
+                raise SimError(format_errors("perturb", err, prefix="sim.perturb.")) from None
+        if not perturb.nominal:
+            try:
+                self._perturb = Perturber(perturb, self.env, seed=seed, safe_action=self.gate.safe_action)
+            except BaseException:
+                self.env.close()
+                raise
+            log.info("perturbed dynamics: %s (a new draw at every reset)", perturb.in_force())
         self.watchdog_s = watchdog_periods * self.dt
         if not owner_timeout_s >= self.watchdog_s:
             raise SimError(f"owner_timeout_s ({owner_timeout_s}) must be at least the watchdog period "
@@ -272,10 +294,11 @@ class SimServer:
         self.owner_timeout_s = float(owner_timeout_s)
         self.counters = SafetyCounters()
         self._log = _RateLimitedLog()
-        self._recorder = (EpisodeRecorder(record_dir, {"env_id": env_id, "dt": self.dt, "mode": mode,
-                                                       "session": self.session,
-                                                       "protocol_version": PROTOCOL_VERSION})
-                          if record_dir is not None else None)
+        record_meta: dict[str, Any] = {"env_id": env_id, "dt": self.dt, "mode": mode, "session": self.session,
+                                       "protocol_version": PROTOCOL_VERSION}
+        if perturb.obs_noise_std != 0:  # the recording holds what the controller saw
+            record_meta["states"] = "as served: observation noise (sim.perturb.obs_noise_std) included"
+        self._recorder = EpisodeRecorder(record_dir, record_meta) if record_dir is not None else None
         self._started = time.monotonic()
         self._seq = 0
         # episode state
@@ -569,7 +592,8 @@ class SimServer:
                                         state_dim=self.state_dim, act_dim=int(self.gate.low.shape[0]), dt=self.dt,
                                         mode=self.mode, watchdog_s=self.watchdog_s,
                                         owner_timeout_s=self.owner_timeout_s,
-                                        max_message_bytes=self.max_message_bytes, session=self.session),
+                                        max_message_bytes=self.max_message_bytes, session=self.session,
+                                        metadata=self.metadata()),
                        [self.gate.low, self.gate.high])
         elif isinstance(msg, Goodbye):
             if peer == self._owner or self._is_owner_token(msg.token):
@@ -652,7 +676,13 @@ class SimServer:
 
     def _reset(self, msg: Reset) -> None:
         self._finish_recording()
+        extra: dict[str, Any] = {}
+        if self._perturb is not None:
+            extra["perturbation"] = self._perturb.new_episode(msg.seed, self._episode + 1)
+            log.info("episode %d perturbation: %s", self._episode + 1, self._perturb.describe())
         state, _ = self.env.reset(seed=msg.seed)
+        if self._perturb is not None:
+            state = self._perturb.observe(state)
         self._episode += 1
         self._step = 0
         self._return = 0.0
@@ -665,7 +695,7 @@ class SimServer:
         self._last_valid_t = now  # the controller gets one watchdog period for its first action
         self._next_tick = now + self.dt
         self._publish(state, reward=0.0, terminated=False, truncated=False, ack=msg.seq, action_seq=None,
-                      flags=_flags(), env_info={}, step_s=0.0)
+                      flags=self._with_push(_flags(), False), env_info={}, step_s=0.0, extra=extra)
 
     def _on_action(self, peer: bytes, msg: Action, action: np.ndarray) -> None:
         if peer != self._owner:
@@ -743,7 +773,16 @@ class SimServer:
 
     def _advance(self, action: np.ndarray, *, action_seq: int | None, ack: int | None, flags: dict[str, Any]) -> None:
         start = time.perf_counter()
-        next_state, reward, terminated, truncated, env_info = self.env.step(action)
+        if self._perturb is None:
+            next_state, reward, terminated, truncated, env_info = self.env.step(action)
+        else:  # the action from N ticks ago, maybe a push, and the observation as served
+            action = self._perturb.action(action)
+            flags = self._with_push(flags, self._perturb.push())
+            try:
+                next_state, reward, terminated, truncated, env_info = self.env.step(action)
+            finally:
+                self._perturb.end_push()
+            next_state = self._perturb.observe(next_state)
         step_s = time.perf_counter() - start
         if self._recorder is not None:
             self._recorder.add(self._state, action, float(reward), next_state, terminated, truncated,
@@ -760,10 +799,11 @@ class SimServer:
                       ack=ack, action_seq=action_seq, flags=flags, env_info=env_info, step_s=step_s)
 
     def _publish(self, state: np.ndarray, *, reward: float, terminated: bool, truncated: bool, ack: int | None,
-                 action_seq: int | None, flags: dict[str, Any], env_info: dict[str, Any], step_s: float) -> None:
+                 action_seq: int | None, flags: dict[str, Any], env_info: dict[str, Any], step_s: float,
+                 extra: dict[str, Any] | None = None) -> None:
         scalars = {k: _scalar(v) for k, v in env_info.items()}
         info = {**flags, "sim_step_s": step_s, "episode_return": self._return, **vars(self.counters),
-                "env": {k: v for k, v in scalars.items() if v is not None}}
+                "env": {k: v for k, v in scalars.items() if v is not None}, **(extra or {})}
         seq = self._next_seq()
         self._latest_obs_seq = seq
         # built from trusted values on the hot path: skip validation (the receiver validates anyway)
@@ -774,9 +814,18 @@ class SimServer:
         if self._owner is not None:
             self._send_frames(self._owner, frames)
 
+    def _with_push(self, flags: dict[str, Any], pushed: bool) -> dict[str, Any]:
+        """`flags` with `pushed` when this sim pushes (so the flag names stay the same for the sim's life)."""
+        return {**flags, "pushed": pushed} if self._perturb is not None and self._perturb.pushes_enabled else flags
+
+    def metadata(self) -> dict[str, Any]:
+        """What hello_reply's `metadata` carries: the perturbation in force and this episode's draws, if any."""
+        return {"perturbation": self._perturb.report()} if self._perturb is not None else {}
+
     def _finish_recording(self) -> None:
         if self._recorder is not None:
-            path = self._recorder.finish(f"episode-{self.session}-{self._episode:05d}", {"episode": self._episode})
+            extra = {"episode": self._episode, **self.metadata()}
+            path = self._recorder.finish(f"episode-{self.session}-{self._episode:05d}", extra)
             if path is not None:
                 log.info("recorded %s", path)
 
@@ -862,13 +911,17 @@ def _check_video_support() -> None:
 
 def sim_from_cli(*, config: Path, bind: str | None, mode: str | None, render: Path | None, seed: int | None,
                  record: Path | None, server_key: Path | None = None, authorized: Path | None = None,
-                 admin_key: Path | None = None, insecure: bool = False, sets: list[str] | None = None) -> int:
-    """`maac-robot sim`: serve the config's env until SIGINT/SIGTERM or an admin's shutdown message."""
-    from maac_robot.runtime.config import EnvConfig, SimConfig, load_section, parse_set
+                 admin_key: Path | None = None, insecure: bool = False, sets: list[str] | None = None,
+                 perturb: list[str] | None = None) -> int:
+    """`maac-robot sim`: serve the config's env until SIGINT/SIGTERM or an admin's shutdown message.
+
+    `perturb`: `--perturb KEY=VALUE` flags, merged over the config's `sim.perturb` (sim/perturb.py)."""
+    from maac_robot.runtime.config import EnvConfig, SimConfig, load_section, merge_perturb, parse_set
 
     overrides, flags = parse_set(sets, {"env": EnvConfig, "sim": SimConfig})
     env = load_section(config, "env", EnvConfig, overrides, flags)
     sim = load_section(config, "sim", SimConfig, overrides, flags)
+    sim.perturb = merge_perturb(sim.perturb, perturb)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # two I/O threads: one busy decoding a flooding peer leaves the other to carry the owner's traffic
     zmq.Context.instance(io_threads=2)
@@ -878,11 +931,12 @@ def sim_from_cli(*, config: Path, bind: str | None, mode: str | None, render: Pa
                        record_dir=record, render_path=render, owner_timeout_s=sim.owner_timeout_s,
                        server_key=server_key or sim.server_key, authorized=authorized or sim.authorized,
                        admin_key=admin_key or sim.admin_key, insecure=insecure or sim.insecure,
-                       memory_headroom_mb=sim.memory_headroom_mb)
+                       memory_headroom_mb=sim.memory_headroom_mb, perturb=sim.perturb)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     auth = "CURVE" if server._auth is not None else "no authentication"
-    print(f"sim: serving {server.env_id} ({server.mode}, dt={server.dt:g} s, {auth}) on {server.endpoint}",
-          flush=True)
+    perturbed = f", perturbed: {sim.perturb.in_force()}" if not sim.perturb.nominal else ""
+    print(f"sim: serving {server.env_id} ({server.mode}, dt={server.dt:g} s, {auth}{perturbed}) on "
+          f"{server.endpoint}", flush=True)
     try:
         server.serve()
     finally:

@@ -29,7 +29,8 @@ frame, so a truncated frame is an error, never a misread.
 Messages. Controller -> robot: ``hello`` (handshake), ``reset`` (optional seed and the client's
 ``token``), ``action``, ``heartbeat``, ``goodbye`` (the client gives up its episode; no reply),
 ``shutdown``. Robot -> controller: ``hello_reply`` (env id, state/action dims, action bounds as
-arrays, dt, mode, watchdog, ownership timeout, limits, session), ``observation``, ``error`` (``code``
+arrays, dt, mode, watchdog, ownership timeout, limits, session, and an optional ``metadata`` object:
+a perturbed sim puts its ``perturbation`` there), ``observation``, ``error`` (``code``
 from ``ERROR_CODES``, ``ack`` = the offending message's seq when it could be read),
 ``heartbeat_reply`` (status), ``shutdown`` (ack).
 
@@ -58,6 +59,8 @@ does not come it plans from the ensemble's prediction of the state instead of st
 
 Versions. Every header carries ``v``; a message from another protocol version is answered with a
 ``version`` error naming both versions (the client sees it at ``hello()``), never half-parsed.
+``hello_reply``'s ``metadata`` came later within version 2: it is left out when empty, so a peer that
+predates it still reads every robot with nothing to add (only a perturbed sim's reply is new to it).
 
 Sequence numbers and timestamps, both ways. Each side numbers its own messages. Replies carry
 ``ack``; an observation also carries ``action_seq`` (the action message it is the result of), the
@@ -92,7 +95,9 @@ from an older observation); cumulative counters ``clipped_actions``, ``rejected_
 ``late_actions``, ``dropped_actions``, ``missed_ticks``, ``watchdog_ticks``, ``overruns``,
 ``bad_messages``, ``internal_errors``; ``sim_step_s`` (the robot's own step time, so a client can
 separate transport from physics); ``episode_return`` (robot-side sum of rewards, which stays right
-when a real-time client skipped stale observations); ``env`` (the env's scalar info).
+when a real-time client skipped stale observations); ``env`` (the env's scalar info). A perturbed sim
+(``sim.perturb``) adds ``perturbation`` to each episode's first observation (the values drawn for
+that episode) and, when it pushes, ``pushed`` to every observation.
 
 Heartbeat. ``heartbeat`` is answered at once in both modes, mid-episode too, with a small status;
 ``python -m sim.health tcp://host:port`` exits 0/1 on it (a docker health check).
@@ -245,6 +250,9 @@ class HelloReply(_Message):
     owner_timeout_s: float = Field(gt=0, allow_inf_nan=False)
     max_message_bytes: int = Field(gt=0)
     session: str = Field(max_length=64)
+    # what else the robot states about itself (a perturbed sim: `perturbation`); left out of the JSON when
+    # empty, so a robot with nothing to add sends exactly what version-2 peers from before this field read
+    metadata: dict[str, Any] = Field(default_factory=dict, max_length=32, exclude_if=lambda value: not value)
 
 
 class ObservationMsg(_Message):
@@ -481,6 +489,7 @@ class RobotInfo:
     owner_timeout_s: float
     max_message_bytes: int
     session: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # hello_reply's metadata (a perturbed sim's settings)
 
 
 @dataclass(frozen=True, eq=False)
@@ -763,7 +772,7 @@ class RobotClient:
                               act_low=low.astype(np.float64), act_high=high.astype(np.float64), dt=msg.dt,
                               mode=msg.mode, protocol_version=msg.v, watchdog_s=msg.watchdog_s,
                               owner_timeout_s=msg.owner_timeout_s, max_message_bytes=msg.max_message_bytes,
-                              session=msg.session)
+                              session=msg.session, metadata=dict(msg.metadata))
         return self.info
 
     def reset(self, seed: int | None = None) -> Observation:

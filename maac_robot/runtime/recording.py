@@ -2,14 +2,18 @@
 
 One episode per `.npz` file, plain arrays only (loads with ``allow_pickle=False``):
 
-    states [T, S] float64        the state s_t each action was applied in
-    actions [T, A] float64       the action actually applied (after clipping, or the safe action)
+    states [T, S] float64        the state s_t each action was applied in, as served (with a perturbed
+                                 sim's observation noise; meta["states"] then says so)
+    actions [T, A] float64       the action actually applied (after clipping, or the safe action; with
+                                 an action delay, the one received that many ticks earlier)
     rewards [T] float64
     next_states [T, S] float64
     terminated [T] bool          true terminal (no bootstrapping)
     truncated [T] bool           time limit, or the recording was cut short (reset/disconnect/stop)
-    flag_<name> [T] bool         robot-side safety flags per step (clipped, rejected, watchdog, held)
-    meta                         0-d unicode array holding a JSON object (env_id, dt, mode, ...)
+    flag_<name> [T] bool         robot-side safety flags per step (clipped, rejected, watchdog, held;
+                                 pushed, from a sim that pushes)
+    meta                         0-d unicode array holding a JSON object (env_id, dt, mode, ...;
+                                 a perturbed sim adds `perturbation`: its settings and the episode's draws)
 
 Into the trainer's replay buffer: ``for e in load_episodes(dir): buffer.add_batch(e.states,
 e.actions, e.rewards, e.next_states, e.terminated)``.
