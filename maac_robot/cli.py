@@ -107,6 +107,19 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from maac_robot.sweep.runner import sweep_from_cli
+
+    return sweep_from_cli(config=args.config, seeds=args.seeds, out=args.out, grid=args.grid, sets=args.set,
+                          steps=args.steps, address=args.address, cpus_per_trial=args.cpus_per_trial)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from maac_robot.sweep.report import report_from_cli
+
+    return report_from_cli(args.sweep)
+
+
 def _add_set(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
     """--set, with every key it takes (default, description) listed at the end of --help."""
     from maac_robot.learn.config import config_help
@@ -224,12 +237,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sim's endpoint (default tcp://127.0.0.1:5555), checked free before training starts")
     _add_set(p)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("sweep", help="every (variant x seed) as its own run, in parallel through Ray; resumable")
+    p.add_argument("--config", type=Path, required=True,
+                   help=f"YAML config file, or a built-in one by name ({_BUILTIN})")
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="the seeds of every variant, e.g. 0 1 2")
+    p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="one axis of the grid (repeatable; the variants are the product of the axes), "
+                        "e.g. --grid agent.horizon=0,1,3 --grid agent.steve=true,false")
+    p.add_argument("--steps", type=int, help="env steps per trial (overrides train.total_steps)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the sweep directory: OUT/VARIANT-sSEED/ per trial, OUT/evaluations.csv; rerun the same "
+                        "command to skip finished trials and resume the others")
+    p.add_argument("--address", help="join this Ray cluster ('auto', HOST:PORT or ray://HOST:PORT; OUT on a "
+                                     "filesystem every node mounts) instead of starting a local one on loopback")
+    p.add_argument("--cpus-per-trial", type=int, default=1,
+                   help="CPUs Ray reserves for each trial, and its torch threads (default 1)")
+    _add_set(p)
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("report", help="a sweep's mean curves, and IQM with 95%% bootstrap CI per variant")
+    p.add_argument("sweep", type=Path, help="the sweep directory (`maac-robot sweep --out`)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
 EXTRA_OF_MODULE = {"torch": "train", "onnx": "train", "onnxscript": "train", "tqdm": "train", "matplotlib": "train",
                    "tensorboard": "train", "gymnasium": "sim", "mujoco": "sim", "imageio": "render",
-                   "imageio_ffmpeg": "render"}
+                   "imageio_ffmpeg": "render", "ray": "sweep"}
 """The optional dependencies and the extra that installs each: a robot computer has only the runtime."""
 
 

@@ -12,5 +12,5 @@ python -m pip install -q --upgrade pip
 # torch first: 2.13.0 resolves to the CPU build here; any other spec would pull GBs of CUDA wheels.
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || { echo "[setup] installing torch 2.13.0 (CPU)"; pip install -q torch==2.13.0; }
-echo "[setup] installing maac-robot with the learner, the sim, video (render) and the test tools"
-pip install -q -e ".[train,render,test]"
+echo "[setup] installing maac-robot with the learner, the sim, video (render), sweeps (Ray) and the test tools"
+pip install -q -e ".[train,render,test,sweep]"
