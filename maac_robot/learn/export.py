@@ -42,6 +42,8 @@ from maac_robot.runtime.artifacts import (
     signature_mismatch,
 )
 from maac_robot.envs import state_layout
+from maac_robot.runtime import guard
+from maac_robot.runtime.artifacts import GuardSpec
 from maac_robot.runtime.errors import UserError
 from maac_robot.runtime.files import atomic_write, fsync_directory, make_temp_dir
 from maac_robot.learn.rollout import model_rollout
@@ -58,6 +60,18 @@ OPSET = 20  # pinned: onnxruntime 1.32 implements it fully; bump deliberately to
 # outputs was 0.019 (ensemble logvar; plan returns 0.0035): ≥ 50x headroom.
 PARITY_RTOL = 1e-4
 PARITY_ATOL = 1e-4
+# The uncertainty guard's threshold (manifest.guard; runtime/guard.py): the GUARD_PERCENTILE-th percentile of
+# the elites' disagreement over up to GUARD_SAMPLES (state, action) pairs of the run's D_env, times GUARD_MARGIN.
+# Those pairs are the ensemble's own training data (each elite fitted a bootstrap resample of 80 % of them; the
+# fit's holdout split is not kept), where it disagrees less than on fresh transitions from the same env, and CEM
+# picks bolder actions than the ones collected. The margin covers that gap: on InvertedPendulum the largest
+# disagreement of closed-loop steps on the nominal env was 1.31x (300-step run, CEM) and 1.15x (1500 steps) the
+# D_env 99th percentile, so with 1.5 no nominal step was guarded, while a 0.5 m cart-position offset guarded
+# 30-86 % of the steps (tests/test_guard.py).
+GUARD_PERCENTILE = 99.0
+GUARD_MARGIN = 1.5
+GUARD_SAMPLES = 10_000
+_GUARD_CHUNK = 4096
 
 
 class ExportError(UserError):
@@ -235,6 +249,48 @@ def parity_errors(artifacts: Artifacts, graphs: dict[str, nn.Module], *, batch: 
     return ratios
 
 
+def guard_scale(model: nn.Module) -> np.ndarray:
+    """Per state dim [S]: the std of Δs in the ensemble's training data (its output normaliser), 1 where the dim is
+    carried over unchanged (the members never disagree there)."""
+    scale = np.ones(model.state_dim)
+    scale[model.modelled_idx.cpu().numpy()] = model.out_std[: model.num_modelled].detach().cpu().double().numpy()
+    return scale
+
+
+def guard_disagreements(ensemble: nn.Module, elites: list[int], scale: np.ndarray, states: np.ndarray,
+                        actions: np.ndarray) -> np.ndarray:
+    """`runtime.guard.disagreement` [N] of (states [N,S], actions [N,A]) on the ensemble graph module's
+    next-state means (what `ensemble.onnx` computes, to parity), taken over `elites`."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(states), _GUARD_CHUNK):
+            mean = ensemble(torch.as_tensor(states[i:i + _GUARD_CHUNK], dtype=torch.float32),
+                            torch.as_tensor(actions[i:i + _GUARD_CHUNK], dtype=torch.float32))[0]
+            out.append(guard.disagreement(mean[elites].numpy(), scale))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def calibrate_guard(ensemble: nn.Module, model: nn.Module, states: np.ndarray, actions: np.ndarray, *,
+                    percentile: float = GUARD_PERCENTILE, margin: float = GUARD_MARGIN) -> GuardSpec | None:
+    """The manifest's guard from calibration pairs: percentile(disagreements, `percentile`) · `margin`.
+
+    None when there is nothing to calibrate a spread on: fewer than 2 elites, no pairs, or elites that agree
+    exactly on every pair (threshold 0).
+    """
+    if not 0 < percentile <= 100 or not margin > 0:
+        raise ExportError(f"guard percentile must be in (0, 100] and margin > 0, got {percentile}, {margin}")
+    elites = [int(e) for e in model.elites]
+    if len(elites) < 2 or len(states) == 0:
+        return None
+    scale = guard_scale(model)
+    d = guard_disagreements(ensemble, elites, scale, states, actions)
+    threshold = float(np.percentile(d, percentile)) * margin
+    if not (np.isfinite(threshold) and threshold > 0):
+        return None
+    return GuardSpec(threshold=threshold, percentile=percentile, margin=margin, samples=len(d),
+                     scale=[float(x) for x in scale], definition=guard.DEFINITION)
+
+
 def _check_replaceable(out: Path) -> None:
     """`out` may be absent, empty, or an earlier artifact directory; anything else is the user's."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
@@ -254,10 +310,14 @@ def _publish(tmp: Path, out: Path) -> None:
 def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: nn.Module, model: nn.Module,
                      gamma: float, horizon: int, plan_horizon: int | None = None, train_steps: int,
                      config: dict[str, Any], seed: int = 0,
-                     progress: Callable[[int, int, str], None] | None = None) -> Manifest:
+                     progress: Callable[[int, int, str], None] | None = None,
+                     calibration: tuple[np.ndarray, np.ndarray] | None = None,
+                     guard_percentile: float = GUARD_PERCENTILE, guard_margin: float = GUARD_MARGIN) -> Manifest:
     """Write policy/ensemble/q/plan.onnx + manifest.json to `out`, verified, and return the manifest.
 
-    `plan_horizon` (the fused graph's H) defaults to the trained `horizon`. The directory is built
+    `plan_horizon` (the fused graph's H) defaults to the trained `horizon`. `calibration` (states [N,S],
+    actions [N,A]; `export_from_run` passes a sample of the run's D_env) sets the manifest's uncertainty guard
+    (`calibrate_guard`); without it the manifest has none. The directory is built
     beside `out` and moved into place only after shapes, loading and parity all pass, so `out`
     never holds a half-written or unverified export. `progress(step, steps, what)`, if given, is
     called as each step starts (one per graph, then the verification).
@@ -283,6 +343,13 @@ def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: n
         train_steps=train_steps, config=config, versions=_versions(),
         created_utc=dt_.datetime.now(dt_.UTC).isoformat(timespec="seconds"))
     graphs = build_graphs(task, actor, critic, model, gamma=gamma, plan_horizon=plan_horizon)
+    if calibration is not None:
+        states, actions = (np.asarray(x, np.float32) for x in calibration)
+        if states.ndim != 2 or states.shape[1] != info.state_dim or actions.shape != (len(states), info.act_dim):
+            raise ExportError(f"calibration needs states [N, {info.state_dim}] and actions [N, {info.act_dim}], got "
+                              f"{list(states.shape)} and {list(actions.shape)}")
+        manifest = manifest.model_copy(update={"guard": calibrate_guard(
+            graphs["ensemble"], model, states, actions, percentile=guard_percentile, margin=guard_margin)})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, prefix=f".{out.name}.")  # umask permissions, like the files in it
     steps = len(graphs) + 1
@@ -314,14 +381,28 @@ def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: n
 
 
 def export_from_run(run_dir: str | Path, out: str | Path, plan_horizon: int | None = None,
-                    progress: Callable[[int, int, str], None] | None = None) -> Manifest:
-    """Export the latest checkpoint of a training run (see `trainer.load_run`); `progress` as in `export_artifacts`."""
+                    progress: Callable[[int, int, str], None] | None = None, *,
+                    guard_percentile: float = GUARD_PERCENTILE, guard_margin: float = GUARD_MARGIN,
+                    guard_samples: int = GUARD_SAMPLES) -> Manifest:
+    """Export the latest checkpoint of a training run (see `trainer.load_run`); `progress` as in `export_artifacts`.
+
+    The guard is calibrated on `guard_samples` (state, action) pairs drawn without replacement from the
+    checkpoint's D_env (all of them when it holds fewer), seeded by the run's seed.
+    """
     from maac_robot.learn.trainer import load_run
 
+    if guard_samples < 1:
+        raise ExportError(f"guard_samples must be >= 1, got {guard_samples}")
     run = load_run(run_dir)
     cfg = run.config
+    calibration = None
+    if run.d_env is not None and len(run.d_env):
+        data = run.d_env.arrays()
+        rows = np.random.default_rng(cfg.train.seed).permutation(len(run.d_env))[:guard_samples]
+        calibration = (data["state"][rows], data["action"][rows])
     return export_artifacts(
         out, task=run.task, actor=run.agent.actor, critic=run.agent.critic, model=run.model,
         gamma=cfg.agent.gamma, horizon=cfg.agent.horizon,
         plan_horizon=plan_horizon,
-        train_steps=run.env_step, config=cfg.model_dump(mode="json"), seed=cfg.train.seed, progress=progress)
+        train_steps=run.env_step, config=cfg.model_dump(mode="json"), seed=cfg.train.seed, progress=progress,
+        calibration=calibration, guard_percentile=guard_percentile, guard_margin=guard_margin)

@@ -622,10 +622,12 @@ class LoadedRun:
     agent: MAACAgent
     model: GaussianEnsemble
     env_step: int
+    d_env: ReplayBuffer | None = None  # the real transitions the checkpoint holds (export calibrates the guard on them)
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
-    """Rebuild a run's agent and ensemble from its `config.yaml` and latest checkpoint."""
+    """Rebuild a run's agent and ensemble from its `config.yaml` and latest checkpoint, with its D_env (sized to
+    the transitions it holds, not to train.buffer_size)."""
     run_dir = Path(run_dir)
     cfg = _read_run_config(run_dir)
     path = RunPaths(run_dir).checkpoint
@@ -637,7 +639,10 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     agent.load_state_dict(ckpt["agent"])
     model.load_state_dict(ckpt["model"])
     model.eval()
-    return LoadedRun(config=cfg, task=task, agent=agent, model=model, env_step=int(ckpt["env_step"]))
+    info = task.info
+    d_env = ReplayBuffer(info.state_dim, info.act_dim, max(1, int(ckpt["d_env"]["size"])))
+    d_env.load_state_dict(ckpt["d_env"])
+    return LoadedRun(config=cfg, task=task, agent=agent, model=model, env_step=int(ckpt["env_step"]), d_env=d_env)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from maac_robot.runtime.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # 2: policy.onnx takes net_obs [B,N] (what the actor reads) instead of the full state; manifest.state_layout.
+# Optional manifest fields added later (`guard`) keep version 2: a manifest without them still loads here; a
+# runtime older than the field refuses a manifest that has it (extra fields are forbidden), naming the field.
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("policy", "ensemble", "q", "plan")
@@ -101,6 +103,28 @@ class StateLayout(BaseModel):
         return [where[i] for i in self.net_obs_idx]
 
 
+class GuardSpec(BaseModel):
+    """The uncertainty guard's calibration (`maac_robot.runtime.guard`): the controller falls back when the
+    elites' disagreement about the next state of (state, action to send) exceeds `threshold`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float = Field(gt=0, description="percentile of the disagreement over the calibration transitions, "
+                                               "times margin")
+    percentile: float = Field(gt=0, le=100, description="which percentile of the calibration disagreements")
+    margin: float = Field(gt=0, description="multiplier applied to the percentile")
+    samples: int = Field(gt=0, description="(state, action) pairs of the run's replay buffer it was computed on")
+    scale: list[float] = Field(description="per state dim: std of the next-state change in the ensemble's "
+                                           "training data (1 where the dim is carried over unchanged)")
+    definition: str = Field(description="the disagreement it bounds, in words (runtime.guard.DEFINITION)")
+
+    @model_validator(mode="after")
+    def _check(self) -> GuardSpec:
+        if not all(x > 0 for x in self.scale):
+            raise ValueError("guard.scale must be positive in every dim")
+        return self
+
+
 class Manifest(BaseModel):
     """What an artifact directory contains and how it was made; `manifest.json` on disk."""
 
@@ -132,6 +156,9 @@ class Manifest(BaseModel):
     config: dict[str, Any] = Field(description="the run's resolved config")
     versions: dict[str, str] = Field(description="package versions at export time")
     created_utc: str
+    # optional (no version bump): artifacts exported before the guard existed have none and load as before
+    guard: GuardSpec | None = Field(None, description="the uncertainty guard's calibrated threshold; None: "
+                                                      "no guard (older export, or fewer than 2 elites)")
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:
@@ -146,6 +173,10 @@ class Manifest(BaseModel):
         if any(not 0 <= e < self.num_models for e in self.elites):
             raise ValueError(f"elites {self.elites} out of range for num_models={self.num_models}")
         self.state_layout.check(self.state_dim)
+        if self.guard is not None and len(self.guard.scale) != self.state_dim:
+            raise ValueError(f"guard.scale has {len(self.guard.scale)} entries, state_dim is {self.state_dim}")
+        if self.guard is not None and self.num_elites < 2:
+            raise ValueError("guard needs num_elites >= 2 (a spread across members)")
         missing = [f"{g}.onnx" for g in GRAPH_NAMES if f"{g}.onnx" not in self.files]
         if missing:
             raise ValueError(f"files lacks {missing}")
@@ -432,8 +463,15 @@ class Artifacts:
     def describe(self) -> str:
         """The manifest (without the config) and every graph's input/output signature, for humans."""
         lines = [f"artifacts: {self.path}"]
-        for key, value in self.manifest.model_dump(exclude={"config", "files", "versions", "state_layout"}).items():
+        for key, value in self.manifest.model_dump(exclude={"config", "files", "versions", "state_layout",
+                                                            "guard"}).items():
             lines.append(f"  {key}: {value}")
+        guard = self.manifest.guard
+        if guard is None:
+            lines.append("  guard: none (exported without an uncertainty guard)")
+        else:
+            lines.append(f"  guard: threshold {guard.threshold:.6g} (p{guard.percentile:g} x {guard.margin:g} over "
+                         f"{guard.samples} replay-buffer pairs) of: {guard.definition}")
         layout = self.manifest.state_layout
         lines.append("  state_layout:")
         lines.append(f"    env_kwargs: {json.dumps(layout.env_kwargs)}  (gym.make(env_id, **env_kwargs) gives the state)")
