@@ -14,19 +14,17 @@ actually ran, so two runs whose label reads the same but whose configs differ ar
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from maac_robot.runtime.files import atomic_write
+# The row helpers live in the package, shared with `maac-robot sweep` (maac_robot/sweep/records.py).
+from maac_robot.sweep.records import (LEARNER_SECTIONS, NOT_IN_DIGEST, NOT_TRAINING, cell,  # noqa: F401
+                                      config_digest, evaluation_fields, read_rows, write_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -42,10 +40,6 @@ EVAL_COLUMNS = (
     "planned_steps", "note", "config_digest", "command", "commit", "cpu", "threads", "versions",
 )
 RUN_KEY = ("algo", "variant", "seed", "config_digest")
-NOT_TRAINING = ("eval", "checkpoint")  # phases that are bookkeeping, not the cost of learning
-# Fields that say how long or on how many threads a run ran, not what it computes: not part of the digest.
-NOT_IN_DIGEST = ("train.seed", "train.total_steps", "train.num_threads", "train.wandb")  # wandb: logging only
-LEARNER_SECTIONS = ("env", "model", "agent", "rollout", "train")  # sim/controller do not change training
 
 
 def eval_csv(task: str, results: Path = RESULTS) -> Path:
@@ -88,42 +82,6 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return " ".join(shlex.quote(a) for a in ["python", *(sys.argv if argv is None else argv)])
 
 
-def config_digest(config: Mapping[str, Mapping[str, Any]]) -> str:
-    """12 hex digits of sha256 over the learner sections of a resolved config (a `Config.model_dump`),
-    seed, budget and thread count left out: equal digests mean the same algorithm and settings ran."""
-    kept = {section: {key: value for key, value in config[section].items()
-                      if f"{section}.{key}" not in NOT_IN_DIGEST}
-            for section in LEARNER_SECTIONS if section in config}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """All rows of a result CSV (none if it does not exist yet)."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    """Write `rows` (missing columns empty) atomically: a killed writer leaves the old file, never half a table."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="raise", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: _cell(row.get(c)) for c in columns})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text.getvalue().encode())
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}" if abs(value) < 1e5 else f"{value:.1f}"
-    return str(value)
-
-
 def run_key(row: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(str(row[k]) for k in RUN_KEY)
 
@@ -145,7 +103,7 @@ def replace_run(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def _same_evaluation(old: Mapping[str, str] | None, new: Mapping[str, Any]) -> bool:
     """Whether a stored row is this evaluation (a rerun from scratch computes new values: new provenance)."""
-    return old is not None and old["eval_return_mean"] == _cell(new["eval_return_mean"])
+    return old is not None and old["eval_return_mean"] == cell(new["eval_return_mean"])
 
 
 def _order(row: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -155,19 +113,7 @@ def _order(row: Mapping[str, Any]) -> tuple[Any, ...]:
 def eval_rows_from_metrics(metrics: Sequence[Mapping[str, Any]], run: Mapping[str, Any]) -> list[dict[str, Any]]:
     """CSV rows from a run's evaluation records (`maac_robot.learn.trainer.read_metrics`) and its
     run-level fields (`run`: task, algo, variant, seed, planned_steps, config_digest, command, commit, ...)."""
-    rows = []
-    for m in metrics:
-        phases, cpu = m.get("phase_time_s", {}), m.get("phase_cpu_s", {})
-        rows.append({**run, "env_step": m["env_step"], "eval_return_mean": m["eval_return_mean"],
-                     "eval_return_std": m["eval_return_std"],
-                     "eval_returns": " ".join(f"{x:.2f}" for x in m.get("eval_returns", [])),
-                     "critic_bias": m.get("critic_bias"), "alpha": m.get("losses", {}).get("alpha"),
-                     "train_wall_s": _training(phases), "train_cpu_s": _training(cpu)})
-    return rows
-
-
-def _training(phases: Mapping[str, float]) -> float | None:
-    return round(sum(v for k, v in phases.items() if k not in NOT_TRAINING), 3) if phases else None
+    return [{**run, **evaluation_fields(m)} for m in metrics]
 
 
 def versions_text(versions: Mapping[str, str]) -> str:

@@ -4,10 +4,13 @@
     python benchmarks/sample_efficiency.py --task inverted_pendulum --algo sac --seeds 0 1 2 --steps 30000
     python benchmarks/sample_efficiency.py --task hopper --algo maac --seeds 0 --steps 20000 --set agent.num_samples=1
 
-Each seed trains in benchmarks/runs/TASK/LABEL-sSEED/ (untracked: checkpoints, log, metrics.jsonl); its
-evaluations then go to benchmarks/results/sample_efficiency_TASK.csv with this command and commit
-(`collect_runs.py`), and `report.py` rebuilds RESULTS.md and the figures from that CSV. A MAAC seed whose
-directory holds a checkpoint resumes from it (`--steps` larger than before extends the run).
+Each seed trains in benchmarks/runs/TASK/LABEL-sSEED/ (untracked: checkpoints, log, metrics.jsonl) as one trial
+of the sweep runner (`maac_robot.sweep.runner.run_trials`): the seeds run in parallel as Ray tasks of `--threads`
+CPUs each, on a local Ray instance (loopback; as many at a time as this process's CPUs allow) or on the cluster
+at `--address`. As each seed ends, its evaluations go to benchmarks/results/sample_efficiency_TASK.csv with this
+command and commit (`collect_runs.py`), and `report.py` rebuilds RESULTS.md and the figures from that CSV. A
+MAAC seed whose directory holds a checkpoint resumes from it (`--steps` larger than before extends the run; Ray
+retries a seed whose worker died, from its checkpoint); a finished one is not retrained.
 
 Both algorithms get the same env-step budget, the same number of uniformly random initial steps (the MAAC
 config's `train.initial_random_steps`), the same torch thread count, the same evaluation schedule and reset
@@ -84,10 +87,13 @@ def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
     path.write_text(json.dumps(meta, indent=1))
 
 
-def run_maac(cfg, run_dir: Path) -> None:  # cfg: maac_robot.learn.config.Config
-    from maac_robot.learn.trainer import RunPaths, train
+def sac_trial(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """One SAC seed as a sweep-runner trial (in a Ray worker): SAC has no checkpoint, so a retried seed starts over."""
+    from maac_robot.learn.config import config_from_dict
 
-    train(cfg, run_dir, resume=RunPaths(run_dir).checkpoint.is_file(), progress=False)
+    (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+    run_sac(config_from_dict(config), Path(run_dir))
+    return {"run_dir": run_dir}
 
 
 def sac_policy(model) -> Any:  # model: stable_baselines3.SAC -> maac_robot.learn.evaluation.Policy
@@ -168,11 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the task's CSV is")
     parser.add_argument("--restart", action="store_true",
                         help="replace the CSV rows of a run that cannot be continued here with a new run")
+    parser.add_argument("--address", help="run the seeds on this Ray cluster (`maac-robot sweep --address`) "
+                                          "instead of a local Ray instance")
     args = parser.parse_args(argv)
     overrides, _ = parse_set(args.set)
     if overrides and args.algo == "sac":
         parser.error("--set applies to MAAC's config only")
+    from maac_robot.sweep.runner import Trial, checkpoint_step, run_trial, run_trials
+
     command, commit, host = command_line(argv and ["benchmarks/sample_efficiency.py", *argv]), git_commit(), machine()
+    trials = []
     for seed in args.seeds:
         cfg = resolved_config(args.task, seed, args.steps, args.threads, overrides)
         dumped = cfg.model_dump(mode="json")
@@ -189,12 +200,27 @@ def main(argv: list[str] | None = None) -> int:
                              "planned_steps": args.steps, "threads": args.threads, "config_digest": digest,
                              "command": command, "commit": commit,
                              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **host})
-        start = time.perf_counter()
-        (run_maac if args.algo == "maac" else run_sac)(cfg, run_dir)
-        rows = collect(run_dir, results=args.results)
-        print(f"{label} {args.task} seed {seed}: {args.steps} steps in {time.perf_counter() - start:.0f} s, "
+        trials.append(Trial(label, tuple(args.set), seed, run_dir, dumped, digest))
+    start = time.perf_counter()
+
+    def ended(trial: Trial, result: dict[str, Any] | None, error: BaseException | None) -> None:
+        head = f"{trial.variant} {args.task} seed {trial.seed}:"
+        if error is not None:
+            print(f"{head} failed after {time.perf_counter() - start:.0f} s: {type(error).__name__}: {error}",
+                  file=sys.stderr, flush=True)
+            return
+        rows = collect(trial.run_dir, results=args.results)
+        print(f"{head} {args.steps} steps, done {time.perf_counter() - start:.0f} s after the start, "
               f"{rows} evaluations in {eval_csv(args.task, args.results)}", flush=True)
-    return 0
+
+    # a finished MAAC seed is only collected again: no Ray instance for nothing
+    todo = [t for t in trials if args.algo != "maac" or (checkpoint_step(t.run_dir) or 0) < t.steps]
+    for trial in trials:
+        if trial not in todo:
+            ended(trial, {}, None)
+    errors = run_trials(todo, args.address, args.threads, on_result=ended,
+                        work=run_trial if args.algo == "maac" else sac_trial) if todo else {}
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -267,12 +267,13 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def run_trials(trials: Sequence[Trial], address: str | None = None, cpus_per_trial: int = 1, max_retries: int = 2,
                on_result: Callable[[Trial, dict[str, Any] | None, BaseException | None], None] | None = None,
-               ) -> dict[str, BaseException]:
+               work: Callable[[dict[str, Any], str], dict[str, Any]] = run_trial) -> dict[str, BaseException]:
     """Run `trials` as Ray tasks of `cpus_per_trial` CPUs each, as many at a time as the cluster's CPUs allow,
     on the Ray instance this process is connected to, else on one `start_ray(address)` starts (and stops).
     A task whose worker dies is retried `max_retries` times (it resumes from the trial's checkpoint); an
     exception in a trial is not. `on_result(trial, result, error)` is called as each trial ends; returns the
-    errors by trial name."""
+    errors by trial name. `work(config, run_dir)` trains one trial (default `run_trial`; the benchmarks pass
+    their SAC baseline's)."""
     ray = _ray()
     owns = not ray.is_initialized()
     if owns:
@@ -282,7 +283,7 @@ def run_trials(trials: Sequence[Trial], address: str | None = None, cpus_per_tri
         cpus = ray.cluster_resources().get("CPU", 0)
         if cpus < cpus_per_trial:
             raise SweepError(f"the Ray cluster has {cpus:g} CPUs, fewer than --cpus-per-trial {cpus_per_trial}")
-        task = ray.remote(run_trial).options(num_cpus=cpus_per_trial, max_retries=max_retries,
+        task = ray.remote(work).options(num_cpus=cpus_per_trial, max_retries=max_retries,
                                              retry_exceptions=False, name="maac-robot-trial")
         pending = {task.remote(t.config, str(t.run_dir.resolve())): t for t in trials}
         while pending:
