@@ -12,6 +12,15 @@ replaced by the policy action and counted — a non-finite or wrong-length actio
 every action sent is clipped to the bounds. The policy action itself has no fallback: a policy
 graph returning NaN or the wrong shape stops the controller with a ControllerError.
 Without a deadline (lockstep evaluation) planning runs all iterations inline, reproducibly.
+
+Uncertainty guard (`controller.guard`, the manifest's `guard`): once the action is chosen, one
+`ensemble.onnx` call measures the elites' disagreement about the next state of (state, action)
+(`maac_robot.runtime.guard.disagreement`; with `guard_steps` k > 1 also along the plan's next k-1
+actions, the max). Above the calibrated threshold the step sends the policy action ('policy') or the
+safe action ('safe': zero clipped into the bounds, what the robot applies to a bad action) and is
+counted as guarded: the model is outside the data it was fitted on, so its plan is not to be trusted.
+In 'policy' mode a step that already sends the policy action (the policy planner, a planning fallback)
+is counted but sends the same action. A non-finite or failing ensemble call counts as above.
 """
 
 from __future__ import annotations
@@ -27,8 +36,9 @@ from typing import Any, Literal
 import numpy as np
 from maac_robot.runtime.config import ControllerConfig
 from maac_robot.runtime.errors import UserError
+from maac_robot.runtime.guard import DEFINITION, disagreement
 
-from controller.planner import NonFiniteError, Plan, ShapeError, cem_plan, policy_prior, shift
+from controller.planner import NonFiniteError, Plan, ShapeError, cem_plan, policy_prior, shift, squash
 
 FALLBACKS = ("budget", "late", "busy", "nonfinite", "shape", "error")
 """Why a step used the policy action instead of a plan: no CEM pass fitted in the time left; the
@@ -57,6 +67,8 @@ class StepRecord:
     score: float = np.nan  # ensemble-mean predicted return of the executed sequence
     policy_score: float = np.nan  # same, of the policy's own sequence
     missed: bool = False  # action sent later than one control period after the observation
+    disagreement: float = np.nan  # the guard's measure of the chosen action (nan: guard off or unavailable)
+    guarded: bool = False  # disagreement above the guard threshold: the guard's fallback was sent
 
 
 @dataclass
@@ -84,6 +96,15 @@ class Telemetry:
             "dropped_observations": self.dropped_observations,
         }
         out.update({f"fallback_{k}": sum(r.fallback == k for r in self.records) for k in FALLBACKS})
+        dis = np.array([r.disagreement for r in self.records])
+        dis = dis[np.isfinite(dis)]
+        out.update({
+            "guarded": sum(r.guarded for r in self.records),
+            "guarded_share": sum(r.guarded for r in self.records) / len(self.records) if self.records else np.nan,
+            "disagreement_mean": float(dis.mean()) if len(dis) else np.nan,
+            "disagreement_p99": float(np.percentile(dis, 99)) if len(dis) else np.nan,
+            "disagreement_max": float(dis.max()) if len(dis) else np.nan,
+        })
         return out
 
     def format(self) -> str:
@@ -94,7 +115,25 @@ class Telemetry:
                 f"{s['iterations_mean']:.2f}, min {s['iterations_min']} | deadline misses {s['deadline_misses']}, "
                 f"robot held ticks {s['held_ticks']}, dropped observations {s['dropped_observations']}, "
                 f"missing observations {s['missing_observations']} | "
-                f"fallbacks: {falls}")
+                f"fallbacks: {falls} | guarded {s['guarded']} ({100 * s['guarded_share']:.1f} %), disagreement "
+                f"mean {s['disagreement_mean']:.4g}, p99 {s['disagreement_p99']:.4g}, max {s['disagreement_max']:.4g}")
+
+
+def guard_threshold(manifest: Any, cfg: ControllerConfig) -> tuple[float | None, str]:
+    """The disagreement above which the guard overrides (None: no guard) and a line saying why."""
+    spec = getattr(manifest, "guard", None)
+    if cfg.guard == "off":
+        return None, "guard off (controller.guard)"
+    if spec is None:
+        return None, ("guard disabled: the artifacts have no guard threshold (exported before the guard, or with "
+                      "fewer than 2 elites); re-export the run to calibrate one")
+    if spec.definition != DEFINITION:
+        return None, (f"guard disabled: the artifacts' threshold bounds {spec.definition!r}, this controller "
+                      f"measures {DEFINITION!r}; re-export the run with this version")
+    threshold = spec.threshold * cfg.guard_scale
+    return threshold, (f"guard {cfg.guard}: disagreement threshold {threshold:.4g} (p{spec.percentile:g} of "
+                       f"{spec.samples} training pairs x margin {spec.margin:g} x guard_scale {cfg.guard_scale:g}), "
+                       f"{cfg.guard_steps} step(s) checked")
 
 
 GRAPHS = ("policy", "ensemble", "plan")  # the artifact graphs a Controller calls (q.onnx is the learner's)
@@ -131,6 +170,10 @@ class Controller:
         self._previous: np.ndarray | None = None  # last executed plan (pre-tanh), for the shifted warm start
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cem")
         self._running: concurrent.futures.Future[Plan] | None = None
+        self.guard_threshold, self.guard_note = guard_threshold(m, cfg)
+        spec = getattr(m, "guard", None)
+        self._guard_scale = None if self.guard_threshold is None else np.asarray(spec.scale, np.float64)
+        self.safe_action = np.clip(np.zeros(self.act_dim), self.low, self.high)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -219,16 +262,51 @@ class Controller:
         start = self.clock() if received is None else received
         state = np.asarray(state, np.float32)
         fallback = self._policy_action(state)
-        if self.planner == "policy":
-            return fallback, StepRecord(latency=self.clock() - start, iterations=0)
-        plan, why = self._checked_plan(state, deadline)
+        plan, why = (None, None) if self.planner == "policy" else self._checked_plan(state, deadline)
         if plan is None:
-            self._previous = None
-            return fallback, StepRecord(latency=self.clock() - start, iterations=0, fallback=why)
-        self._previous = plan.sequence
-        action = np.clip(plan.action, self.low, self.high)
-        return action, StepRecord(latency=self.clock() - start, iterations=plan.iterations, score=plan.score,
-                                  policy_score=plan.policy_score)
+            if self.planner == "cem":
+                self._previous = None
+            action, record = fallback, StepRecord(latency=0.0, iterations=0, fallback=why)
+            sequence = action[None]
+        else:
+            self._previous = plan.sequence
+            action = np.clip(plan.action, self.low, self.high)
+            record = StepRecord(latency=0.0, iterations=plan.iterations, score=plan.score,
+                                policy_score=plan.policy_score)
+            sequence = np.concatenate([action[None], np.clip(squash(plan.sequence[1:self.cfg.guard_steps], self.low,
+                                                                    self.high), self.low, self.high)])
+        if self.guard_threshold is not None:
+            record.disagreement = self.disagreement(state, sequence)
+            if not record.disagreement <= self.guard_threshold:  # nan (a failing model) counts as above
+                record.guarded = True
+                action = fallback if self.cfg.guard == "policy" else self.safe_action
+        record.latency = self.clock() - start
+        return action, record
+
+    def disagreement(self, state: np.ndarray, actions: np.ndarray) -> float:
+        """The guard's measure for `actions` [k, A] from `state`: the max over the steps of the elites'
+        disagreement (`runtime.guard.disagreement`), each step from the elites' mean prediction of the previous
+        one; nan when the ensemble output is unusable (its error kept in `last_error`). Needs a manifest guard."""
+        s = np.asarray(state, np.float32)[None]
+        worst = 0.0
+        try:
+            actions = np.asarray(actions, np.float32)
+            for t, a in enumerate(actions):
+                mean = np.asarray(self.artifacts.ensemble(s, a[None])["next_state_mean"])
+                if mean.shape != (self.num_models, 1, self.state_dim):
+                    raise ShapeError(f"ensemble graph returned next_state_mean of shape {mean.shape}, expected "
+                                     f"{(self.num_models, 1, self.state_dim)}")
+                elite = mean[self._elites]
+                d = float(disagreement(elite, self._guard_scale)[0])
+                if not np.isfinite(d):
+                    raise NonFiniteError(f"ensemble graph returned non-finite next_state_mean for state {s[0]}")
+                worst = max(worst, d)
+                if t + 1 < len(actions):
+                    s = elite.mean(axis=0).astype(np.float32)
+        except (NonFiniteError, ShapeError, ValueError) as err:
+            self.last_error = f"guard: {type(err).__name__}: {err}"
+            return np.nan
+        return worst
 
     def _policy_action(self, state: np.ndarray) -> np.ndarray:
         """The deterministic policy action, refused unless it is [act_dim] and finite: it is always sendable."""

@@ -19,7 +19,7 @@ from maac_robot.runtime.config import ControllerConfig, load_section, parse_set
 from maac_robot.runtime.errors import UserError
 from maac_robot.runtime.protocol import ProtocolError, RobotClient, RobotInfo, RobotTimeout
 
-from controller.loop import GRAPHS, Controller, Telemetry
+from controller.loop import GRAPHS, Controller, Telemetry, guard_threshold
 
 
 def load_controller_config(path: Path | None, sets: list[str] | None = None) -> ControllerConfig:
@@ -222,7 +222,8 @@ def run_episodes(client: RobotClient, controller: Controller, seeds: list[int], 
         s = res.telemetry.summary()
         print(f"[{label}] seed {seed}: return {res.ret:.1f} over {res.steps} steps | latency median "
               f"{s['latency_ms_median']:.2f} ms p99 {s['latency_ms_p99']:.2f} ms | iterations "
-              f"{s['iterations_mean']:.2f} | misses {s['deadline_misses']} held {s['held_ticks']}")
+              f"{s['iterations_mean']:.2f} | misses {s['deadline_misses']} held {s['held_ticks']} | guarded "
+              f"{s['guarded']}")
     total = Telemetry()
     for res in results:
         total.records += res.telemetry.records
@@ -289,6 +290,7 @@ def control_from_cli(*, artifacts: Path, connect: str, planner: str | None, epis
               f"artifacts {artifacts} (train steps {arts.manifest.train_steps}, plan horizon "
               f"{arts.manifest.plan_horizon}); CEM population {cfg.population}, iterations <= {cfg.iterations}, "
               f"budget {cfg.budget_frac:g}·dt")
+        print(f"[control] {guard_threshold(arts.manifest, cfg)[1]}")
         if compare:
             if info.mode != "lockstep":
                 raise UserError("--compare evaluates planners on identical seeds and needs a lockstep sim "

@@ -161,6 +161,15 @@ class ControllerConfig(Section):
     realtime_priority: int | None = Field(
         None, ge=1, le=99, description="real-time mode: SCHED_FIFO priority of the control process (Linux, needs "
         "CAP_SYS_NICE); None: normal scheduling, which misses deadlines on a loaded machine")
+    guard: Literal["off", "policy", "safe"] = Field(
+        "policy", description="uncertainty guard: when the ensemble's elites disagree about the next state of the "
+        "action to send by more than the manifest's calibrated guard.threshold (x guard_scale), send the policy "
+        "action ('policy') or the safe action, zero clipped into the bounds ('safe'), and count the step; 'off' "
+        "(or artifacts without a guard) never overrides")
+    guard_scale: float = Field(1.0, gt=0, description="multiplier on the manifest's guard.threshold")
+    guard_steps: int = Field(1, ge=1, description="plan steps the guard checks: 1 the action to send; k > 1 also "
+                             "the next k-1 actions of the CEM plan along the elites' mean prediction (one more "
+                             "ensemble call each)")
     seed: int = 0
 
     @model_validator(mode="before")
