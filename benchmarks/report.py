@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_csv import RESULTS, ROOT, TASKS, eval_csv, read_rows  # noqa: E402
 
+from maac_robot.sweep.stats import iqm  # noqa: E402  the one IQM: seeds' quartiles cut, as rliable
+
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 FIGURES = ROOT / "benchmarks"
 # task -> [(return, within env steps)]: the targets of issue 2
@@ -44,16 +46,6 @@ _MARKER = re.compile(r"<!-- table:(?P<name>[\w.-]+):begin -->\n.*?<!-- table:(?P
 
 
 # ---- statistics over seeds -------------------------------------------------------------------------------
-
-
-def iqm(values: Sequence[float]) -> float:
-    """Interquartile mean: the mean of the values left after dropping the lowest and highest quarter
-    (⌊n/4⌋ each side; with fewer than 4 seeds nothing is dropped and it is the mean). Less swayed than the
-    mean by the one seed that balanced or fell, and it uses more seeds than the median."""
-    ordered = sorted(values)
-    cut = len(ordered) // 4
-    kept = ordered[cut: len(ordered) - cut]
-    return float(np.mean(kept))
 
 
 @dataclass
