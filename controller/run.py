@@ -1,7 +1,10 @@
 """`maac-robot control`: connect to a robot (or the sim), run episodes, print returns and telemetry.
 
 `--compare` runs policy-only and CEM-MPC on the same reset seeds against a lockstep sim and
-prints the paper's Table 1 analogue. Imports no torch and no gymnasium: a robot computer runs
+prints the paper's Table 1 analogue. `--record DIR` writes every episode as the controller saw it in
+the recording format of `maac_robot.runtime.recording` (meta source "controller"; per-step latency,
+iterations, disagreement, guarded and which planner acted), which `maac-robot finetune` takes back
+into a run. Imports no torch and no gymnasium: a robot computer runs
 this with onnxruntime, numpy, pyzmq and pydantic only.
 """
 
@@ -18,8 +21,43 @@ import numpy as np
 from maac_robot.runtime.config import ControllerConfig, load_section, parse_set
 from maac_robot.runtime.errors import UserError
 from maac_robot.runtime.protocol import ProtocolError, RobotClient, RobotInfo, RobotTimeout
+from maac_robot.runtime.recording import EpisodeRecorder
 
-from controller.loop import GRAPHS, Controller, Telemetry, guard_threshold
+from controller.loop import GRAPHS, Controller, StepRecord, Telemetry, guard_threshold
+
+PLANNER_NAMES = ("policy", "cem", "fallback", "guard_policy", "guard_safe")
+"""`telemetry_planner` of a controller recording: what chose the action sent. policy: the policy planner;
+cem: a CEM plan; fallback: CEM failed (deadline, error), the policy action went; guard_policy / guard_safe:
+the uncertainty guard overrode with the policy or the safe action. Kept in meta["planner_names"]."""
+ROBOT_FLAGS = ("clipped", "rejected", "watchdog", "held", "late", "pushed")
+"""The robot's per-observation flags a controller recording keeps (absent ones read False)."""
+SUBSTITUTING_FLAGS = ("rejected", "watchdog", "held", "late")
+"""Flags saying the robot applied another action than the one this step sent (`flag_substituted`)."""
+
+
+def planner_code(controller: Controller, record: StepRecord) -> int:
+    """The index in PLANNER_NAMES of what chose this step's action."""
+    if record.guarded:
+        return PLANNER_NAMES.index("guard_policy" if controller.cfg.guard == "policy" else "guard_safe")
+    if controller.planner == "policy":
+        return PLANNER_NAMES.index("policy")
+    return PLANNER_NAMES.index("fallback" if record.fallback is not None else "cem")
+
+
+def recording_meta(manifest: Any, artifacts_dir: Path, info: RobotInfo) -> dict[str, Any]:
+    """What every controller recording's meta carries: env and spaces, the artifacts' state layout and the
+    SHA-256 of their manifest.json (which lists every graph's hash), and the robot's hello metadata."""
+    import hashlib
+
+    from maac_robot.runtime.artifacts import MANIFEST_NAME
+
+    return {"env_id": manifest.env_id, "source": "controller", "state_dim": manifest.state_dim,
+            "act_dim": manifest.act_dim, "dt": info.dt, "mode": info.mode,
+            "state_layout": manifest.state_layout.model_dump(mode="json"),
+            "artifacts": str(artifacts_dir),
+            "artifacts_sha256": hashlib.sha256((Path(artifacts_dir) / MANIFEST_NAME).read_bytes()).hexdigest(),
+            "train_steps": manifest.train_steps, "robot_session": info.session,
+            "robot_metadata": dict(info.metadata), "planner_names": list(PLANNER_NAMES)}
 
 
 def load_controller_config(path: Path | None, sets: list[str] | None = None) -> ControllerConfig:
@@ -117,7 +155,8 @@ def reset_owned(client: RobotClient, seed: int, wait_s: float) -> Any:
 
 
 def run_episode(client: RobotClient, controller: Controller, seed: int,
-                clock: Any = time.perf_counter) -> EpisodeResult:
+                clock: Any = time.perf_counter, recorder: EpisodeRecorder | None = None,
+                record_name: str | None = None) -> EpisodeResult:
     """One episode. Lockstep: every step plans without a deadline; a lost message is retried by the client.
     Realtime: the planning deadline is `budget_frac`·dt after the observation arrived; the next
     observation is the robot's next tick; the action is sent again at `RESEND_AT_PERIODS`.
@@ -125,7 +164,10 @@ def run_episode(client: RobotClient, controller: Controller, seed: int,
     is taken as lost (`Telemetry.missing_observations`): the controller acts on the state the model
     predicts from the newest observation and the action sent for it (or on that observation when
     the model cannot say), so a lost message costs a tick, not the episode. Only `timeout_periods`
-    without any observation, or a robot restart, end the episode (`RobotLost`)."""
+    without any observation, or a robot restart, end the episode (`RobotLost`).
+
+    With a `recorder`, every step goes into it and the episode is written as `record_name` when it ends,
+    also when it is cut short (then its last step is marked truncated)."""
     info = client.info
     if info is None:
         raise UserError("call client.hello() before running episodes")
@@ -136,43 +178,72 @@ def run_episode(client: RobotClient, controller: Controller, seed: int,
     dropped_before = client.stats.dropped_observations
     controller.reset()
     obs = reset_owned(client, seed, info.owner_timeout_s + 1.0)
+    episode_meta: dict[str, Any] = {}
+    if recorder is not None:
+        episode_meta = {"seed": seed, "planner": controller.planner, "robot_episode": obs.episode}
+        if "perturbation" in obs.info:  # a perturbed sim's draws for this episode
+            episode_meta["perturbation"] = obs.info["perturbation"]
     last_real = clock()
     ret, steps = 0.0, 0
-    while not obs.done:
-        received = clock() - max(0.0, time.time() - obs.t_received)  # the observation's arrival, on `clock`
-        action, record = controller.act(obs.state, received + budget if realtime else None, received)
-        if realtime:
-            client.send_action(action, obs_seq=obs.seq)
-            record.missed = clock() - received > info.dt
-            nxt = None
-            for at in (*RESEND_AT_PERIODS, MISSING_AFTER_PERIODS):
-                nxt = client.latest_observation(max(0.0, received + at * info.dt - clock()))
-                if nxt is not None or at == MISSING_AFTER_PERIODS:
-                    break
-                client.resend_action()  # the usual case: the next tick is still ahead, and a copy covers a lost action
-            if nxt is None:
-                tel.missing_observations += 1
-                if clock() - last_real > lost_after:
-                    raise RobotLost(f"no observation from {client.endpoint} for {lost_after:.3g} s "
-                                    f"({controller.cfg.timeout_periods:g} periods) during episode seed {seed}")
-                predicted = controller.predict(obs.state, action)
-                nxt = replace(obs, state=obs.state if predicted is None else predicted, reward=0.0,
-                              t_received=time.time())
+    obs_predicted = False  # the state acted on is the model's stand-in for a lost observation
+    try:
+        while not obs.done:
+            received = clock() - max(0.0, time.time() - obs.t_received)  # the observation's arrival, on `clock`
+            action, record = controller.act(obs.state, received + budget if realtime else None, received)
+            nxt_predicted = False
+            if realtime:
+                client.send_action(action, obs_seq=obs.seq)
+                record.missed = clock() - received > info.dt
+                nxt = None
+                for at in (*RESEND_AT_PERIODS, MISSING_AFTER_PERIODS):
+                    nxt = client.latest_observation(max(0.0, received + at * info.dt - clock()))
+                    if nxt is not None or at == MISSING_AFTER_PERIODS:
+                        break
+                    client.resend_action()  # the usual case: the next tick is still ahead, and a copy covers a lost action
+                if nxt is None:
+                    tel.missing_observations += 1
+                    if clock() - last_real > lost_after:
+                        raise RobotLost(f"no observation from {client.endpoint} for {lost_after:.3g} s "
+                                        f"({controller.cfg.timeout_periods:g} periods) during episode seed {seed}")
+                    predicted = controller.predict(obs.state, action)
+                    nxt = replace(obs, state=obs.state if predicted is None else predicted, reward=0.0,
+                                  t_received=time.time())
+                    nxt_predicted = True
+                else:
+                    last_real = clock()
+                    tel.held_ticks += int(bool(nxt.info.get("held", False)))
             else:
-                last_real = clock()
-                tel.held_ticks += int(bool(nxt.info.get("held", False)))
-        else:
-            nxt = client.step(action)
-        if nxt.session != obs.session:
-            raise RobotLost(f"the robot at {client.endpoint} restarted during episode seed {seed} (new session)")
-        tel.records.append(record)
-        ret += float(nxt.reward)
-        steps = nxt.step  # the robot's count: a step acted on a predicted state is no robot step
-        obs = nxt
+                nxt = client.step(action)
+            if nxt.session != obs.session:
+                raise RobotLost(f"the robot at {client.endpoint} restarted during episode seed {seed} (new session)")
+            tel.records.append(record)
+            ret += float(nxt.reward)
+            steps = nxt.step  # the robot's count: a step acted on a predicted state is no robot step
+            if recorder is not None:
+                _record_step(recorder, controller, record, obs, nxt, action, obs_predicted, nxt_predicted)
+            obs_predicted = nxt_predicted
+            obs = nxt
+    finally:
+        if recorder is not None:
+            recorder.finish(record_name or f"episode-seed{seed}", episode_meta)
     tel.dropped_observations = client.stats.dropped_observations - dropped_before
     # a robot that keeps its own sum stays right when real-time control skipped stale observations
     ret = float(obs.info.get("episode_return", ret))
     return EpisodeResult(seed=seed, ret=ret, steps=steps, telemetry=tel)
+
+
+def _record_step(recorder: EpisodeRecorder, controller: Controller, record: StepRecord, obs: Any, nxt: Any,
+                 action: np.ndarray, obs_predicted: bool, nxt_predicted: bool) -> None:
+    """One controller-side transition: the state acted on, the action sent, what the robot reported next."""
+    flags = {name: bool(nxt.info.get(name) or False) for name in ROBOT_FLAGS}
+    flags["predicted"] = obs_predicted or nxt_predicted
+    flags["skipped"] = nxt.step != obs.step + 1
+    flags["substituted"] = any(flags[name] for name in SUBSTITUTING_FLAGS)
+    telemetry = {"latency": float(record.latency), "iterations": int(record.iterations),
+                 "disagreement": float(record.disagreement), "guarded": bool(record.guarded),
+                 "planner": planner_code(controller, record)}
+    recorder.add(obs.state, action, float(nxt.reward), nxt.state, bool(nxt.terminated), bool(nxt.truncated),
+                 flags, telemetry)
 
 
 def reconnect(client: RobotClient, manifest: Any, within_s: float) -> RobotInfo:
@@ -190,15 +261,18 @@ def reconnect(client: RobotClient, manifest: Any, within_s: float) -> RobotInfo:
 
 
 def run_resilient(client: RobotClient, controller: Controller, seed: int, manifest: Any,
-                  reconnect_s: float) -> EpisodeResult:
+                  reconnect_s: float, recorder: EpisodeRecorder | None = None,
+                  record_prefix: str = "episode") -> EpisodeResult:
     """`run_episode`, reconnecting and starting the episode again when the robot is lost or restarts.
 
-    With `reconnect_s` 0 a lost robot is one clear line (UserError) instead.
+    With `reconnect_s` 0 a lost robot is one clear line (UserError) instead. With a `recorder`, each attempt is
+    its own file `<record_prefix>-seed<seed>-try<n>.npz` (a cut attempt ends truncated).
     """
     interrupted = 0
     while True:
         try:
-            res = run_episode(client, controller, seed)
+            res = run_episode(client, controller, seed, recorder=recorder,
+                              record_name=f"{record_prefix}-seed{seed}-try{interrupted}")
             res.interrupted = interrupted
             return res
         except RobotTimeout as err:  # RobotLost included
@@ -214,10 +288,11 @@ def run_resilient(client: RobotClient, controller: Controller, seed: int, manife
 
 
 def run_episodes(client: RobotClient, controller: Controller, seeds: list[int], label: str,
-                 manifest: Any = None, reconnect_s: float = 0.0) -> list[EpisodeResult]:
+                 manifest: Any = None, reconnect_s: float = 0.0, recorder: EpisodeRecorder | None = None,
+                 record_prefix: str = "episode") -> list[EpisodeResult]:
     results = []
     for seed in seeds:
-        res = run_resilient(client, controller, seed, manifest, reconnect_s)
+        res = run_resilient(client, controller, seed, manifest, reconnect_s, recorder, f"{record_prefix}-{label}")
         results.append(res)
         s = res.telemetry.summary()
         print(f"[{label}] seed {seed}: return {res.ret:.1f} over {res.steps} steps | latency median "
@@ -259,8 +334,10 @@ def make_controller(artifacts: Any, cfg: ControllerConfig, planner: Literal["cem
 
 def control_from_cli(*, artifacts: Path, connect: str, planner: str | None, episodes: int, config: Path | None,
                      seed: int, compare: bool, client_key: Path | None = None, server_public: Path | None = None,
-                     reconnect: bool = True, sets: list[str] | None = None) -> int:
-    """`maac-robot control`: run `episodes` episodes (reset seeds seed, seed+1, ...) and print the results."""
+                     reconnect: bool = True, sets: list[str] | None = None, record: Path | None = None) -> int:
+    """`maac-robot control`: run `episodes` episodes (reset seeds seed, seed+1, ...) and print the results.
+
+    `record`: a directory to write each episode into (`control-<UTC time>-<planner>-seed<S>-try<N>.npz`)."""
     from maac_robot.runtime.artifacts import load_artifacts
     from maac_robot.runtime.auth import client_curve
 
@@ -291,6 +368,11 @@ def control_from_cli(*, artifacts: Path, connect: str, planner: str | None, epis
               f"{arts.manifest.plan_horizon}); CEM population {cfg.population}, iterations <= {cfg.iterations}, "
               f"budget {cfg.budget_frac:g}·dt")
         print(f"[control] {guard_threshold(arts.manifest, cfg)[1]}")
+        recorder = None
+        prefix = "control-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        if record is not None:
+            recorder = EpisodeRecorder(record, recording_meta(arts.manifest, artifacts, info))
+            print(f"[control] recording each episode to {record}/{prefix}-*.npz")
         if compare:
             if info.mode != "lockstep":
                 raise UserError("--compare evaluates planners on identical seeds and needs a lockstep sim "
@@ -299,14 +381,16 @@ def control_from_cli(*, artifacts: Path, connect: str, planner: str | None, epis
             for name in ("policy", "cem"):
                 controller = make_controller(arts, cfg, name, cfg.seed)  # type: ignore[arg-type]
                 try:
-                    rows[name] = run_episodes(client, controller, seeds, name, arts.manifest, reconnect_s)
+                    rows[name] = run_episodes(client, controller, seeds, name, arts.manifest, reconnect_s,
+                                              recorder, prefix)
                 finally:
                     controller.close()
             print(compare_table(rows))
             return 0
         controller = make_controller(arts, cfg, planner or cfg.planner, cfg.seed)  # type: ignore[arg-type]
         try:
-            results = run_episodes(client, controller, seeds, planner or cfg.planner, arts.manifest, reconnect_s)
+            results = run_episodes(client, controller, seeds, planner or cfg.planner, arts.manifest, reconnect_s,
+                                   recorder, prefix)
         finally:
             controller.close()
         rets = np.array([r.ret for r in results])

@@ -294,8 +294,9 @@ class SimServer:
         self.owner_timeout_s = float(owner_timeout_s)
         self.counters = SafetyCounters()
         self._log = _RateLimitedLog()
-        record_meta: dict[str, Any] = {"env_id": env_id, "dt": self.dt, "mode": mode, "session": self.session,
-                                       "protocol_version": PROTOCOL_VERSION}
+        record_meta: dict[str, Any] = {"env_id": env_id, "source": "sim", "state_dim": self.state_dim,
+                                       "act_dim": int(self.gate.low.shape[0]), "dt": self.dt, "mode": mode,
+                                       "session": self.session, "protocol_version": PROTOCOL_VERSION}
         if perturb.obs_noise_std != 0:  # the recording holds what the controller saw
             record_meta["states"] = "as served: observation noise (sim.perturb.obs_noise_std) included"
         self._recorder = EpisodeRecorder(record_dir, record_meta) if record_dir is not None else None
