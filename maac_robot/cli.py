@@ -41,6 +41,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return export_from_cli(run_dir=args.run, out=args.out, plan_horizon=args.plan_horizon)
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from maac_robot.commands import finetune_from_cli
+
+    return finetune_from_cli(run_dir=args.run, data=args.data, out=args.out, steps=args.steps)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from maac_robot.commands import inspect_from_cli
 
@@ -71,7 +77,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
     return control_from_cli(artifacts=args.artifacts, connect=args.connect, planner=args.planner,
                             episodes=args.episodes, config=args.config, seed=args.seed,
                             compare=args.compare, client_key=args.client_key, server_public=args.server_public,
-                            reconnect=not args.no_reconnect, sets=args.set)
+                            reconnect=not args.no_reconnect, sets=args.set, record=args.record)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -169,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-horizon", type=int, help="H of the fused plan graph (default: the trained agent.horizon)")
     p.set_defaults(func=_cmd_export)
 
+    p = add("finetune", help="add recorded episodes (control/sim --record) to a copy of a run's D_env, refit, update")
+    p.add_argument("run", type=Path, help="run directory to start from (maac-robot train --out); not modified")
+    p.add_argument("--data", type=Path, required=True, help="directory of recorded episodes (.npz)")
+    p.add_argument("--out", type=Path, required=True, help="new run directory to write (must not exist)")
+    p.add_argument("--steps", type=int,
+                   help="G2 rounds without env steps, each agent.updates_per_step updates, the model refit every "
+                        "model.train_every and rollouts every rollout.every rounds (default: one per recorded "
+                        "transition added)")
+    p.set_defaults(func=_cmd_finetune)
+
     p = add("inspect", help="print an artifact's manifest and graph signatures")
     p.add_argument("artifacts", type=Path, help="artifact directory (maac-robot export --out)")
     p.set_defaults(func=_cmd_inspect)
@@ -207,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-public", type=Path, help="CURVE: the robot's public NAME.key")
     p.add_argument("--no-reconnect", action="store_true",
                    help="exit with one line when the robot is lost, instead of reconnecting (controller.reconnect_s)")
+    p.add_argument("--record", type=Path, metavar="DIR",
+                   help="write each episode as the controller saw it (.npz; maac-robot finetune --data DIR)")
     _add_set(p, ("controller",))
     p.set_defaults(func=_cmd_control)
 

@@ -186,3 +186,19 @@ def inspect_from_cli(artifacts: Path) -> int:
 
     print(load_artifacts(artifacts, warm_up=False).describe())
     return 0
+
+
+def finetune_from_cli(run_dir: Path, data: Path, out: Path, steps: int | None = None) -> int:
+    """`maac-robot finetune RUN --data DIR --out NEW_RUN [--steps N]`."""
+    from maac_robot.learn.finetune import finetune
+
+    result = finetune(run_dir, data, out, steps, progress=lambda what: print(f"finetune: {what}", file=sys.stderr,
+                                                                             flush=True))
+    r, ev = result.record, result.evaluation
+    print(f"finetuned {run_dir} into {out}: {r['transitions_added']} recorded transitions from {r['episodes']} "
+          f"episode(s) ({', '.join(r['sources'])}; {r['recorded_steps'] - r['transitions_added']} step(s) left out) "
+          f"added to D_env (now {r['d_env']['env']} env + {r['d_env']['recorded']} recorded), {r['model_fits']} "
+          f"model fit(s), {r['rounds']} G2 round(s) = {r['updates']} updates, env step {result.trainer.env_step} "
+          f"unchanged; evaluation {ev['eval_return_mean']:.1f} ± {ev['eval_return_std']:.1f}; export with: "
+          f"maac-robot export {shlex.quote(str(out))} --out ARTIFACTS")
+    return 0

@@ -10,6 +10,10 @@ D_model keeps "the last `rollout.retain_rounds` rounds" of imagined rollouts by 
 ring buffer of `retain_rounds * rollout.batch_size * rollout.length` transitions (each
 round adds at most `batch_size * length`, fewer when branches terminate), as in MBPO's
 model buffer; old rounds are overwritten first.
+
+Every row also carries a `source` tag (SOURCE_ENV 0: stepped by the trainer in its own env, the
+simulator; SOURCE_RECORDED 1: a recorded robot/controller transition added by `maac-robot finetune`).
+Sampling ignores it; it is saved in checkpoints (a checkpoint from before the tag loads as all 0).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import numpy as np
 import torch
 
 FIELDS = ("state", "action", "reward", "next_state", "terminated")
+SOURCE_ENV, SOURCE_RECORDED = 0, 1
+SOURCE_NAMES = {SOURCE_ENV: "env", SOURCE_RECORDED: "recorded"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class ReplayBuffer:
         self.reward = np.zeros(capacity, np.float32)
         self.next_state = np.zeros((capacity, state_dim), np.float32)
         self.terminated = np.zeros(capacity, np.bool_)
+        self.source = np.zeros(capacity, np.uint8)  # SOURCE_ENV / SOURCE_RECORDED per row
         self.ptr = 0  # next row to write
         self.size = 0
         self.total_added = 0  # transitions ever added (D_env: equals env steps stored)
@@ -65,16 +72,16 @@ class ReplayBuffer:
         return self.size
 
     def add(self, state: np.ndarray, action: np.ndarray, reward: float, next_state: np.ndarray,
-            terminated: bool) -> None:
+            terminated: bool, source: int = SOURCE_ENV) -> None:
         """Store one real transition."""
         i = self.ptr
         self.state[i], self.action[i], self.reward[i] = state, action, reward
-        self.next_state[i], self.terminated[i] = next_state, terminated
+        self.next_state[i], self.terminated[i], self.source[i] = next_state, terminated, source
         self._advance(1)
 
     def add_batch(self, state: np.ndarray, action: np.ndarray, reward: np.ndarray, next_state: np.ndarray,
-                  terminated: np.ndarray) -> None:
-        """Store many transitions at once (an imagined rollout step); wraps around the ring."""
+                  terminated: np.ndarray, source: int = SOURCE_ENV) -> None:
+        """Store many transitions at once (an imagined rollout step, recorded episodes); wraps around the ring."""
         n = len(state)
         if n == 0:
             return
@@ -85,7 +92,7 @@ class ReplayBuffer:
             n = self.capacity
         idx = (self.ptr + np.arange(n)) % self.capacity
         self.state[idx], self.action[idx], self.reward[idx] = state, action, reward
-        self.next_state[idx], self.terminated[idx] = next_state, terminated
+        self.next_state[idx], self.terminated[idx], self.source[idx] = next_state, terminated, source
         self._advance(n)
 
     def _advance(self, n: int) -> None:
@@ -119,7 +126,13 @@ class ReplayBuffer:
         return {
             "capacity": self.capacity, "ptr": self.ptr, "size": self.size, "total_added": self.total_added,
             **{f: torch.from_numpy(getattr(self, f)[: self.size].copy()) for f in FIELDS},
+            "source": torch.from_numpy(self.source[: self.size].copy()),
         }
+
+    def source_counts(self) -> dict[str, int]:
+        """Stored rows per source name (SOURCE_NAMES), e.g. {"env": 5000, "recorded": 400}."""
+        counts = np.bincount(self.source[: self.size], minlength=len(SOURCE_NAMES))
+        return {name: int(counts[code]) for code, name in SOURCE_NAMES.items()}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         size = int(sd["size"])  # type: ignore[arg-type]
@@ -132,6 +145,10 @@ class ReplayBuffer:
                 raise ValueError(f"checkpointed buffer field {f} has shape {data.shape}, "
                                  f"expected rows of {getattr(self, f).shape[1:]}")
             getattr(self, f)[:size] = data
+        # checkpoints from before the source tag hold only the trainer's own env steps
+        source = sd.get("source")
+        self.source[:size] = 0 if source is None else source.numpy()  # type: ignore[union-attr]
+        self.source[size:] = 0
         self.size = size
         # Same capacity: keep the write pointer so the FIFO order continues; otherwise the rows
         # are compacted at the front and writing continues after them.

@@ -352,7 +352,8 @@ class Trainer:
 
     # ---- evaluation, metrics, plots ----------------------------------------------------------
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One deterministic evaluation, appended to metrics.jsonl (with `extra`'s fields, e.g. `finetune`)."""
         returns = evaluate_policy(self.agent, self.cfg.env.id, self.eval_seeds, self.cfg.env.max_episode_steps)
         # Q − realised soft return on stochastic episodes: how far the critic over- or underestimates at each evaluation.
         bias = (mean_critic_bias(self.agent, self.cfg.env.id, self.eval_seeds, self.cfg.agent.gamma,
@@ -369,10 +370,12 @@ class Trainer:
             "losses": losses,
             "model": dict(self.fit_stats),
             "buffer_env": len(self.d_env),
+            "buffer_env_recorded": self.d_env.source_counts()["recorded"],  # rows added by `finetune`
             "buffer_model": len(self.d_model),
             "wall_time_s": round(sum(self.timers.values()), 3),
             "phase_time_s": {k: round(v, 3) for k, v in self.timers.items()},
             "phase_cpu_s": {k: round(v, 3) for k, v in self.cpu_timers.items()},
+            **(extra or {}),
         }
         self.update_sums.clear()
         self.update_count = 0
@@ -703,7 +706,7 @@ def prepare_run(config: str | Path | None = None, resume: str | Path | None = No
     return cfg, run_dir, False
 
 
-def _record_session(trainer: Trainer) -> None:
+def _record_session(trainer: Trainer, extra: dict[str, Any] | None = None) -> None:
     """Append what this (re)start runs on to RUN_DIR/sessions.jsonl: a run's speed and its numbers are read
     against the cores, threads and precision it had, which can change at every resume."""
     import platform
@@ -711,7 +714,7 @@ def _record_session(trainer: Trainer) -> None:
     record = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "env_step": trainer.env_step,
               "cores_available": trainer.cores, "torch_threads": torch.get_num_threads(),
               "device": str(trainer.device), "precision": trainer.precision, "machine": platform.machine(),
-              "python": platform.python_version(), "torch": torch.__version__}
+              "python": platform.python_version(), "torch": torch.__version__, **(extra or {})}
     with trainer.paths.sessions.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
