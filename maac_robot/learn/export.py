@@ -55,7 +55,7 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 OPSET = 20  # pinned: onnxruntime 1.32 implements it fully; bump deliberately together with FORMAT_VERSION
 # float32 parity between onnxruntime and PyTorch, |ort - torch| <= ATOL + RTOL·|torch| per element.
 # Kernels differ in summation order (GEMM blocking, fused ops), and errors accumulate over the plan
-# graph's H model steps. Measured at the authors' sizes (configs/half_cheetah.yaml, hopper.yaml; random
+# graph's H model steps. Measured at the authors' sizes (the half_cheetah and hopper configs; random
 # init with a non-trivial normaliser; 5 seeds x batch 1 and 64) the worst |error| / tolerance over all
 # outputs was 0.019 (ensemble logvar; plan returns 0.0035): ≥ 50x headroom.
 PARITY_RTOL = 1e-4
