@@ -10,7 +10,7 @@ import pytest
 from maac_robot.learn.config import config_from_dict
 from maac_robot.learn.trainer import train
 
-from test_trainer import _tiny
+from tiny_configs import tiny
 
 
 
@@ -28,7 +28,7 @@ entropy_pressure = _benchmark("entropy_pressure")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_critic_probe_restarts_each_variant_from_the_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    train(config_from_dict(_tiny(train={"total_steps": 200})), run_dir, progress=False)
+    train(config_from_dict(tiny(train={"total_steps": 200})), run_dir, progress=False)
     before = (run_dir / "checkpoints" / "latest.pt").read_bytes()
     result = critic_probe.critic_probe(run_dir, updates=40, every=20, episodes=2)
     curves = result["bias_by_updates"]
@@ -48,7 +48,7 @@ def test_critic_probe_restarts_each_variant_from_the_checkpoint(tmp_path: Path) 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("bench") / "run"
-    train(config_from_dict(_tiny(train={"total_steps": 200})), run_dir, progress=False)
+    train(config_from_dict(tiny(train={"total_steps": 200})), run_dir, progress=False)
     return run_dir
 
 

@@ -16,20 +16,11 @@ from maac_robot.learn.config import config_from_dict
 from maac_robot.runtime.config import ControllerConfig
 from maac_robot.runtime.protocol import RobotClient
 from sim_helpers import running_sim
+from tiny_configs import deployable
 
 ENV = "InvertedPendulum-v5"
 EPISODE_STEPS = 40
-TINY = {
-    "env": {"id": ENV, "max_episode_steps": 200},
-    "model": {"num_models": 3, "num_elites": 2, "hidden": 32, "layers": 2, "max_epochs": 5, "train_every": 100,
-              "batch_size": 64},
-    "agent": {"horizon": 2, "num_samples": 2, "terminal_q_samples": 2, "steve_horizon": 1, "hidden": 32, "layers": 2,
-              "batch_size": 64, "updates_per_step": 1},
-    "rollout": {"batch_size": 200, "every": 100, "retain_rounds": 2},
-    "train": {"total_steps": 300, "initial_random_steps": 100, "eval_every": 300, "eval_episodes": 1,
-              "checkpoint_every": 300, "seed": 0, "num_threads": 1},
-    "controller": {"population": 32, "iterations": 3, "budget_frac": 0.5},
-}
+TINY = deployable()
 
 
 @pytest.fixture(scope="module")

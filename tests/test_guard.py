@@ -14,6 +14,7 @@ from controller.run import run_episode
 from maac_robot.runtime.artifacts import GuardSpec, Manifest
 from maac_robot.runtime.config import ControllerConfig
 from maac_robot.runtime.guard import DEFINITION, disagreement
+from tiny_configs import deployable
 
 LOW, HIGH = np.array([-1.0, -0.5]), np.array([1.0, 2.0])
 
@@ -182,16 +183,7 @@ def test_telemetry_reports_guarded_share_and_disagreement_percentiles():
 # ---- end to end: a tiny trained run -----------------------------------------------------------------
 
 ENV = "InvertedPendulum-v5"
-TINY = {
-    "env": {"id": ENV, "max_episode_steps": 200},
-    "model": {"num_models": 3, "num_elites": 2, "hidden": 32, "layers": 2, "max_epochs": 5, "train_every": 100,
-              "batch_size": 64},
-    "agent": {"horizon": 2, "num_samples": 2, "terminal_q_samples": 2, "steve_horizon": 1, "hidden": 32, "layers": 2,
-              "batch_size": 64, "updates_per_step": 1},
-    "rollout": {"batch_size": 200, "every": 100, "retain_rounds": 2},
-    "train": {"total_steps": 300, "initial_random_steps": 100, "eval_every": 300, "eval_episodes": 1,
-              "checkpoint_every": 300, "seed": 0, "num_threads": 1},
-}
+TINY = deployable()
 
 
 @pytest.fixture(scope="module")

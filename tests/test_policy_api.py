@@ -24,20 +24,11 @@ from maac_robot.learn.trainer import RunError
 from maac_robot.runtime.artifacts import ArtifactError, FORMAT_VERSION, load_artifacts
 from maac_robot.runtime.policy import to_net_obs
 from tests.export_fixtures import Components, export_components, random_components
+from tiny_configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTIN = ("InvertedPendulum-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5")
-# tests/test_trainer.py's TINY config, 150 steps: one model fit and 50 updates
-TINY = {
-    "env": {"id": "InvertedPendulum-v5", "max_episode_steps": 60},
-    "model": {"num_models": 3, "num_elites": 2, "hidden": 32, "layers": 2, "batch_size": 64, "max_epochs": 3,
-              "train_every": 100},
-    "agent": {"horizon": 2, "num_samples": 2, "terminal_q_samples": 2, "steve_horizon": 1, "hidden": 32,
-              "batch_size": 32, "updates_per_step": 1},
-    "rollout": {"length": 2, "batch_size": 64, "every": 50, "retain_rounds": 2},
-    "train": {"total_steps": 150, "initial_random_steps": 100, "eval_every": 150, "eval_episodes": 2,
-              "checkpoint_every": 150, "buffer_size": 5000, "num_threads": 1, "seed": 3},
-}
+TINY = tiny(train={"total_steps": 150, "eval_every": 150, "checkpoint_every": 150})  # one model fit, 50 updates
 
 
 @pytest.fixture(scope="module", params=["InvertedPendulum-v5", "Hopper-v5"])

@@ -23,19 +23,11 @@ from maac_robot.sweep import records, stats
 from maac_robot.sweep.report import budgets, report
 from maac_robot.sweep.runner import (SweepError, checkpoint_step, grid_points, parse_grid, plan, run_sweep,
                                      start_ray, sweep_command)
+from tiny_configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "env": {"id": "InvertedPendulum-v5", "max_episode_steps": 60},
-    "model": {"num_models": 3, "num_elites": 2, "hidden": 32, "layers": 2, "batch_size": 64, "max_epochs": 3,
-              "train_every": 100},
-    "agent": {"horizon": 2, "num_samples": 2, "terminal_q_samples": 2, "steve_horizon": 1, "hidden": 32,
-              "batch_size": 32, "updates_per_step": 1},
-    "rollout": {"length": 2, "batch_size": 64, "every": 50, "retain_rounds": 2},
-    "train": {"total_steps": 200, "initial_random_steps": 100, "eval_every": 100, "eval_episodes": 2,
-              "checkpoint_every": 100, "buffer_size": 5000},
-}
+TINY = tiny()
 
 
 def _config(tmp_path: Path) -> Path:

@@ -27,17 +27,9 @@ from maac_robot.learn.config import config_from_dict, load_config
 from maac_robot.learn.trainer import (RunError, Trainer, eval_seeds, load_checkpoint, load_run, read_metrics,
                                       train)
 from maac_robot.runtime.errors import UserError
+from tiny_configs import tiny
 
-TINY = {
-    "env": {"id": "InvertedPendulum-v5", "max_episode_steps": 60},
-    "model": {"num_models": 3, "num_elites": 2, "hidden": 32, "layers": 2, "batch_size": 64, "max_epochs": 3,
-              "train_every": 100},
-    "agent": {"horizon": 2, "num_samples": 2, "terminal_q_samples": 2, "steve_horizon": 1, "hidden": 32,
-              "batch_size": 32, "updates_per_step": 1},
-    "rollout": {"length": 2, "batch_size": 64, "every": 50, "retain_rounds": 2},
-    "train": {"total_steps": 200, "initial_random_steps": 100, "eval_every": 100, "eval_episodes": 2,
-              "checkpoint_every": 100, "buffer_size": 5000, "num_threads": 1, "seed": 3},
-}
+TINY = tiny()
 
 
 def _tb_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
@@ -47,13 +39,6 @@ def _tb_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
-
-
-def _tiny(**sections: dict) -> dict:
-    data = json.loads(json.dumps(TINY))
-    for section, values in sections.items():
-        data[section].update(values)
-    return data
 
 
 def _config_file(tmp_path: Path, data: dict | None = None) -> Path:
@@ -146,7 +131,7 @@ def test_tiny_training_writes_run_files_and_evaluates(tmp_path: Path, capsys: py
 
 
 def test_same_seed_same_first_evaluation(tmp_path: Path) -> None:
-    cfg = config_from_dict(_tiny(train={"total_steps": 100, "initial_random_steps": 60}))
+    cfg = config_from_dict(tiny(train={"total_steps": 100, "initial_random_steps": 60}))
     first = [train(cfg, tmp_path / f"run{i}", progress=False) for i in range(2)]
     rows = [read_metrics(tmp_path / f"run{i}" / "metrics.jsonl")[0] for i in range(2)]
     assert rows[0]["eval_returns"] == rows[1]["eval_returns"]
@@ -179,13 +164,13 @@ def test_resume_continues_buffers_counters_and_metrics(tmp_path: Path) -> None:
 def test_training_stops_once_the_target_return_holds_for_the_asked_evaluations(tmp_path: Path) -> None:
     """Every InvertedPendulum episode returns at least 1, so stop_return 1 holds from the first evaluation on."""
     run = tmp_path / "run"
-    cfg = config_from_dict(_tiny(train={"total_steps": 400, "eval_every": 50, "stop_return": 1.0, "stop_evals": 2}))
+    cfg = config_from_dict(tiny(train={"total_steps": 400, "eval_every": 50, "stop_return": 1.0, "stop_evals": 2}))
     trainer = train(cfg, run, progress=False)
     assert trainer.env_step == 100 and load_checkpoint(run / "checkpoints" / "latest.pt")["env_step"] == 100
     assert [r["env_step"] for r in read_metrics(run / "metrics.jsonl")] == [50, 100]
     assert "stopped at env step 100" in (run / "train.log").read_text()
     assert train(cfg, run, resume=True, progress=False).env_step == 100  # a resume does not train past the stop
-    never = config_from_dict(_tiny(train={"total_steps": 150, "eval_every": 50, "stop_return": 1e9}))
+    never = config_from_dict(tiny(train={"total_steps": 150, "eval_every": 50, "stop_return": 1e9}))
     assert train(never, tmp_path / "never", progress=False).env_step == 150
 
 
@@ -207,7 +192,7 @@ def test_resume_appends_to_the_event_files_without_repeating_steps(tmp_path: Pat
     from torch.utils.tensorboard import SummaryWriter
 
     run = tmp_path / "run"
-    config = _config_file(tmp_path, _tiny(train={"eval_every": 50}))
+    config = _config_file(tmp_path, tiny(train={"eval_every": 50}))
     assert cli.main(["train", "--config", str(config), "--out", str(run), "--steps", "100"]) == 0
     with SummaryWriter(str(run / "tensorboard")) as dead:  # what a process killed after its checkpoint logged
         dead.add_scalar("eval/return_mean", -12345.0, 150)
@@ -243,13 +228,13 @@ def test_wandb_is_used_only_when_asked_and_refused_clearly_when_missing(tmp_path
     assert calls == [("init", run_id), ("log", 100), ("finish", None)]
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(UserError, match="wandb is not installed"):
-        train(config_from_dict(_tiny(train={"wandb": True})), tmp_path / "missing", progress=False)
+        train(config_from_dict(tiny(train={"wandb": True})), tmp_path / "missing", progress=False)
 
 
 def test_ctrl_c_checkpoints_prints_the_resume_command_and_resumes(tmp_path: Path) -> None:
     """SIGINT to a training process: it stops between env steps, saves that step and says how to continue."""
     run = tmp_path / "run"
-    data = _tiny(train={"total_steps": 100_000, "checkpoint_every": 1000, "eval_every": 50,
+    data = tiny(train={"total_steps": 100_000, "checkpoint_every": 1000, "eval_every": 50,
                         "initial_random_steps": 100})
     cmd = [sys.executable, "-m", "maac_robot.cli", "train", "--config", str(_config_file(tmp_path, data)),
            "--out", str(run)]
@@ -280,7 +265,7 @@ def test_ctrl_c_checkpoints_prints_the_resume_command_and_resumes(tmp_path: Path
 def test_kill_9_then_resume(tmp_path: Path) -> None:
     """A real SIGKILL mid-run: the atomic checkpoint survives and the run continues from it."""
     run = tmp_path / "run"
-    data = _tiny(train={"total_steps": 100_000, "checkpoint_every": 50, "eval_every": 50,
+    data = tiny(train={"total_steps": 100_000, "checkpoint_every": 50, "eval_every": 50,
                         "initial_random_steps": 100})
     cmd = [sys.executable, "-m", "maac_robot.cli", "train", "--config", str(_config_file(tmp_path, data)),
            "--out", str(run)]
@@ -308,7 +293,7 @@ def test_kill_9_then_resume(tmp_path: Path) -> None:
 
 def test_model_free_ablation_skips_the_model(tmp_path: Path) -> None:
     """horizon 0 + no STEVE + real data only is SAC: no ensemble fit, no imagined data."""
-    cfg = config_from_dict(_tiny(agent={"horizon": 0, "steve": False, "real_data_only": True},
+    cfg = config_from_dict(tiny(agent={"horizon": 0, "steve": False, "real_data_only": True},
                                  train={"total_steps": 150}))
     trainer = train(cfg, tmp_path / "run", progress=False)
     assert not trainer.model_fitted and len(trainer.d_model) == 0
@@ -320,7 +305,7 @@ def test_model_free_ablation_skips_the_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize("real_ratio", [0.0, 1.0])
 def test_real_ratio_extremes_train(tmp_path: Path, real_ratio: float) -> None:
     """All-imagined or all-real G2 batches: the empty side of the split must not break an update."""
-    cfg = config_from_dict(_tiny(agent={"real_ratio": real_ratio}, train={"total_steps": 120}))
+    cfg = config_from_dict(tiny(agent={"real_ratio": real_ratio}, train={"total_steps": 120}))
     trainer = train(cfg, tmp_path / "run", progress=False)
     row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert row["env_step"] == 120 and math.isfinite(row["losses"]["q_loss"]) and len(trainer.d_model) > 0
@@ -331,7 +316,7 @@ def test_bfloat16_updates_keep_float32_weights(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr("maac_robot.learn.trainer.cpu_has_bf16", lambda: True)  # run the bf16 path on any CPU
     trainers, losses = {}, {}
     for precision in ("float32", "bfloat16"):
-        cfg = config_from_dict(_tiny(train={"total_steps": 120, "precision": precision}))
+        cfg = config_from_dict(tiny(train={"total_steps": 120, "precision": precision}))
         trainers[precision] = train(cfg, tmp_path / precision, progress=False)
         losses[precision] = read_metrics(tmp_path / precision / "metrics.jsonl")[-1]["losses"]
     assert all(math.isfinite(v) for v in losses["bfloat16"].values())
@@ -346,7 +331,7 @@ def test_bfloat16_without_native_support_falls_back_to_float32_and_says_why(
     caplog.set_level(logging.WARNING, logger="maac_robot.learn.trainer")
     losses = {}
     for precision in ("float32", "bfloat16"):
-        cfg = config_from_dict(_tiny(train={"total_steps": 120, "precision": precision}))
+        cfg = config_from_dict(tiny(train={"total_steps": 120, "precision": precision}))
         assert train(cfg, tmp_path / precision, progress=False).precision == "float32"
         losses[precision] = read_metrics(tmp_path / precision / "metrics.jsonl")[-1]["losses"]
     assert losses["bfloat16"] == losses["float32"]  # what ran is float32, bit for bit
@@ -367,7 +352,7 @@ class _FallingPole:
 
 
 def test_imagined_rollouts_stop_terminated_branches(tmp_path: Path) -> None:
-    cfg = config_from_dict(_tiny(rollout={"length": 3, "batch_size": 64}))
+    cfg = config_from_dict(tiny(rollout={"length": 3, "batch_size": 64}))
     trainer = Trainer(cfg, tmp_path)
     for _ in range(100):
         trainer._env_step()
