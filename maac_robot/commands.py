@@ -1,4 +1,4 @@
-"""What `maac-robot train | evaluate | diagnose | export | inspect` print: the library computes and returns,
+"""What `maac-robot train | evaluate | diagnose | export | inspect | finetune` print: the library computes and returns,
 these functions turn its results into lines for a person.
 
 Each imports its part of the library when called, so `maac-robot inspect` on a robot computer never

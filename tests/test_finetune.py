@@ -74,7 +74,8 @@ def test_control_records_each_episode_as_the_controller_saw_it(recorded: Path):
         assert ep.source == "controller" and m["env_id"] == ENV and m["mode"] == "lockstep"
         assert (m["state_dim"], m["act_dim"]) == (manifest.state_dim, manifest.act_dim)
         assert m["state_layout"] == manifest.state_layout.model_dump(mode="json")
-        assert m["artifacts_sha256"] == hashlib.sha256((recorded / "artifacts" / "manifest.json").read_bytes()).hexdigest()
+        manifest_bytes = (recorded / "artifacts" / "manifest.json").read_bytes()
+        assert m["artifacts_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
         assert m["planner_names"] == list(PLANNER_NAMES) and m["robot_metadata"] == {}
         assert m["planner"] in ("policy", "cem") and m["seed"] in (0, 1)
         n = len(ep)

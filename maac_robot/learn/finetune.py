@@ -9,7 +9,9 @@
 3. The recorded transitions go into D_env tagged `SOURCE_RECORDED` (`ReplayBuffer.source`; the trainer's own
    env steps are `SOURCE_ENV`), so they stay distinguishable in the buffer and in every later checkpoint.
    Controller steps that were not one real transition (`Episode.usable_mask`: predicted, skipped or
-   substituted) and non-finite rows are left out.
+   substituted) and non-finite rows are left out. D_env keeps its capacity (`train.buffer_size`): when it
+   is full, the recorded rows replace its oldest ones, as new env steps would. Sampling is uniform over
+   D_env, so the recorded rows weigh as their share of it (metrics.jsonl: `buffer_env_recorded`).
 4. The ensemble is refit on the whole D_env (G1), then `--steps N` G2 *rounds* run: there is no robot to
    step, and stepping the training env would add simulator data, not correct the model with the robot's,
    so a round is what follows an env step in training minus the env step: `agent.updates_per_step` G2
@@ -31,8 +33,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from maac_robot.learn.buffer import SOURCE_RECORDED
 from maac_robot.learn.config import Config
@@ -162,10 +162,4 @@ def finetune(run_dir: str | Path, data_dir: str | Path, out: str | Path, steps: 
     return FinetuneResult(trainer=trainer, record=record, evaluation=evaluation)
 
 
-def recorded_share(counts: dict[str, int]) -> float:
-    """The recorded rows' share of D_env."""
-    total = sum(counts.values())
-    return counts.get("recorded", 0) / total if total else float(np.nan)
-
-
-__all__ = ["FinetuneResult", "finetune", "load_recordings", "recorded_share"]
+__all__ = ["FinetuneResult", "finetune", "load_recordings"]
