@@ -15,20 +15,11 @@ import torch
 import yaml
 from maac_robot.learn.buffer import SOURCE_ENV, SOURCE_RECORDED, ReplayBuffer
 from maac_robot.runtime.recording import Episode, RecordingError, load_episode, load_episodes, save_episode
+from tiny_configs import deployable
 
 ENV = "InvertedPendulum-v5"
 EPISODE_STEPS = 30
-TINY = {
-    "env": {"id": ENV, "max_episode_steps": 200},
-    "model": {"num_models": 3, "num_elites": 2, "hidden": 32, "layers": 2, "max_epochs": 5, "train_every": 100,
-              "batch_size": 64},
-    "agent": {"horizon": 2, "num_samples": 2, "terminal_q_samples": 2, "steve_horizon": 1, "hidden": 32, "layers": 2,
-              "batch_size": 64, "updates_per_step": 1},
-    "rollout": {"batch_size": 200, "every": 100, "retain_rounds": 2},
-    "train": {"total_steps": 300, "initial_random_steps": 100, "eval_every": 300, "eval_episodes": 1,
-              "checkpoint_every": 300, "seed": 0, "num_threads": 1},
-    "controller": {"population": 32, "iterations": 3},
-}
+TINY = deployable()
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
