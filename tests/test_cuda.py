@@ -14,7 +14,8 @@ from maac_robot.learn.diagnostics import diagnose
 from maac_robot.learn.evaluation import mean_critic_bias
 from maac_robot.learn.trainer import Trainer, load_checkpoint, load_run, read_metrics, train
 
-from test_trainer import _config_file, _tiny
+from test_trainer import _config_file
+from tiny_configs import tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_train_resume_evaluate_diagnose_on_cuda(tmp_path: Path, precision: str) -> None:
     run = tmp_path / "run"
-    data = _tiny(train={"device": "cuda", "precision": precision})
+    data = tiny(train={"device": "cuda", "precision": precision})
     assert cli.main(["train", "--config", str(_config_file(tmp_path, data)), "--out", str(run), "--steps", "100"]) == 0
     assert cli.main(["train", "--resume", str(run), "--steps", "200"]) == 0
     rows = read_metrics(run / "metrics.jsonl")
@@ -36,13 +37,13 @@ def test_train_resume_evaluate_diagnose_on_cuda(tmp_path: Path, precision: str) 
 
 
 def test_critic_bias_leaves_the_cuda_rng_alone(tmp_path: Path) -> None:
-    trainer = Trainer(config_from_dict(_tiny(train={"device": "cuda"})), tmp_path / "run")
+    trainer = Trainer(config_from_dict(tiny(train={"device": "cuda"})), tmp_path / "run")
     state = torch.cuda.get_rng_state()
     mean_critic_bias(trainer.agent, "InvertedPendulum-v5", [5, 6], 0.99, 60)
     assert torch.equal(torch.cuda.get_rng_state(), state)  # evaluations must not restart the GPU noise stream
 
 
 def test_train_function_on_cuda_keeps_weights_there(tmp_path: Path) -> None:
-    trainer = train(config_from_dict(_tiny(train={"device": "cuda", "total_steps": 150})), tmp_path / "r", progress=False)
+    trainer = train(config_from_dict(tiny(train={"device": "cuda", "total_steps": 150})), tmp_path / "r", progress=False)
     assert {p.device.type for p in trainer.agent.actor.parameters()} == {"cuda"}
     assert {p.device.type for p in trainer.model.parameters()} == {"cuda"}

@@ -15,7 +15,7 @@ from maac_robot.learn.diagnostics import diagnose, entropy_pressure, model_retur
 from maac_robot.learn.evaluation import mean_critic_bias, measured_soft_returns, soft_returns
 from maac_robot.learn.trainer import load_run, train
 
-from test_trainer import _tiny
+from tiny_configs import tiny
 
 
 def test_soft_returns_add_the_entropy_of_every_next_state() -> None:
@@ -38,7 +38,7 @@ def test_measured_soft_returns_drop_the_unknown_tail_of_a_cut_episode() -> None:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("diag") / "run"
-    train(config_from_dict(_tiny(train={"total_steps": 200})), run_dir, progress=False)
+    train(config_from_dict(tiny(train={"total_steps": 200})), run_dir, progress=False)
     return run_dir
 
 
