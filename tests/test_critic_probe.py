@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,17 +13,10 @@ from maac_robot.learn.trainer import train
 
 from tiny_configs import tiny
 
-
-
-def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-critic_probe = _benchmark("critic_probe")
-entropy_pressure = _benchmark("entropy_pressure")
+# benchmarks/ is a folder of scripts, not a package: its modules import each other by name from it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+critic_probe = importlib.import_module("critic_probe")
+entropy_pressure = importlib.import_module("entropy_pressure")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import sys
 from pathlib import Path
 
 import torch
 
+# benchmarks/ is a folder of scripts, not a package: its modules import each other by name from it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+gradient_error = importlib.import_module("gradient_error")
+report = importlib.import_module("report")
 
-
-def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gradient_error = _benchmark("gradient_error")
-report = _benchmark("report")
 
 THETA = torch.tensor(gradient_error.THETA, dtype=torch.float64)
 
