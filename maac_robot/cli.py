@@ -38,7 +38,8 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from maac_robot.commands import export_from_cli
 
-    return export_from_cli(run_dir=args.run, out=args.out, plan_horizon=args.plan_horizon)
+    return export_from_cli(run_dir=args.run, out=args.out, plan_horizon=args.plan_horizon,
+                           guard_percentile=args.guard_percentile, guard_margin=args.guard_margin)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -173,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run directory (maac-robot train --out)")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write (replaced atomically)")
     p.add_argument("--plan-horizon", type=int, help="H of the fused plan graph (default: the trained agent.horizon)")
+    p.add_argument("--guard-percentile", type=float,
+                   help="uncertainty guard: the percentile of the ensemble's disagreement over the run's replay buffer "
+                        "(default: learn.export.GUARD_PERCENTILE, 99)")
+    p.add_argument("--guard-margin", type=float,
+                   help="uncertainty guard: the threshold is that percentile times this margin "
+                        "(default: learn.export.GUARD_MARGIN, 1.5)")
     p.set_defaults(func=_cmd_export)
 
     p = add("finetune", help="add recorded episodes (control/sim --record) to a copy of a run's D_env, refit, update")

@@ -168,12 +168,20 @@ def diagnose_from_cli(run_dir: Path, episodes: int = 3, seed: int = 10_000) -> i
     return 0
 
 
-def export_from_cli(run_dir: Path, out: Path, plan_horizon: int | None = None) -> int:
-    """`maac-robot export RUN --out DIR [--plan-horizon H]`."""
-    from maac_robot.learn.export import export_from_run
+def export_from_cli(run_dir: Path, out: Path, plan_horizon: int | None = None, guard_percentile: float | None = None,
+                    guard_margin: float | None = None) -> int:
+    """`maac-robot export RUN --out DIR [--plan-horizon H] [--guard-percentile P] [--guard-margin M]`."""
+    from maac_robot.learn.export import GUARD_MARGIN, GUARD_PERCENTILE, export_from_run
 
+    guard_percentile = GUARD_PERCENTILE if guard_percentile is None else guard_percentile
+    guard_margin = GUARD_MARGIN if guard_margin is None else guard_margin
+    if not 0 < guard_percentile <= 100:
+        raise UserError(f"--guard-percentile must be in (0, 100], got {guard_percentile:g}")
+    if guard_margin <= 0:
+        raise UserError(f"--guard-margin must be positive, got {guard_margin:g}")
     print(f"export: loading {run_dir}", file=sys.stderr, flush=True)
-    manifest = export_from_run(run_dir, out, plan_horizon, progress=_step_line("export"))
+    manifest = export_from_run(run_dir, out, plan_horizon, progress=_step_line("export"),
+                               guard_percentile=guard_percentile, guard_margin=guard_margin)
     print(f"exported {manifest.env_id} run {run_dir} (step {manifest.train_steps}, H={manifest.horizon}, "
           f"plan H={manifest.plan_horizon}, {manifest.num_models} models / {manifest.num_elites} elites, "
           f"opset {manifest.opset}) to {out}: " + ", ".join(manifest.files))

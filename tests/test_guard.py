@@ -282,3 +282,18 @@ def test_over_loopback_the_guard_fires_on_a_perturbed_sim(trained: Path, capsys:
         line = next(x for x in out.splitlines() if x.startswith("[cem] ") and "guarded " in x and "%" in x)
         shares[name] = float(line.split("guarded ")[-1].split("(")[1].split(" %")[0])
     assert shares["nominal"] <= 2.0 and shares["perturbed"] >= 10.0, shares
+
+
+def test_export_takes_the_guard_percentile_and_margin_from_the_cli(trained: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]):
+    from maac_robot.cli import main
+    from maac_robot.runtime.artifacts import load_artifacts
+
+    assert main(["export", str(trained / "run"), "--out", str(tmp_path / "bad"), "--guard-margin", "0"]) == 2
+    assert "--guard-margin must be positive" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["export", str(trained / "run"), "--out", str(tmp_path / "art"), "--guard-percentile", "50",
+                 "--guard-margin", "1"]) == 0
+    strict = load_artifacts(tmp_path / "art", graphs=()).manifest.guard
+    default = load_artifacts(trained / "artifacts", graphs=()).manifest.guard
+    assert (strict.percentile, strict.margin) == (50, 1)
+    assert strict.threshold < default.threshold  # the median without margin sits below p99 x 1.5
