@@ -96,11 +96,12 @@ class Telemetry:
             "dropped_observations": self.dropped_observations,
         }
         out.update({f"fallback_{k}": sum(r.fallback == k for r in self.records) for k in FALLBACKS})
+        guarded = sum(r.guarded for r in self.records)
         dis = np.array([r.disagreement for r in self.records])
         dis = dis[np.isfinite(dis)]
         out.update({
-            "guarded": sum(r.guarded for r in self.records),
-            "guarded_share": sum(r.guarded for r in self.records) / len(self.records) if self.records else np.nan,
+            "guarded": guarded,
+            "guarded_share": guarded / len(self.records) if self.records else np.nan,
             "disagreement_mean": float(dis.mean()) if len(dis) else np.nan,
             "disagreement_p99": float(np.percentile(dis, 99)) if len(dis) else np.nan,
             "disagreement_max": float(dis.max()) if len(dis) else np.nan,
@@ -267,15 +268,17 @@ class Controller:
             if self.planner == "cem":
                 self._previous = None
             action, record = fallback, StepRecord(latency=0.0, iterations=0, fallback=why)
-            sequence = action[None]
+            plan_tail = None
         else:
             self._previous = plan.sequence
             action = np.clip(plan.action, self.low, self.high)
             record = StepRecord(latency=0.0, iterations=plan.iterations, score=plan.score,
                                 policy_score=plan.policy_score)
-            sequence = np.concatenate([action[None], np.clip(squash(plan.sequence[1:self.cfg.guard_steps], self.low,
-                                                                    self.high), self.low, self.high)])
+            plan_tail = plan.sequence[1:self.cfg.guard_steps]
         if self.guard_threshold is not None:
+            # the action to send, then (guard_steps > 1) the plan's next actions, as the robot would get them
+            sequence = action[None] if plan_tail is None or not len(plan_tail) else np.concatenate(
+                [action[None], np.clip(squash(plan_tail, self.low, self.high), self.low, self.high)])
             record.disagreement = self.disagreement(state, sequence)
             if not record.disagreement <= self.guard_threshold:  # nan (a failing model) counts as above
                 record.guarded = True
