@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -14,6 +15,7 @@ from maac_robot.learn.agent import (
     Actor,
     MAACAgent,
     StateShapeError,
+    fused_adam,
     inverse_variance_combine,
     soft_bellman_target,
     steve_targets,
@@ -266,6 +268,33 @@ def test_state_dict_round_trip_continues_identically() -> None:
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     with pytest.raises(ValueError, match="entropy"):
         _agent(entropy=False).load_state_dict(agent.state_dict())
+
+
+def test_fused_adam_takes_the_per_tensor_step_to_float_rounding() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    fused, plain = copy.deepcopy(net), copy.deepcopy(net)
+    opts = fused_adam(fused.parameters(), lr=1e-2), torch.optim.Adam(plain.parameters(), lr=1e-2)
+    for step in range(20):
+        x = torch.randn(32, 4, generator=torch.Generator().manual_seed(step))
+        for model, opt in zip((fused, plain), opts):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q, start in zip(fused.parameters(), plain.parameters(), net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p, start)  # both moved
+
+
+def test_a_checkpoint_of_the_per_tensor_adam_loads_fused() -> None:
+    agent = _agent()
+    sd = agent.state_dict()
+    for key in ("actor_opt", "critic_opt", "alpha_opt"):  # what checkpoints written before the fused step hold
+        for group in sd[key]["param_groups"]:
+            group["fused"], group["foreach"] = None, None
+    clone = _agent()
+    clone.load_state_dict(sd)
+    assert all(g["fused"] for opt in (clone.actor_opt, clone.critic_opt, clone.alpha_opt) for g in opt.param_groups)
 
 
 def test_act_returns_bounded_numpy_actions() -> None:
