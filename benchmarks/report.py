@@ -8,7 +8,7 @@ only the text between a pair is replaced, so the prose around it is kept and a s
 A marker pair whose table has no data is left as it is and reported. Inputs, all under benchmarks/results/:
 `sample_efficiency_<task>.csv` (every evaluation of every seed, `sample_efficiency.py`),
 `sample_efficiency_archived.csv` (per-step means of sessions 1-7, whose run records were lost),
-`training_cost_<task>.csv` (`profile_update.py`), and `diagnose.json`, `critic_probe.json`,
+`training_cost_<task>.csv` (`profile_update.py`), `train_speed.csv` (`train_speed.py`), and `diagnose.json`, `critic_probe.json`,
 `entropy_pressure.json` (`diagnose_runs.py`, `critic_probe.py`, `entropy_pressure.py`), `gradient_error.csv`
 (`gradient_error.py`, paper §5.2).
 """
@@ -334,6 +334,28 @@ def update_cost_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     return lines
 
 
+def train_speed_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Per setting: one G2 update against the matmul floor, and training speed against SB3 SAC (train_speed.py)."""
+    by_setting: dict[str, dict[str, Mapping[str, str]]] = defaultdict(dict)
+    for r in rows:
+        by_setting[r["setting"]][r["item"]] = r
+    if not by_setting:
+        return []
+    lines = ["| setting | GFLOP / update | CPU ms / update | matmul GFLOP/s | floor ratio (target ≤ 1.5) | "
+             "env steps / wall s (window) | share in G2 updates | SAC wall s / 1000 steps | MAAC ÷ SAC |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for setting, r in by_setting.items():
+        def v(item: str, digits: int = 1) -> str:
+            return f"{float(r[item]['value']):.{digits}f}" if item in r else "–"
+        window = r["env_steps_per_s"]["window"] if "env_steps_per_s" in r else "–"
+        lines.append(f"| {setting} | {v('gflop', 2)} | {v('cpu_ms')} | {v('matmul_gflop_per_s')} | {v('floor_ratio')} | "
+                     f"{v('env_steps_per_s')} ({window}) | {v('update_share', 2)} | {v('sac_s_per_1000')} | "
+                     f"{v('maac_over_sac')} |")
+    lines += ["", "Measured by:"] + sorted({f"- `{r['command']}` at {r['commit']} on {r['cpu']}, {r['date']}"
+                                            for items in by_setting.values() for r in items.values()})
+    return lines
+
+
 # ---- checkpoint analyses (JSON: nested per-episode results) ------------------------------------------------
 
 
@@ -501,6 +523,9 @@ def tables(results: Path = RESULTS, figures: Path | None = FIGURES) -> dict[str,
         for name, lines in ((f"profile_{task}", profile_table(rows)), (f"update_cost_{task}", update_cost_table(rows))):
             if lines:
                 out[name] = lines
+    speed = train_speed_table(read_rows(results / "train_speed.csv"))
+    if speed:
+        out["train_speed"] = speed
     gradient_rows = read_rows(results / "gradient_error.csv")
     if gradient_rows:
         out["gradient_error"] = gradient_error_table(gradient_rows)
