@@ -9,6 +9,10 @@ The Stable-Baselines3-style API is offered here and imported on first use (PEP 5
     from maac_robot import MAAC, Policy
     MAAC("inverted_pendulum", run_dir="runs/ip").learn(4000)     # torch: maac_robot.learn.maac
     Policy.load("artifacts/ip").predict(obs)                      # onnxruntime only: maac_robot.runtime.policy
+    register_task("MyEnv-v0", reward_fn="mypkg.task:reward")      # Gymnasium only: maac_robot.envs
+
+`register_task` gives the learner the closed-form reward/termination of an env of your own (README, "Your own
+env"); call it where your package calls `gymnasium.register`.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["MAAC", "Policy", "__version__"]
+__all__ = ["MAAC", "Policy", "__version__", "register_task"]
 
 if TYPE_CHECKING:
     from maac_robot.learn.maac import MAAC
+    from maac_robot.envs import register_task
     from maac_robot.runtime.policy import Policy
 
-_LAZY = {"MAAC": "maac_robot.learn.maac", "Policy": "maac_robot.runtime.policy"}
+_LAZY = {"MAAC": "maac_robot.learn.maac", "Policy": "maac_robot.runtime.policy", "register_task": "maac_robot.envs"}
 
 
 def __getattr__(name: str) -> Any:

@@ -34,10 +34,12 @@ def train_from_cli(config: Path | None = None, resume: Path | None = None, seed:
                    steps: int | None = None, out: Path | None = None, device: str | None = None,
                    sets: list[str] | None = None) -> int:
     """`maac-robot train`: new run from --config, or --resume an interrupted one."""
-    from maac_robot.learn.trainer import (RunPaths, TrainingInterrupted, load_checkpoint, prepare_run,
-                                          read_metrics, train)
+    from maac_robot.learn.tasks import get_task
+    from maac_robot.learn.trainer import (RunPaths, TrainingInterrupted, describe_task, load_checkpoint,
+                                          prepare_run, read_metrics, train)
 
     cfg, run_dir, resuming = prepare_run(config, resume, seed, steps, out, device, sets)
+    task = describe_task(get_task(cfg.env.id, cfg.env.terminates))  # a bad registration fails before the run starts
     if resuming:
         done = int(load_checkpoint(RunPaths(run_dir).checkpoint, cfg.env.id)["env_step"])
         if done >= cfg.train.total_steps:
@@ -46,6 +48,7 @@ def train_from_cli(config: Path | None = None, resume: Path | None = None, seed:
             return 0
     print(f"run directory: {run_dir} (curves: tensorboard --logdir {run_dir / 'tensorboard'}; Ctrl-C saves a "
           f"checkpoint and stops)", file=sys.stderr)
+    print(f"{cfg.env.id}: {task}", file=sys.stderr)
     try:
         trainer = train(cfg, run_dir, resume=resuming)
     except TrainingInterrupted as stop:

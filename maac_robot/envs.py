@@ -20,14 +20,22 @@ state, where Gymnasium's default observation (`gym.make(env_id)`) sits in it, th
 dims' names, so a policy runs from a plain Gymnasium observation and a third party can rebuild the state.
 
 Any other Gymnasium env with a 1-D Box observation and a Box action space works too: its state is
-the default observation, networks see all of it, the ensemble learns its reward, and imagined
-rollouts assume it never terminates (`terminates=False`) because nothing tells us its rule.
+the default observation and networks see all of it. An env your own package registers is named
+`yourpkg.module:EnvId` (Gymnasium's own syntax): the module is imported first, so its `gymnasium.register`
+calls run, and the full id travels everywhere (config, checkpoint, manifest, recordings) so every process
+that rebuilds the env (train, evaluate, export, sim) imports the same module. Its reward and termination
+are whatever `register_task` registered (closed-form torch functions); without them the ensemble learns
+the reward and a termination head (`learn/tasks.py`), unless the config declares `env.terminates: false`.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -70,16 +78,51 @@ class EnvInfo:
     modelled_idx: tuple[int, ...] | None = None  # state dims the ensemble predicts (others carried over); None: all
 
 
+def gym_id(env_id: str) -> str:
+    """The Gymnasium registry id of `env_id` after importing its module: `pkg.mod:MyEnv-v0` -> `MyEnv-v0`.
+
+    Gymnasium's `gym.make("pkg.mod:MyEnv-v0")` does the same import, but a missing module would surface as a
+    traceback from deep inside gym; here it is one line naming the module and the ImportError. Only import
+    errors are caught: any other exception in the user's module is a bug in it, and its traceback says where.
+    """
+    if ":" not in env_id:
+        return env_id
+    module, _, name = env_id.partition(":")
+    if not module or not name or ":" in name:
+        raise EnvError(f"env id {env_id!r}: write an env of your own package as 'yourpkg.module:EnvId'")
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        hint = ""
+        if isinstance(err, ModuleNotFoundError) and err.name and module.split(".")[0] == err.name.split(".")[0]:
+            hint = " (install its package, e.g. `pip install -e PATH`, or put it on PYTHONPATH)"
+        raise EnvError(f"env id {env_id!r}: cannot import module {module!r}: {type(err).__name__}: {err}{hint}") \
+            from None
+    return name
+
+
+def check_env_id(env_id: str) -> str:
+    """`gym_id(env_id)`, refused with a hint when Gymnasium's registry has no such env after the import."""
+    name = gym_id(env_id)
+    if name in gym.registry:
+        return name
+    close = difflib.get_close_matches(name, list(gym.registry), n=2)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    if ":" in env_id:
+        raise EnvError(f"unknown Gymnasium env id {env_id!r}: module {env_id.partition(':')[0]!r} was imported but "
+                       f"registers no {name!r}{hint}")
+    raise EnvError(f"unknown Gymnasium env id {env_id!r}{hint}; an env registered by your own package needs the "
+                   f"registering module imported first: write 'yourpkg.module:{env_id}'")
+
+
 def make_env(env_id: str, seed: int | None = None, max_episode_steps: int | None = None,
              render_mode: str | None = None) -> gym.Env:
     """Build `env_id` under the state convention.
 
     A seed resets the env once and seeds its action space, so later `reset()` calls without a seed
-    continue one reproducible stream (episodes differ, runs repeat).
+    continue one reproducible stream (episodes differ, runs repeat). `env_id` may be `yourpkg.module:EnvId`.
     """
-    if env_id not in gym.registry:
-        raise EnvError(f"unknown Gymnasium env id {env_id!r}")
-    env = gym.make(env_id, max_episode_steps=max_episode_steps, render_mode=render_mode,
+    env = gym.make(check_env_id(env_id), max_episode_steps=max_episode_steps, render_mode=render_mode,
                    **ENV_KWARGS.get(env_id, {}))
     if not isinstance(env.action_space, gym.spaces.Box):
         env.close()
@@ -96,7 +139,7 @@ def make_env(env_id: str, seed: int | None = None, max_episode_steps: int | None
     return env
 
 
-def _control_period(env: gym.Env) -> float:
+def control_period(env: gym.Env) -> float:
     """Seconds per env step: MuJoCo envs expose `dt`; others may only state a render fps."""
     dt = getattr(env.unwrapped, "dt", None)
     if dt is None and env.metadata.get("render_fps"):
@@ -118,7 +161,7 @@ def env_info(env_id: str) -> EnvInfo:
         root, sensors, terminates = _BUILTIN.get(env_id, ({}, 0, 0, False))[1:]
         end = state_dim - sensors
         return EnvInfo(env_id=env_id, state_dim=state_dim, act_dim=int(low.shape[0]), act_low=low, act_high=high,
-                       dt=_control_period(env), net_obs_idx=tuple(range(root, end)), terminates=terminates,
+                       dt=control_period(env), net_obs_idx=tuple(range(root, end)), terminates=terminates,
                        modelled_idx=tuple(range(end)))
     finally:
         env.close()
@@ -160,7 +203,7 @@ def state_layout(env_id: str) -> StateLayout:
     here and reset with one seed, and the default observation must equal the state at `obs_idx`.
     """
     info = env_info(env_id)
-    env, default = make_env(env_id), gym.make(env_id)
+    env, default = make_env(env_id), gym.make(gym_id(env_id))
     try:
         root = _BUILTIN[env_id][1] if env_id in _BUILTIN else 0
         obs_idx = list(range(root, info.state_dim))
@@ -177,3 +220,53 @@ def state_layout(env_id: str) -> StateLayout:
     finally:
         env.close()
         default.close()
+
+
+# --------------------------------------------------------------------------------------------
+# tasks of your own envs: closed-form reward and termination, registered next to the env
+
+TransitionRef = Callable[..., Any] | str  # a function of (state, action, next_state), or "module:function"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What `register_task` recorded for one env; the learner resolves it (`learn.tasks.get_task`)."""
+
+    reward_fn: TransitionRef | None
+    termination_fn: TransitionRef | None
+    terminates: bool | None
+
+
+_TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(env_id: str, *, reward_fn: TransitionRef | None = None,
+                  termination_fn: TransitionRef | None = None, terminates: bool | None = None) -> None:
+    """Tell the learner the closed-form reward and/or termination of your env `env_id` (its Gymnasium id).
+
+    Call it in the module that calls `gymnasium.register`, so that naming the env as `yourpkg.module:EnvId`
+    registers both from the CLI. The functions map batched torch tensors (state [..., S], action [..., A],
+    next_state [..., S]) to the reward [...] (float, differentiable: MAAC's policy gradient flows through it)
+    and to the termination [...] (bool), with only tensor ops so they export to ONNX (see `learn/tasks.py`).
+    Each may be given as a "module:function" string instead: it is imported only when the learner needs it,
+    so the env module, which the sim imports too, never needs torch.
+
+    What is left out is learned: no reward_fn -> the ensemble predicts the reward; no termination_fn -> the
+    ensemble's termination head predicts it, unless `terminates=False` (the env never terminates, only
+    truncates) or the run's config says `env.terminates: false`.
+    """
+    name = env_id.partition(":")[2] if ":" in env_id else env_id
+    if env_id in _BUILTIN or name in _BUILTIN:
+        raise EnvError(f"{name} is built in: its closed-form reward and termination cannot be replaced")
+    for what, fn in (("reward_fn", reward_fn), ("termination_fn", termination_fn)):
+        if fn is not None and not callable(fn) and not (isinstance(fn, str) and fn.count(":") == 1):
+            raise TypeError(f"register_task({name!r}): {what} must be a function or a 'module:function' string, "
+                            f"got {fn!r}")
+    if termination_fn is not None and terminates is False:
+        raise ValueError(f"register_task({name!r}): a termination_fn contradicts terminates=False")
+    _TASKS[name] = TaskSpec(reward_fn, termination_fn, terminates)
+
+
+def registered_task(env_id: str) -> TaskSpec | None:
+    """The `register_task` record of `env_id` (after importing its module), or None."""
+    return _TASKS.get(gym_id(env_id))

@@ -243,7 +243,7 @@ class SimServer:
                  authorized: str | Path | None = None, admin_key: str | Path | None = None, insecure: bool = False,
                  memory_headroom_mb: float = DEFAULT_MEMORY_HEADROOM_MB,
                  perturb: PerturbConfig | dict[str, Any] | None = None) -> None:
-        from maac_robot.envs import make_env
+        from maac_robot.envs import control_period, make_env
 
         if mode not in ("lockstep", "realtime"):
             raise SimError(f"mode must be 'lockstep' or 'realtime', got {mode!r}")
@@ -269,7 +269,7 @@ class SimServer:
             _check_video_support()
         self.env = make_env(env_id, seed=seed, max_episode_steps=max_episode_steps,
                             render_mode="rgb_array" if render_path else None)
-        self.dt = float(self.env.unwrapped.dt)
+        self.dt = control_period(self.env)  # MuJoCo's dt, or 1/render_fps for an env of your own without one
         self.state_dim = int(self.env.observation_space.shape[0])
         self.gate = ActionGate(self.env.action_space.low, self.env.action_space.high)
         # dynamics that differ from the nominal env on purpose (sim/perturb.py); None when nothing is perturbed

@@ -114,12 +114,19 @@ def test_state_holds_root_position_and_networks_do_not_see_it(env_id):
     env.close()
 
 
-def test_unknown_env_learns_reward_and_never_terminates():
+def test_unknown_env_learns_reward_and_termination_unless_declared_never_terminating():
+    """Not built in, nothing registered: the ensemble learns the reward and a termination head (no longer the
+    silent "never terminates"); `env.terminates: false` declares the env never terminates."""
+    from maac_robot.learn.tasks import LearnedTermination
+
     task = get_task("Pendulum-v1")
-    assert task.reward_fn is None and not task.info.terminates
+    assert task.reward_fn is None and task.info.terminates and isinstance(task.termination_fn, LearnedTermination)
+    assert task.termination == "learned"
     assert task.info.net_obs_idx == (0, 1, 2) and task.info.dt == pytest.approx(0.05)
+    never = get_task("Pendulum-v1", terminates=False)
+    assert never.reward_fn is None and not never.info.terminates and never.termination == "never"
     s = torch.zeros(3, 3)
-    assert not task.termination_fn(s, torch.zeros(3, 1), s).any()
+    assert not never.termination_fn(s, torch.zeros(3, 1), s).any()
 
 
 @pytest.mark.parametrize("env_id,match", [("NoSuchEnv-v0", "unknown"), ("CartPole-v1", "Box")])

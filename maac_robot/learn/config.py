@@ -20,15 +20,15 @@ from maac_robot.runtime.files import atomic_write
 
 
 class RegisteredEnvConfig(EnvConfig):
-    """The env section as the learner reads it: the id is checked against Gymnasium's registry at load."""
+    """The env section as the learner reads it: the id is checked against Gymnasium's registry at load, after
+    importing the module of a `yourpkg.module:EnvId` id (so a typo fails before a run directory exists)."""
 
     @field_validator("id")
     @classmethod
     def _known_env(cls, value: str) -> str:
-        import gymnasium as gym
+        from maac_robot.envs import check_env_id
 
-        if value not in gym.registry:
-            raise ValueError(f"unknown Gymnasium env id {value!r}")
+        check_env_id(value)  # EnvError is a ValueError: reported as this field's error, in one line
         return value
 
 

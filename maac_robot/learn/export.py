@@ -133,8 +133,8 @@ class PlanGraph(nn.Module):
     reshaped [P] -> [P/E, E] -> transposed to [E, P/E], so each elite member runs once on its
     own P/E rows with the batched [E,in,out] weights (no per-particle gather, no loop over members).
     The return is the actor's (`rollout.model_rollout`): each step the member's mean prediction, the
-    task's reward (or the learned reward mean) and termination mask, and γ^H·min(Q1,Q2)(s_H,
-    deterministic policy action) for particles still alive.
+    task's reward (or the learned reward mean) and termination mask (closed-form, or the elites' learned
+    termination head), and γ^H·min(Q1,Q2)(s_H, deterministic policy action) for particles still alive.
     """
 
     def __init__(self, actor: nn.Module, critic: nn.Module, model: nn.Module, task: Task, *,
@@ -339,7 +339,7 @@ def export_artifacts(out: str | Path, *, task: Task, actor: nn.Module, critic: n
         act_low=[float(x) for x in info.act_low], act_high=[float(x) for x in info.act_high], dt=info.dt,
         gamma=gamma, horizon=horizon, plan_horizon=plan_horizon, num_models=int(model.num_models),
         num_elites=len(elites), elites=elites, reward="learned" if task.reward_fn is None else "closed_form",
-        terminates=info.terminates, opset=OPSET, files={f"{g}.onnx": "" for g in GRAPH_NAMES},
+        terminates=info.terminates, termination=task.termination, opset=OPSET, files={f"{g}.onnx": "" for g in GRAPH_NAMES},
         train_steps=train_steps, config=config, versions=_versions(),
         created_utc=dt_.datetime.now(dt_.UTC).isoformat(timespec="seconds"))
     graphs = build_graphs(task, actor, critic, model, gamma=gamma, plan_horizon=plan_horizon)

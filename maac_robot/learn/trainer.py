@@ -52,7 +52,7 @@ from maac_robot.runtime.errors import UserError
 from maac_robot.runtime.files import atomic_write
 from maac_robot.learn.plotting import plot_learning_curves
 from maac_robot.learn.rollout import transition_reward
-from maac_robot.learn.tasks import Task, get_task
+from maac_robot.learn.tasks import LearnedTermination, Task, get_task
 from maac_robot.learn.tracking import RunLoggers
 
 CHECKPOINT_FORMAT = 1
@@ -195,15 +195,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def build_components(cfg: Config, device: torch.device) -> tuple[Task, MAACAgent, GaussianEnsemble]:
     """Task, agent and ensemble exactly as a run with `cfg` builds them (also used by `load_run`)."""
-    task = get_task(cfg.env.id)
+    task = get_task(cfg.env.id, cfg.env.terminates)
     info = task.info
     agent = MAACAgent(task, cfg.agent, device)
+    learned_termination = isinstance(task.termination_fn, LearnedTermination)
     model = GaussianEnsemble(
         info.state_dim, info.act_dim, num_models=cfg.model.num_models, num_elites=cfg.model.num_elites,
         hidden=cfg.model.hidden, layers=cfg.model.layers, learn_reward=task.reward_fn is None,
         net_obs_idx=info.net_obs_idx, min_logvar=cfg.model.min_logvar, max_logvar=cfg.model.max_logvar,
-        modelled_idx=info.modelled_idx,
+        modelled_idx=info.modelled_idx, learn_termination=learned_termination,
     ).to(device)
+    if learned_termination:
+        task.termination_fn.model = model  # type: ignore[attr-defined]  # the agent holds this same object
     return task, agent, model
 
 
@@ -300,8 +303,9 @@ class Trainer:
     def fit_model(self) -> None:
         data = {k: torch.from_numpy(v).to(self.device) for k, v in self.d_env.arrays().items()}
         reward = data["reward"] if self.model.learn_reward else None
+        terminated = data["terminated"] if self.model.learn_termination else None
         self.fit_stats = self.model.fit(data["state"], data["action"], data["next_state"], reward,
-                                        self.cfg.model, self.torch_gen)
+                                        self.cfg.model, self.torch_gen, terminated)
         self.model_fitted = True
         log.info("step %d: model fit on %d transitions: %s", self.env_step, len(self.d_env),
                  json.dumps({k: round(v, 5) for k, v in self.fit_stats.items()}))
@@ -654,7 +658,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
 def _default_run_dir(cfg: Config) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.env.id.split('-')[0].lower()}-s{cfg.train.seed}-{stamp}"
+    name = cfg.env.id.rpartition(":")[2].split("-")[0].lower()  # pkg.mod:MyEnv-v0 -> myenv
+    return Path("runs") / f"{name}-s{cfg.train.seed}-{stamp}"
 
 
 class _LogToFile:
@@ -706,6 +711,16 @@ def prepare_run(config: str | Path | None = None, resume: str | Path | None = No
     return cfg, run_dir, False
 
 
+def describe_task(task: Task) -> str:
+    """The run's reward and termination in words (train.log at every start; `train` prints it)."""
+    d = task.describe()
+    reward = f"closed-form {d['reward_fn']}" if "reward_fn" in d else "learned by the ensemble"
+    termination = {"closed_form": f"closed-form {d.get('termination_fn')}",
+                   "learned": "learned by the ensemble's termination head",
+                   "never": "none (never terminates)"}[d["termination"]]
+    return f"reward {reward}; termination {termination}"
+
+
 def _record_session(trainer: Trainer, extra: dict[str, Any] | None = None) -> None:
     """Append what this (re)start runs on to RUN_DIR/sessions.jsonl: a run's speed and its numbers are read
     against the cores, threads and precision it had, which can change at every resume."""
@@ -714,7 +729,8 @@ def _record_session(trainer: Trainer, extra: dict[str, Any] | None = None) -> No
     record = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "env_step": trainer.env_step,
               "cores_available": trainer.cores, "torch_threads": torch.get_num_threads(),
               "device": str(trainer.device), "precision": trainer.precision, "machine": platform.machine(),
-              "python": platform.python_version(), "torch": torch.__version__, **(extra or {})}
+              "python": platform.python_version(), "torch": torch.__version__, **trainer.task.describe(),
+              **(extra or {})}
     with trainer.paths.sessions.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -730,6 +746,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         else:
             log.info("new run %s: %s, seed %d, %d steps, device %s, %d torch threads", run_dir, cfg.env.id,
                      cfg.train.seed, cfg.train.total_steps, trainer.device, torch.get_num_threads())
+        log.info("task: %s", describe_task(trainer.task))
         _record_session(trainer)
         try:
             trainer.train(progress=progress)

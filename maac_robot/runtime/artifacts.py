@@ -148,6 +148,10 @@ class Manifest(BaseModel):
     reward: Literal["closed_form", "learned"] = Field(
         description="closed_form: the task's reward of (s, a, s') computed inside the graphs; learned: ensemble output")
     terminates: bool = Field(description="whether the task's termination function can end an episode")
+    # optional (no version bump): older exports have none; their terminates said closed_form or never
+    termination: Literal["closed_form", "learned", "never"] | None = Field(
+        None, description="how the plan graph ends imagined episodes: the task's closed-form rule, the ensemble's "
+                          "learned termination head, or never (an env declared never to terminate)")
     normalisation: Literal["inside_graphs"] = Field(
         "inside_graphs", description="all input/output normalisation is inside the graphs; feed raw env units")
     opset: int

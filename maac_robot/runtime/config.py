@@ -33,8 +33,13 @@ names alone let it pass over `--set` flags meant for the others (one flag list s
 
 
 class EnvConfig(Section):
-    id: str = Field(min_length=1, description="Gymnasium env id, e.g. HalfCheetah-v5")
+    id: str = Field(min_length=1, description="Gymnasium env id, e.g. HalfCheetah-v5; an env your own package "
+                    "registers: yourpkg.module:MyEnv-v0 (the module is imported first)")
     max_episode_steps: int | None = Field(default=None, gt=0, description="None: the env's own limit")
+    terminates: bool | None = Field(default=None, description=(
+        "whether imagined rollouts can end: None uses the task's closed-form termination (built-in or "
+        "maac_robot.register_task) or else learns one (the ensemble's termination head); false: the env never "
+        "terminates, only truncates (no head); true: it does (learned unless a closed-form rule is registered)"))
 
 
 def _value_or_range(what: str, check: Callable[[float], bool], integer: bool = False) -> BeforeValidator:
