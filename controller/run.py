@@ -20,7 +20,9 @@ from typing import Any, Literal
 import numpy as np
 from maac_robot.runtime.config import ControllerConfig, load_section, parse_set
 from maac_robot.runtime.errors import UserError
-from maac_robot.runtime.protocol import ProtocolError, RobotClient, RobotInfo, RobotTimeout
+from maac_robot.runtime import link
+from maac_robot.runtime.link import RobotLost, check_robot, handshake, open_client, reconnect
+from maac_robot.runtime.protocol import RobotClient, RobotInfo, RobotTimeout
 from maac_robot.runtime.recording import EpisodeRecorder
 
 from controller.loop import GRAPHS, Controller, StepRecord, Telemetry, guard_threshold
@@ -99,21 +101,6 @@ def normal_scheduling() -> None:
     os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
-def check_robot(info: RobotInfo, manifest: Any) -> None:
-    """Refuse a robot whose env, spaces, bounds or period disagree with the artifacts (one clear line)."""
-    problems = []
-    if info.env_id != manifest.env_id:
-        problems.append(f"env {info.env_id!r} vs artifacts {manifest.env_id!r}")
-    if (info.state_dim, info.act_dim) != (manifest.state_dim, manifest.act_dim):
-        problems.append(f"state/action dims {info.state_dim}/{info.act_dim} vs {manifest.state_dim}/{manifest.act_dim}")
-    elif not (np.allclose(info.act_low, manifest.act_low) and np.allclose(info.act_high, manifest.act_high)):
-        problems.append(f"action bounds {info.act_low}..{info.act_high} vs {manifest.act_low}..{manifest.act_high}")
-    if not np.isclose(info.dt, manifest.dt):
-        problems.append(f"dt {info.dt} vs {manifest.dt}")
-    if problems:
-        raise UserError("robot and artifacts disagree: " + "; ".join(problems))
-
-
 @dataclass
 class EpisodeResult:
     seed: int
@@ -134,24 +121,9 @@ MISSING_AFTER_PERIODS = 1.25
 period past the tick absorbs the robot's timing jitter and still leaves time to act before the next tick."""
 
 
-class RobotLost(RobotTimeout):
-    """The robot stopped publishing, or restarted (a new session), in the middle of an episode."""
-
-
 def reset_owned(client: RobotClient, seed: int, wait_s: float) -> Any:
     """`client.reset(seed)`, waiting up to `wait_s` while another controller still owns the robot's episode."""
-    deadline = time.monotonic() + wait_s
-    told = False
-    while True:
-        try:
-            return client.reset(seed)
-        except ProtocolError as err:
-            if err.code != "busy" or time.monotonic() > deadline:
-                raise
-            if not told:
-                print(f"[control] robot busy ({err}); waiting up to {wait_s:.1f} s", flush=True)
-                told = True
-            time.sleep(0.1)
+    return link.reset_owned(client, seed, wait_s, notify=lambda what: print(f"[control] {what}", flush=True))
 
 
 def run_episode(client: RobotClient, controller: Controller, seed: int,
@@ -246,20 +218,6 @@ def _record_step(recorder: EpisodeRecorder, controller: Controller, record: Step
                  flags, telemetry)
 
 
-def reconnect(client: RobotClient, manifest: Any, within_s: float) -> RobotInfo:
-    """Handshake again until the robot answers (a restarted sim, a healed link) or `within_s` passes."""
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            info = client.hello()
-            check_robot(info, manifest)
-            return info
-        except RobotTimeout:
-            if time.monotonic() > deadline:
-                raise RobotLost(f"the robot at {client.endpoint} did not come back within {within_s:g} s "
-                                f"(controller.reconnect_s)") from None
-
-
 def run_resilient(client: RobotClient, controller: Controller, seed: int, manifest: Any,
                   reconnect_s: float, recorder: EpisodeRecorder | None = None,
                   record_prefix: str = "episode") -> EpisodeResult:
@@ -344,21 +302,14 @@ def control_from_cli(*, artifacts: Path, connect: str, planner: str | None, epis
     if episodes < 1:
         raise UserError(f"--episodes must be at least 1, got {episodes}")
     cfg = load_controller_config(config, sets)
-    curve = client_curve(client_key or cfg.client_key, server_public or cfg.server_public)
+    client_curve(client_key or cfg.client_key, server_public or cfg.server_public)  # half a key pair: refused first
     reconnect_s = cfg.reconnect_s if reconnect else 0.0
     arts = load_artifacts(artifacts, graphs=GRAPHS)
     apply_realtime_settings(cfg)  # before the client's socket: ZeroMQ's I/O thread must inherit the priority
-    client = RobotClient(connect, timeout_s=max(1.0, cfg.timeout_periods * arts.manifest.dt), name="controller",
-                         retry_s=cfg.retry_s, curve=curve)
+    client = open_client(connect, cfg, arts.manifest.dt, name="controller", client_key=client_key,
+                         server_public=server_public)
     try:
-        try:
-            info = client.hello()
-        except RobotTimeout as err:
-            if curve is None:
-                raise
-            raise RobotTimeout(f"{err}; with CURVE keys a silent robot may also mean this controller's key is not "
-                               f"in the robot's authorized directory, or --server-public is not the robot's key") \
-                from None
+        info = handshake(client)
         check_robot(info, arts.manifest)
         if info.mode != "realtime" and cfg.realtime_priority is not None:
             normal_scheduling()

@@ -19,7 +19,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from maac_robot.commands import train_from_cli
 
     return train_from_cli(config=args.config, resume=args.resume, seed=args.seed, steps=args.steps,
-                          out=args.out, device=args.device, sets=args.set)
+                          out=args.out, device=args.device, sets=args.set, connect=args.connect,
+                          client_key=args.client_key, server_public=args.server_public,
+                          reconnect=not args.no_reconnect)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -149,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="total env steps (overrides train.total_steps)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<task>-<seed>-<time>)")
     p.add_argument("--device", help="cpu or cuda (overrides train.device)")
+    p.add_argument("--connect", metavar="ENDPOINT",
+                   help="collect the real data from the robot or sim at this endpoint (e.g. tcp://HOST:5555; "
+                        "lockstep or realtime) instead of an in-process env; evaluation stays in-process")
+    p.add_argument("--client-key", type=Path, help="with --connect, CURVE: this trainer's NAME.key_secret")
+    p.add_argument("--server-public", type=Path, help="with --connect, CURVE: the robot's public NAME.key")
+    p.add_argument("--no-reconnect", action="store_true",
+                   help="with --connect: stop with one line (after a checkpoint) when the robot is lost, instead "
+                        "of pausing and reconnecting for up to controller.reconnect_s")
     _add_set(p)
     p.set_defaults(func=_cmd_train)
 

@@ -32,12 +32,21 @@ def _positive_episodes(episodes: int) -> None:
 
 def train_from_cli(config: Path | None = None, resume: Path | None = None, seed: int | None = None,
                    steps: int | None = None, out: Path | None = None, device: str | None = None,
-                   sets: list[str] | None = None) -> int:
-    """`maac-robot train`: new run from --config, or --resume an interrupted one."""
+                   sets: list[str] | None = None, connect: str | None = None, client_key: Path | None = None,
+                   server_public: Path | None = None, reconnect: bool = True) -> int:
+    """`maac-robot train`: new run from --config, or --resume an interrupted one.
+
+    `connect`: collect the real data from the robot (or sim) at this endpoint (`maac_robot.remote_env`), with
+    `control`'s keys and the config's `controller` link settings; it is checked against the run before anything
+    is written, and a robot that does not come back within `controller.reconnect_s` ends training with an error
+    after a checkpoint."""
     from maac_robot.learn.tasks import get_task
     from maac_robot.learn.trainer import (RunPaths, TrainingInterrupted, describe_task, load_checkpoint,
                                           prepare_run, read_metrics, train)
 
+    if connect is None and (client_key is not None or server_public is not None or not reconnect):
+        raise UserError("--client-key, --server-public and --no-reconnect are for --connect (training against a "
+                        "robot or the sim over the wire)")
     cfg, run_dir, resuming = prepare_run(config, resume, seed, steps, out, device, sets)
     task = describe_task(get_task(cfg.env.id, cfg.env.terminates))  # a bad registration fails before the run starts
     if resuming:
@@ -46,24 +55,52 @@ def train_from_cli(config: Path | None = None, resume: Path | None = None, seed:
             print(f"{run_dir} already trained {done} of {cfg.train.total_steps} env steps; "
                   f"raise the budget with --steps N to continue")
             return 0
+    again = f"maac-robot train --resume {shlex.quote(str(run_dir))}" + (
+        f" --connect {shlex.quote(connect)}" if connect else "")
+    env = None
+    if connect is not None:
+        import logging
+
+        from maac_robot.remote_env import connect as connect_robot
+
+        # reconnects are told on a child of the trainer's logger: into train.log, next to the pause they cause
+        env = connect_robot(connect, cfg.env.id, cfg.env.max_episode_steps, cfg.controller, reconnect=reconnect,
+                            client_key=client_key, server_public=server_public,
+                            logger=logging.getLogger("maac_robot.learn.trainer.link"))
+        # a pause for a lost robot (and the link coming back) is said on the console too, not only in train.log
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter("train: %(message)s"))
+        logging.getLogger("maac_robot.learn.trainer").addHandler(console)
+        robot = env.unwrapped.robot
+        print(f"real data from {robot.env_id} at {connect} ({robot.mode}, dt {robot.dt * 1e3:.1f} ms); evaluation "
+              f"in-process on {cfg.env.id}", file=sys.stderr)
     print(f"run directory: {run_dir} (curves: tensorboard --logdir {run_dir / 'tensorboard'}; Ctrl-C saves a "
           f"checkpoint and stops)", file=sys.stderr)
     print(f"{cfg.env.id}: {task}", file=sys.stderr)
     try:
-        trainer = train(cfg, run_dir, resume=resuming)
+        trainer = train(cfg, run_dir, resume=resuming, env_factory=None if env is None else lambda _: env)
     except TrainingInterrupted as stop:
-        print(f"interrupted at env step {stop.env_step}; checkpoint saved; continue with: "
-              f"maac-robot train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
+        print(f"interrupted at env step {stop.env_step}; checkpoint saved; continue with: {again}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # a second Ctrl-C: the last periodic checkpoint, if any, is what remains
         path = RunPaths(run_dir).checkpoint
         if path.is_file():
             done = int(load_checkpoint(path, cfg.env.id)["env_step"])
-            print(f"interrupted; the last checkpoint is at env step {done}; continue with: "
-                  f"maac-robot train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
+            print(f"interrupted; the last checkpoint is at env step {done}; continue with: {again}", file=sys.stderr)
         else:
             print("interrupted before the first checkpoint; nothing to resume", file=sys.stderr)
         return 130
+    except UserError as err:
+        path = RunPaths(run_dir).checkpoint
+        if env is None or not path.is_file():
+            raise
+        done = int(load_checkpoint(path, cfg.env.id)["env_step"])
+        raise UserError(f"{err}; the checkpoint is at env step {done}; continue with: {again}") from None
+    finally:
+        if env is not None:
+            env.close()
+            logging.getLogger("maac_robot.learn.trainer").removeHandler(console)
     rows = read_metrics(RunPaths(run_dir).metrics)
     if rows:
         last = rows[-1]

@@ -20,6 +20,17 @@ the env step and episode counters, and the cumulative phase timers. The episode 
 progress at the checkpoint is not resumed mid-way: its transitions up to the checkpoint are
 in D_env (a cut episode is an ordinary time-limit truncation for an off-policy learner), and
 the resumed run starts the next episode from a fresh reset with the next recorded seed.
+
+The env the real data comes from is `make_env(env.id)` in this process unless the caller passes an
+`env_factory` (`maac-robot train --connect`: a robot or the sim over the wire, `maac_robot.remote_env`; this
+module never speaks the protocol). Such an env may report, in a step's info, `transition: False` (a real-time
+step that was not one exact robot transition: neither stored nor counted), `applied_action` (the action the
+robot applied, stored instead of the one chosen) and `link_lost` (the link dropped mid-step: the episode ends
+there as a truncation, nothing of that step is stored, and training waits in the next reset, which reconnects;
+if the env gives up, a checkpoint is written before its error propagates). Evaluation always runs in-process on
+`env.id` (the learner builds that env anyway: its dims, reward and termination come from it), so evaluations are
+reproducible on the common reset seeds and never cut a training episode on the robot; every metrics line says
+which env produced the data (`data_env`) and which evaluated (`eval_env`).
 """
 
 from __future__ import annotations
@@ -35,9 +46,11 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -227,7 +240,8 @@ def uses_model(cfg: Config) -> bool:
 class Trainer:
     """One MAAC run: owns the envs, agent, ensemble, D_env, D_model, RNGs and the run directory."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, env_factory: Callable[[Config], gym.Env] | None = None) -> None:
+        """`env_factory(cfg)`: the env the real data comes from (default: `make_env(cfg.env.id)` in this process)."""
         self.cfg = cfg
         self.paths = RunPaths(run_dir)
         self.device = _resolve_device(cfg.train.device)
@@ -245,7 +259,7 @@ class Trainer:
         self.task, self.agent, self.model = build_components(cfg, self.device)
         info = self.task.info
         self.act_low, self.act_high = info.act_low.astype(np.float32), info.act_high.astype(np.float32)
-        self.env = make_env(cfg.env.id, max_episode_steps=cfg.env.max_episode_steps)
+        self.env = (env_factory or _local_env)(cfg)
         self.d_env = ReplayBuffer(info.state_dim, info.act_dim, cfg.train.buffer_size)
         r = cfg.rollout
         self.d_model = ReplayBuffer(info.state_dim, info.act_dim, r.retain_rounds * r.batch_size * r.length)
@@ -267,7 +281,8 @@ class Trainer:
         self.episode_returns_since_eval: list[float] = []
         self.resumed_at: int | None = None  # the checkpoint's env step, once `load_checkpoint` ran
         self._loggers: RunLoggers | None = None  # TensorBoard (+ W&B) while `train` runs
-        self.state = self._reset_episode()
+        self._paused_at: float | None = None  # when the env's link dropped, until the next reset reconnects
+        self.state: np.ndarray | None = self._reset_episode()  # None: the episode ended, the next step resets
 
     # ---- env interaction -------------------------------------------------------------------
 
@@ -281,19 +296,56 @@ class Trainer:
             return self.rng.uniform(self.act_low, self.act_high).astype(np.float32)
         return self.agent.act(self.state, deterministic=False)
 
-    def _env_step(self) -> None:
+    def _env_step(self) -> bool:
+        """One step of the env; whether a transition went into D_env (and the env step count advanced).
+
+        An episode that ended is followed by the reset at the start of the next step, after that step's learning,
+        evaluation and checkpoint: an env that fails to reset (a robot link that gave up) then leaves a checkpoint
+        of a completed step behind it before its error propagates."""
+        if self.state is None:
+            self._next_episode()
         action = self._act()
-        next_state, reward, terminated, truncated, _ = self.env.step(action)
-        self.d_env.add(self.state, action, float(reward), next_state, bool(terminated))
+        next_state, reward, terminated, truncated, info = self.env.step(action)
+        if info.get("link_lost"):
+            self._link_lost(str(info["link_lost"]))
+            return False
+        stored = info.get("transition", True)  # a robot link says so of a real-time step that was not one transition
+        if stored:
+            self.d_env.add(self.state, info.get("applied_action", action), float(reward), next_state, bool(terminated))
+            self.env_step += 1
         self.episode_return += float(reward)
-        self.env_step += 1
         if terminated or truncated:
             self.last_return = self.episode_return
             self.episode_returns_since_eval.append(self.episode_return)
             self.episode_index += 1
-            self.state = self._reset_episode()
+            self.state = None
         else:
             self.state = next_state
+        return bool(stored)
+
+    def _link_lost(self, why: str) -> None:
+        """The env lost its robot mid-step: the episode ends as a truncation (its transitions stay in D_env, none is
+        terminal; nothing of the lost step is stored), and training waits while the next reset reconnects."""
+        log.warning("env step %d: the link to the robot dropped (%s); episode %d ends here as a truncation (return "
+                    "so far %.2f, not counted); training paused while the env reconnects", self.env_step, why,
+                    self.episode_index, self.episode_return)
+        self.episode_index += 1
+        self.state = None
+        self._paused_at = time.monotonic()
+
+    def _next_episode(self) -> None:
+        """Reset for the next episode; when the env cannot (it gave up on its robot), checkpoint, then raise."""
+        try:
+            self.state = self._reset_episode()
+        except Exception as err:
+            self.save_checkpoint()
+            log.error("env step %d: the env could not start episode %d (%s); checkpoint saved to %s", self.env_step,
+                      self.episode_index, err, self.paths.checkpoint)
+            raise
+        if self._paused_at is not None:
+            log.warning("env step %d: link back after %.1f s; training resumes with episode %d", self.env_step,
+                        time.monotonic() - self._paused_at, self.episode_index)
+            self._paused_at = None
 
     # ---- G1: model learning ------------------------------------------------------------------
 
@@ -379,6 +431,8 @@ class Trainer:
             "wall_time_s": round(sum(self.timers.values()), 3),
             "phase_time_s": {k: round(v, 3) for k, v in self.timers.items()},
             "phase_cpu_s": {k: round(v, 3) for k, v in self.cpu_timers.items()},
+            "data_env": self.data_env(),
+            "eval_env": {"kind": "in-process", "env_id": self.cfg.env.id},
             **(extra or {}),
         }
         self.update_sums.clear()
@@ -392,6 +446,11 @@ class Trainer:
         log.info("step %d: eval return %.2f ± %.2f  losses %s", self.env_step, record["eval_return_mean"],
                  record["eval_return_std"], json.dumps({k: round(v, 5) for k, v in losses.items()}))
         return record
+
+    def data_env(self) -> dict[str, Any]:
+        """Where the real transitions come from: this process's env, or what a robot link says of itself."""
+        describe = getattr(self.env.unwrapped, "describe", None)
+        return describe() if callable(describe) else {"kind": "in-process", "env_id": self.cfg.env.id}
 
     def _plot(self) -> None:
         rows = read_metrics(self.paths.metrics)
@@ -493,7 +552,7 @@ class Trainer:
                         self.save_checkpoint()
                         raise TrainingInterrupted(self.env_step, self.paths.checkpoint)
                     self._step_once(records, phase)
-                    bar.update(1)
+                    bar.update(self.env_step - bar.n)
                     if progress and self.env_step % 50 == 0:
                         bar.set_postfix_str(self._postfix(records), refresh=False)
             if self.env_step < t.total_steps:
@@ -519,8 +578,10 @@ class Trainer:
     def _step_once(self, records: list[dict[str, Any]], phase: Any) -> None:
         """One iteration of Algorithm 1: an env step, then whatever learning, evaluation and checkpoint is due."""
         t = self.cfg.train
-        self._env_step()
+        stored = self._env_step()
         phase("env")
+        if not stored:  # nothing new to learn from, and this env step's learning, evaluation, checkpoint are done
+            return
         if self.env_step >= self.learning_starts:
             if self.uses_model and self._due(self.cfg.model.train_every):
                 self.fit_model()
@@ -735,19 +796,27 @@ def _record_session(trainer: Trainer, extra: dict[str, Any] | None = None) -> No
         f.write(json.dumps(record) + "\n")
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Trainer:
-    """Run (or continue) training into `run_dir`; the programmatic twin of `maac-robot train`."""
+def _local_env(cfg: Config) -> gym.Env:
+    return make_env(cfg.env.id, max_episode_steps=cfg.env.max_episode_steps)
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+          env_factory: Callable[[Config], gym.Env] | None = None) -> Trainer:
+    """Run (or continue) training into `run_dir`; the programmatic twin of `maac-robot train`.
+    `env_factory`: the env of the real data (see `Trainer`); closing an env it made is the caller's."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, RunPaths(run_dir).config)
     with _LogToFile(RunPaths(run_dir).log):
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir, env_factory)
         if resume:
             trainer.load_checkpoint()
         else:
             log.info("new run %s: %s, seed %d, %d steps, device %s, %d torch threads", run_dir, cfg.env.id,
                      cfg.train.seed, cfg.train.total_steps, trainer.device, torch.get_num_threads())
         log.info("task: %s", describe_task(trainer.task))
-        _record_session(trainer)
+        if env_factory is not None:
+            log.info("real data from %s; evaluation in-process on %s", json.dumps(trainer.data_env()), cfg.env.id)
+        _record_session(trainer, {"data_env": trainer.data_env()})
         try:
             trainer.train(progress=progress)
         except TrainingInterrupted as stop:
