@@ -102,7 +102,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from maac_robot.deploy import demo_from_cli
 
     return demo_from_cli(config=args.config, out=args.out, steps=args.steps, episodes=args.episodes, sets=args.set,
-                         bind=args.bind)
+                         bind=args.bind, stop_return=args.stop_return if args.stop_return > 0 else None)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4000,
                    help="env steps to train (default 4000: 8 of 12 InvertedPendulum seeds balanced by then, benchmarks/RESULTS.md)")
     p.add_argument("--episodes", type=int, default=2, help="CEM-MPC episodes on the sim")
+    p.add_argument("--stop-return", type=float, default=1000.0,
+                   help="stop training early once every episode of two consecutive evaluations returns at least this "
+                        "(InvertedPendulum's maximum; 0: train all --steps)")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="the sim's endpoint (default tcp://127.0.0.1:5555), checked free before training starts")
     _add_set(p)

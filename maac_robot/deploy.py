@@ -184,17 +184,21 @@ def export_is_current(run_dir: Path, artifacts: Path) -> bool:
 
 
 def demo_from_cli(*, config: Path, out: Path, steps: int | None, episodes: int, sets: list[str] | None = None,
-                  bind: str = DEFAULT_BIND) -> int:
-    """From nothing to a robot under MPC: train (or resume) -> export (unless up to date) -> sim + controller."""
+                  bind: str = DEFAULT_BIND, stop_return: float | None = None) -> int:
+    """From nothing to a robot under MPC: train (or resume) -> export (unless up to date) -> sim + controller.
+
+    `stop_return`: training stops early once every episode of the config's `train.stop_evals` consecutive
+    evaluations returns at least this (`train.stop_return`; a `--set train.stop_return=...` wins)."""
     from maac_robot.commands import export_from_cli, train_from_cli
 
     _check_endpoint_free(bind)  # before minutes of training, not after
+    train_sets = ([f"train.stop_return={stop_return:g}"] if stop_return is not None else []) + list(sets or [])
     checkpoint = out / "checkpoints" / "latest.pt"
     print(f"[demo] 1/3 training {config} into {out}" + (" (resuming)" if checkpoint.is_file() else ""))
     if checkpoint.is_file():
-        rc = train_from_cli(config=None, resume=out, seed=None, steps=steps, out=None, device=None, sets=sets)
+        rc = train_from_cli(config=None, resume=out, seed=None, steps=steps, out=None, device=None, sets=train_sets)
     else:
-        rc = train_from_cli(config=config, resume=None, seed=None, steps=steps, out=out, device=None, sets=sets)
+        rc = train_from_cli(config=config, resume=None, seed=None, steps=steps, out=out, device=None, sets=train_sets)
     if rc:
         return rc
     artifacts = Path("artifacts") / out.name

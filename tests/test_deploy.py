@@ -149,3 +149,11 @@ def test_demo_from_another_directory_reuses_an_up_to_date_export(tmp_path, monke
     assert exports == [50, 60] and len(ups) == 3
     assert {kw["bind"] for kw in ups} == {"tcp://127.0.0.1:0"} and ups[0]["artifacts"] == Path("artifacts/demo")
     assert (tmp_path / "runs" / "demo" / "checkpoints" / "latest.pt").is_file()
+
+    # the stop rule: once two evaluations in a row held --stop-return, training ends; a rerun writes nothing new
+    exports.clear()
+    held = ["demo", "--config", "inverted_pendulum", "--out", "runs/held", "--bind", "tcp://127.0.0.1:0", *small,
+            "--steps", "400", "--stop-return", "1"]
+    assert cli.main(held) == 0 and cli.main(held) == 0
+    assert exports == [100], "stopped at the second evaluation (50, 100), and the rerun reused its export"
+    assert "already holds the export" in capsys.readouterr().out

@@ -100,6 +100,8 @@ def test_read_metrics_names_a_corrupt_line(tmp_path: Path, text: str, line: int)
 def test_tiny_training_writes_run_files_and_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     assert cli.main(["train", "--config", str(_config_file(tmp_path)), "--out", str(run), "--seed", "5"]) == 0
+    bars = capsys.readouterr().err  # a bar per phase: the learning bar's time estimate is not the random phase's
+    assert "random actions:" in bars and "learning:" in bars
     for name in ("config.yaml", "metrics.jsonl", "train.log", "learning_curve.png", "checkpoints/latest.pt"):
         assert (run / name).is_file(), name
     assert not list(run.rglob("*.tmp*")), "atomic writes left temporary files"

@@ -144,6 +144,9 @@ class RunPaths:
         return self.root / "sessions.jsonl"
 
 
+_RANDOM_PHASE = "random actions"
+
+
 def available_cores() -> int:
     """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (`docker --cpus`).
 
@@ -534,8 +537,8 @@ class Trainer:
             # events past the checkpoint were logged by the process that was interrupted: hide them
             purge_step=None if self.resumed_at is None else self.resumed_at + 1,
             start_step=self.env_step, start_wall_s=sum(self.timers.values()))
-        bar = tqdm(total=t.total_steps, initial=self.env_step, disable=not progress, unit="step",
-                   dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+        bar = self._progress_bar(progress)
+        started_at = self.env_step
         last_wall, last_cpu = time.perf_counter(), time.process_time()
 
         def phase(name: str) -> None:
@@ -552,11 +555,15 @@ class Trainer:
                         self.save_checkpoint()
                         raise TrainingInterrupted(self.env_step, self.paths.checkpoint)
                     self._step_once(records, phase)
+                    if self.env_step == self.learning_starts and bar.desc == _RANDOM_PHASE:
+                        bar.close()
+                        bar = self._progress_bar(progress)
                     bar.update(self.env_step - bar.n)
                     if progress and self.env_step % 50 == 0:
                         bar.set_postfix_str(self._postfix(records), refresh=False)
             if self.env_step < t.total_steps:
-                self.save_checkpoint()
+                if self.env_step > started_at:  # a rerun of a run that already held the target writes nothing
+                    self.save_checkpoint()
                 log.info("stopped at env step %d: every episode of the last %d evaluations returned at least %g "
                          "(train.stop_return)", self.env_step, t.stop_evals, t.stop_return)
         finally:
@@ -565,6 +572,15 @@ class Trainer:
             self._loggers = None
             self.resumed_at = None  # purge once: a later call in this process continues what this one logged
         return records
+
+    def _progress_bar(self, progress: bool) -> tqdm:
+        """A bar per phase: random actions take microseconds, learning steps tens of milliseconds, so one bar's
+        rate (and its time estimate) would mix the two. The learning bar's rate is its average since the phase
+        began (smoothing 0), which amortises the periodic model fits and evaluations into the estimate."""
+        random = self.env_step < self.learning_starts
+        return tqdm(total=self.cfg.train.total_steps, initial=self.env_step, disable=not progress, unit="step",
+                    desc=_RANDOM_PHASE if random else "learning", smoothing=0.3 if random else 0.0,
+                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
 
     def _target_held(self) -> bool:
         """Whether the run may stop early: `train.stop_return` reached by every episode of the last `stop_evals`
