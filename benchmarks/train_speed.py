@@ -111,11 +111,12 @@ def measure(name: str, window: int, sac_steps: int, threads: int) -> list[dict[s
     values |= maac_speed(task, overrides, window)
     values |= sac_speed(task, sac_steps)
     values["maac_over_sac"] = values["maac_s_per_1000"] / values["sac_s_per_1000"]
+    values["load_1min"] = os.getloadavg()[0]  # other work on the machine slows the absolute speeds, not the ratios
     print(name, {k: round(v, 2) for k, v in values.items()}, flush=True)
     units = {"gflop": "GFLOP", "cpu_ms": "CPU ms", "matmul_gflop_per_s": "GFLOP/s", "floor_ms": "ms",
              "floor_ratio": "x", "env_steps_per_s": "env steps / wall s", "maac_s_per_1000": "wall s",
              "update_share": "fraction of wall", "maac_threads": "threads", "sac_s_per_1000": "wall s",
-             "maac_over_sac": "x"}
+             "maac_over_sac": "x", "load_1min": "load average"}
     return [{"setting": name, "item": item, "value": round(value, 4), "unit": units[item],
              "window": sac_steps if item == "sac_s_per_1000" else window} for item, value in values.items()]
 

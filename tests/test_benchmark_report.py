@@ -188,13 +188,14 @@ def test_train_speed_table_one_row_per_setting_with_its_window(tmp_path: Path) -
     stamp = {"command": "python benchmarks/train_speed.py", "commit": "abc", "date": "d", "cpu": "c", "threads": "1",
              "versions": "v"}
     values = {"gflop": 0.4, "cpu_ms": 20.0, "matmul_gflop_per_s": 40.0, "floor_ms": 10.0, "floor_ratio": 2.0,
-              "env_steps_per_s": 12.5, "update_share": 0.9, "sac_s_per_1000": 8.0, "maac_over_sac": 10.0}
+              "env_steps_per_s": 12.5, "update_share": 0.9, "sac_s_per_1000": 8.0, "maac_over_sac": 10.0,
+              "load_1min": 1.5}
     rows = [{"setting": "inverted_pendulum", "item": k, "value": v, "unit": "u", "window": 2000, **stamp}
             for k, v in values.items()]
     path = tmp_path / "train_speed.csv"
     results_csv.write_rows(path, rows, train_speed.COLUMNS)
     table = report.train_speed_table(results_csv.read_rows(path))
-    assert "| inverted_pendulum | 0.40 | 20.0 | 40.0 | 2.0 | 12.5 (2000) | 0.90 | 8.0 | 10.0 |" in table
+    assert "| inverted_pendulum | 0.40 | 20.0 | 40.0 | 2.0 | 12.5 (2000) | 0.90 | 8.0 | 10.0 | 1.5 |" in table
     assert "- `python benchmarks/train_speed.py` at abc on c, d" in table
     assert report.train_speed_table([]) == []
 
