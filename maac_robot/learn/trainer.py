@@ -144,9 +144,6 @@ class RunPaths:
         return self.root / "sessions.jsonl"
 
 
-_RANDOM_PHASE = "random actions"
-
-
 def available_cores() -> int:
     """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (`docker --cpus`).
 
@@ -537,7 +534,7 @@ class Trainer:
             # events past the checkpoint were logged by the process that was interrupted: hide them
             purge_step=None if self.resumed_at is None else self.resumed_at + 1,
             start_step=self.env_step, start_wall_s=sum(self.timers.values()))
-        bar = self._progress_bar(progress)
+        bar, random_phase = self._progress_bar(progress), self.env_step < self.learning_starts
         started_at = self.env_step
         last_wall, last_cpu = time.perf_counter(), time.process_time()
 
@@ -555,9 +552,9 @@ class Trainer:
                         self.save_checkpoint()
                         raise TrainingInterrupted(self.env_step, self.paths.checkpoint)
                     self._step_once(records, phase)
-                    if self.env_step == self.learning_starts and bar.desc == _RANDOM_PHASE:
+                    if self.env_step == self.learning_starts and random_phase:
                         bar.close()
-                        bar = self._progress_bar(progress)
+                        bar, random_phase = self._progress_bar(progress), False
                     bar.update(self.env_step - bar.n)
                     if progress and self.env_step % 50 == 0:
                         bar.set_postfix_str(self._postfix(records), refresh=False)
@@ -579,7 +576,7 @@ class Trainer:
         began (smoothing 0), which amortises the periodic model fits and evaluations into the estimate."""
         random = self.env_step < self.learning_starts
         return tqdm(total=self.cfg.train.total_steps, initial=self.env_step, disable=not progress, unit="step",
-                    desc=_RANDOM_PHASE if random else "learning", smoothing=0.3 if random else 0.0,
+                    desc="random actions" if random else "learning", smoothing=0.3 if random else 0.0,
                     dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
 
     def _target_held(self) -> bool:
