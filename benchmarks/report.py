@@ -8,7 +8,8 @@ only the text between a pair is replaced, so the prose around it is kept and a s
 A marker pair whose table has no data is left as it is and reported. Inputs, all under benchmarks/results/:
 `sample_efficiency_<task>.csv` (every evaluation of every seed, `sample_efficiency.py`),
 `sample_efficiency_archived.csv` (per-step means of sessions 1-7, whose run records were lost),
-`training_cost_<task>.csv` (`profile_update.py`), `train_speed.csv` (`train_speed.py`), and `diagnose.json`, `critic_probe.json`,
+`training_cost_<task>.csv` (`profile_update.py`), `train_speed.csv` (`train_speed.py`),
+`adaptation_<task>.csv` (`adaptation.py`, issue 22), and `diagnose.json`, `critic_probe.json`,
 `entropy_pressure.json` (`diagnose_runs.py`, `critic_probe.py`, `entropy_pressure.py`), `gradient_error.csv`
 (`gradient_error.py`, paper §5.2).
 """
@@ -495,6 +496,115 @@ def gradient_error_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     return lines + ["", *(f"- {line}" for line in gradient_error_verdicts(gradient_error_curves(rows)))]
 
 
+# ---- adaptation to a perturbed sim (issue 22; benchmarks/adaptation.py) --------------------------------------
+
+
+def _adaptation_values(rows: Sequence[Mapping[str, str]], measure: str, condition: str) -> dict[int, float]:
+    """Seed -> value of one measure/condition (seeds whose cell is empty are left out)."""
+    return {int(r["seed"]): float(r["value"]) for r in rows
+            if r["measure"] == measure and r["condition"] == condition and r["value"] != ""}
+
+
+def _seeds_cell(values: Mapping[int, float], digits: int = 1, percent_of: Mapping[int, float] | None = None) -> str:
+    if not values:
+        return "–"
+    v = list(values.values())
+    text = f"{np.mean(v):.{digits}f} ± {np.std(v):.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
+    if percent_of:
+        ratios = [values[s] / percent_of[s] for s in values if percent_of.get(s)]
+        if ratios:
+            text += f" ({100 * np.mean(ratios):.0f} %)"
+    return text + (f" [{len(v)}]" if len(v) > 1 else " [1]")
+
+
+def adaptation_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Nominal, perturbed and finetuned returns per controller, guarded share, model error, the fresh run, the
+    target of issue 22; means ± std over seeds [seeds], % of the same controller's nominal return in brackets."""
+    main = [r for r in rows if r["measure"] != "screen_return"]
+    if not main:
+        return []
+    seeds = sorted({int(r["seed"]) for r in main})
+    perturbation = sorted({r["perturbation"] for r in main})
+    ks = sorted({int(r["condition"][2:].split(":")[0]) for r in main if r["condition"].startswith("ft")})
+    nominal = {c: _adaptation_values(main, "return", f"nominal:{c}") for c in ("policy", "cem_guard")}
+    nominal["cem"] = nominal["cem_guard"]  # the nominal sim is run with the guard on only
+    lines = [f"Rows: `benchmarks/results/adaptation_{main[0]['task']}.csv` (seeds {', '.join(map(str, seeds))}; "
+             f"perturbation `{', '.join(perturbation)}`; command and commit on every row). Returns: mean ± std over "
+             "seeds [seeds], in parentheses the share of the same controller's nominal return (CEM-MPC's nominal "
+             "return is the guarded one's). Model error: normalised one-step MSE of the ensemble's elite mean on "
+             "held-out perturbed transitions (1.0 = no better than a constant Δs).", "",
+             "| deployment | policy | CEM-MPC | CEM-MPC + guard | guarded share | model error |",
+             "|---|---|---|---|---|---|"]
+
+    def line(label: str, prefix: str, model: str) -> str:
+        cells = [_seeds_cell(_adaptation_values(main, "return", f"{prefix}:{c}"), 1,
+                             None if prefix == "nominal" else nominal[c]) for c in ("policy", "cem", "cem_guard")]
+        share = _seeds_cell(_adaptation_values(main, "guarded_share", f"{prefix}:cem_guard"), 3)
+        return f"| {label} | " + " | ".join(cells) + f" | {share} | {_seeds_cell(_adaptation_values(main, 'model_nmse', model), 3)} |"
+
+    lines.append(line("nominal sim, nominal run", "nominal", "-"))
+    lines.append(line("perturbed sim, nominal run", "perturbed", "nominal"))
+    for k in ks:
+        lines.append(line(f"perturbed sim, finetuned on {k} recorded steps", f"ft{k}", f"ft{k}"))
+    notes = {r["note"] for r in main if r["condition"].startswith("ft") and r["measure"] == "model_nmse"}
+    lines += ["", f"Finetuning: {'; '.join(sorted(notes))}." if notes else ""]
+    fresh = [r for r in main if r["measure"] == "fresh_steps"]
+    if fresh:
+        lines.append("Fresh run on the perturbed env, env steps to reach the finetuned return: " + "; ".join(
+            f"seed {r['seed']}: {int(float(r['value'])) if r['value'] else 'not reached'} ({r['note']})"
+            for r in sorted(fresh, key=lambda r: int(r["seed"]))) + ".")
+    else:
+        lines.append("Fresh run on the perturbed env: not run yet.")
+    verdicts = []
+    for k in [k for k in ks if k <= 2000]:
+        best = {}
+        for s in seeds:
+            ratios = [_adaptation_values(main, "return", f"ft{k}:{c}").get(s, math.nan) / nominal[c].get(s, math.nan)
+                      for c in ("policy", "cem_guard") if nominal[c].get(s)]
+            ratios = [x for x in ratios if not math.isnan(x)]
+            if ratios:
+                best[s] = max(ratios)
+        if not best:
+            continue
+        steps = {int(r["seed"]): (float(r["value"]) if r["value"] else None) for r in fresh}
+        quarter = [s for s in best if steps.get(s) is not None and k < steps[s] / 4]
+        verdicts.append(f"{k} recorded steps: best controller at {100 * np.mean(list(best.values())):.0f} % of its "
+                        f"nominal return on average ({sum(v >= 0.9 for v in best.values())}/{len(best)} seeds "
+                        f">= 90 %); fewer than a quarter of a fresh run's steps on {len(quarter)}/{len(best)} seeds"
+                        + ("" if fresh else " (no fresh run yet)"))
+    if verdicts:
+        lines += ["", "Target (>= 90 % of nominal after <= 2k recorded steps, in < 1/4 of a fresh run's steps):",
+                  *(f"- {v}" for v in verdicts)]
+    return lines
+
+
+def adaptation_screen_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """The perturbation screen: the nominal run on the nominal sim and on each candidate, policy and CEM + guard."""
+    screen = [r for r in rows if r["measure"] == "screen_return"]
+    if not screen:
+        return []
+    order = list(dict.fromkeys(r["perturbation"] for r in screen))
+    order.sort(key=lambda p: p != "nominal")
+
+    def value(p: str, c: str) -> tuple[float, str] | None:
+        row = next((r for r in screen if r["perturbation"] == p and r["condition"] == c), None)
+        return None if row is None else (float(row["value"]), row["n"])
+
+    lines = [f"Seed {screen[0]['seed']}, returns over each candidate's episodes (reset seeds from --eval-seed); "
+             f"rows in `benchmarks/results/adaptation_{screen[0]['task']}.csv` (measure screen_return).", "",
+             "| sim | policy | change | CEM-MPC + guard | change |", "|---|---|---|---|---|"]
+    base = {c: value("nominal", c) for c in ("policy", "cem_guard")}
+    for p in order:
+        cells = []
+        for c in ("policy", "cem_guard"):
+            v = value(p, c)
+            cells.append("–" if v is None else f"{v[0]:.1f} ({v[1]} ep.)")
+            cells.append("" if v is None or p == "nominal" or not base[c] or not base[c][0] else
+                         f"{100 * (v[0] / base[c][0] - 1):+.0f} %")
+        lines.append(f"| `{p}` | " + " | ".join(cells) + " |")
+    return lines
+
+
 def tables(results: Path = RESULTS, figures: Path | None = FIGURES) -> dict[str, list[str]]:
     """Every generated table by marker name, from the files under `results`; writes the PNGs to `figures`."""
     out: dict[str, list[str]] = {}
@@ -531,6 +641,13 @@ def tables(results: Path = RESULTS, figures: Path | None = FIGURES) -> dict[str,
         out["gradient_error"] = gradient_error_table(gradient_rows)
         if figures is not None:
             plot_gradient_error(gradient_error_curves(gradient_rows), figures / "gradient_error.png")
+    for path in sorted(results.glob("adaptation_*.csv")):
+        task = path.stem.removeprefix("adaptation_")
+        rows = read_rows(path)
+        for name, lines in ((f"adaptation_{task}", adaptation_table(rows)),
+                            (f"adaptation_screen_{task}", adaptation_screen_table(rows))):
+            if lines:
+                out[name] = lines
     for name, render in (("diagnose", diagnosis_table), ("critic_probe", probe_table),
                          ("entropy_pressure", entropy_pressure_table)):
         path = results / f"{name}.json"
