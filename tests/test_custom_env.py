@@ -200,6 +200,8 @@ def test_head_leaves_the_dynamics_initialisation_alone_and_starts_at_never():
         headed.fit(torch.zeros(10, S), torch.zeros(10, A), torch.zeros(10, S), None, ModelConfig(), None)
     with pytest.raises(RuntimeError, match="no termination head"):
         plain.terminated(torch.zeros(1, S))
+    with pytest.raises(RuntimeError, match="set env.terminates: false in the run's config.yaml"):
+        headed.load_state_dict(plain.state_dict())  # a run trained before heads existed
 
 
 def test_termination_head_learns_a_rule(trained_head: GaussianEnsemble):

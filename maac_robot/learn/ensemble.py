@@ -18,6 +18,7 @@ call dynamics and termination separately, `rollout.model_rollout`).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,6 +107,15 @@ class GaussianEnsemble(nn.Module):
                 std = 1.0 / (2.0 * math.sqrt(w.shape[1]))
                 nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
             nn.init.constant_(self.term_biases[-1], _TERM_PRIOR_LOGIT)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """nn.Module's, with one clear message for the one mismatch a user can cause: a run of an env of their own
+        trained before termination heads existed (or with `env.terminates: false`) loaded as one that has them."""
+        if self.learn_termination and strict and not any(k.startswith("term_") for k in state_dict):
+            raise RuntimeError("this ensemble state has no termination head: the run was trained without one (before "
+                               "learned terminations existed, or with env.terminates: false); set env.terminates: "
+                               "false in the run's config.yaml to load it as it was trained")
+        return super().load_state_dict(state_dict, strict, assign)
 
     def _member_params(self) -> list[nn.Parameter]:
         return [*self.weights, *self.biases, self.max_logvar, self.min_logvar]

@@ -44,7 +44,7 @@ HealthyFn = Callable[[Tensor], Tensor]
 
 
 def never_terminates(state: Tensor, action: Tensor, next_state: Tensor) -> Tensor:
-    """All-False done mask shaped like the batch (HalfCheetah, unknown envs)."""
+    """All-False done mask shaped like the batch (HalfCheetah, envs declared never to terminate)."""
     return torch.zeros_like(next_state[..., 0], dtype=torch.bool)
 
 
