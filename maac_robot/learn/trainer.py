@@ -282,7 +282,9 @@ class Trainer:
         self.resumed_at: int | None = None  # the checkpoint's env step, once `load_checkpoint` ran
         self._loggers: RunLoggers | None = None  # TensorBoard (+ W&B) while `train` runs
         self._paused_at: float | None = None  # when the env's link dropped, until the next reset reconnects
-        self.state: np.ndarray | None = self._reset_episode()  # None: the episode ended, the next step resets
+        # None: no episode in progress, the next step resets. Lazily, so a resumed run resets (a robot: goes to its
+        # start pose) once, at the checkpoint's next episode, not also at the fresh run's first.
+        self.state: np.ndarray | None = None
 
     # ---- env interaction -------------------------------------------------------------------
 
@@ -512,7 +514,7 @@ class Trainer:
         self.episode_returns_since_eval = list(ckpt["episode_returns_since_eval"])
         # The interrupted episode is not continued (see the module docstring): next seed, fresh reset.
         self.episode_index = int(ckpt["episode_index"]) + 1
-        self.state = self._reset_episode()
+        self.state = None
         self.resumed_at = self.env_step
         truncate_metrics(self.paths.metrics, self.env_step)
         log.info("resumed from %s at env step %d (D_env %d, D_model %d)", self.paths.checkpoint, self.env_step,
