@@ -202,7 +202,7 @@ def twin_value(q1: Tensor, q2: Tensor, pessimism: float = 1.0) -> Tensor:
 @torch.no_grad()
 def soft_bellman_target(
     reward: Tensor, done: Tensor, next_state: Tensor, policy: Policy, target_critic: Critic, *, gamma: float,
-    alpha: float, pessimism: float = 1.0,
+    alpha: float | Tensor, pessimism: float = 1.0,
 ) -> Tensor:
     """SAC's target r + γ(1 − d)(min Q_targ(s', a') − α log π(a'|s')), a' ~ π(s') (min: see `twin_value`)."""
     next_action, log_prob = policy(next_state, 1)
@@ -234,7 +234,7 @@ def steve_targets(
     horizon: int,
     num_members: int,
     gamma: float,
-    alpha: float,
+    alpha: float | Tensor,
     pessimism: float = 1.0,
 ) -> Tensor:
     """Model-expanded critic targets in the spirit of STEVE (Buckman et al. 2018), soft and clipped-double-Q.
@@ -332,6 +332,12 @@ class MAACAgent:
     def alpha(self) -> float:
         return float(self.log_alpha.detach().exp())
 
+    @property
+    def temperature(self) -> Tensor:
+        """α as a 0-d tensor on the agent's device: what the objectives multiply by, with no host sync on a GPU
+        (the same float32 value as `alpha`, so the arithmetic is the same)."""
+        return self.log_alpha.detach().exp()
+
     def batch_split(self, model_data: bool = True) -> tuple[int, int]:
         """(real rows, model rows) of one G2 batch: real_ratio of it from D_env, the rest from D_model."""
         batch = self.cfg.batch_size
@@ -355,13 +361,14 @@ class MAACAgent:
         action = self.actor.deterministic(s) if deterministic else self.actor.sample(s)[0]
         return action.cpu().numpy()
 
-    def update(self, real_batch: Batch, model_batch: Batch | None, model: GaussianEnsemble | None) -> dict[str, float]:
+    def update(self, real_batch: Batch, model_batch: Batch | None, model: GaussianEnsemble | None) -> dict[str, Tensor]:
         """One G2 step on D_env ∪ D_model: critic (and its Polyak target), then actor (MAAC objective), then α.
 
         The batches are `buffer.Batch`es sized by `batch_split` (model_batch None or ignored when
         real_data_only); their states are also the actor's start states ŝ_0. `model` (its random-elite
         `step`) drives the policy rollouts and, with `steve`, the expanded targets; it may be None only
-        with horizon 0 (then the critic target is SAC's). Returns the losses and diagnostics as floats.
+        with horizon 0 (then the critic target is SAC's). Returns the losses and diagnostics as 0-d tensors on the
+        agent's device: reading them is the caller's host sync, once per env step rather than once per value.
         """
         if model_batch is not None and len(model_batch) > 0 and not self.cfg.real_data_only:
             batch = Batch.cat([real_batch, model_batch])
@@ -379,13 +386,13 @@ class MAACAgent:
             member_dynamics, num_members = _member_dynamics(model)
             return steve_targets(
                 r, done, s2, self._policy, member_dynamics, self.critic_target, self.task.reward_fn, self.termination_fn,
-                horizon=cfg.steve_horizon, num_members=num_members, gamma=cfg.gamma, alpha=self.alpha,
+                horizon=cfg.steve_horizon, num_members=num_members, gamma=cfg.gamma, alpha=self.temperature,
                 pessimism=cfg.critic_pessimism,
             )
-        return soft_bellman_target(r, done, s2, self._policy, self.critic_target, gamma=cfg.gamma, alpha=self.alpha,
+        return soft_bellman_target(r, done, s2, self._policy, self.critic_target, gamma=cfg.gamma, alpha=self.temperature,
                                    pessimism=cfg.critic_pessimism)
 
-    def update_critic(self, batch: Batch, model: GaussianEnsemble | None) -> dict[str, float]:
+    def update_critic(self, batch: Batch, model: GaussianEnsemble | None) -> dict[str, Tensor]:
         """One twin-Q step towards `critic_targets`, then the Polyak target step."""
         with record_function("critic_targets"):
             target = self.critic_targets(batch, model)
@@ -397,9 +404,9 @@ class MAACAgent:
             self.critic_opt.step()
             with torch.no_grad():  # Polyak step of every target tensor in one kernel
                 torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.cfg.tau)
-        return {"q_loss": q_loss.item(), "q_mean": q1.detach().mean().item(), "target_mean": target.mean().item()}
+        return {"q_loss": q_loss.detach(), "q_mean": q1.detach().mean(), "target_mean": target.mean()}
 
-    def update_actor(self, start_states: Tensor, model: GaussianEnsemble | None) -> dict[str, float]:
+    def update_actor(self, start_states: Tensor, model: GaussianEnsemble | None) -> dict[str, Tensor]:
         """One actor step on the MAAC objective from `start_states`, then one α step towards the target entropy."""
         cfg = self.cfg
         with frozen(self.critic, model):
@@ -407,7 +414,7 @@ class MAACAgent:
                 pl = maac_policy_loss(
                     start_states, self._policy, None if model is None else model.step, self.critic,
                     self.task.reward_fn, self.termination_fn, horizon=cfg.horizon, num_samples=cfg.num_samples,
-                    terminal_q_samples=cfg.terminal_q_samples, gamma=cfg.gamma, alpha=self.alpha,
+                    terminal_q_samples=cfg.terminal_q_samples, gamma=cfg.gamma, alpha=self.temperature,
                 )
             with record_function("actor_step"):
                 self.actor_opt.zero_grad(set_to_none=True)
@@ -421,10 +428,10 @@ class MAACAgent:
                 alpha_loss.backward()
                 self.alpha_opt.step()
         return {
-            "policy_loss": pl.loss.item(),
-            "model_return": pl.model_return.item(),
-            "alpha": self.alpha,
-            "entropy": -pl.log_prob.mean().item(),
+            "policy_loss": pl.loss.detach(),
+            "model_return": pl.model_return,
+            "alpha": self.temperature,
+            "entropy": -pl.log_prob.mean(),
         }
 
     def state_dict(self) -> dict[str, object]:

@@ -66,7 +66,7 @@ def model_rollout(
     *,
     horizon: int,
     gamma: float,
-    alpha: float = 0.0,
+    alpha: float | Tensor = 0.0,
     terminal_value: Callable[[Tensor], Tensor] | None = None,
 ) -> ModelRollout:
     """Roll `horizon` model steps from ŝ_0 = `start`, with rewards, termination masks and γ^t discounting.
@@ -78,6 +78,7 @@ def model_rollout(
     the H-step return R_H + γ^H m_H V(ŝ_H) in `value`. Gradients flow through everything that is
     reparameterised: the pathwise derivative of the MAAC objective is backprop through this loop.
     """
+    soft = isinstance(alpha, Tensor) or alpha != 0.0  # a tensor α is never branched on: no host sync on a GPU
     state = start
     returns = torch.zeros_like(start[..., 0])
     alive = torch.ones_like(returns)
@@ -86,7 +87,7 @@ def model_rollout(
         action, log_prob = act(t, state)
         next_state, predicted = dynamics(state, action)
         reward = transition_reward(predicted, reward_fn, state, action, next_state)
-        if alpha:
+        if soft:
             reward = reward - alpha * log_prob
         returns = returns + gamma**t * alive * reward
         alive = alive_after(alive, termination_fn, state, action, next_state)

@@ -276,7 +276,7 @@ class Trainer:
         self.timers: dict[str, float] = defaultdict(float)
         self.cpu_timers: dict[str, float] = defaultdict(float)
         self.fit_stats: dict[str, float] = {}
-        self.update_sums: dict[str, float] = defaultdict(float)  # G2 loss sums since the last evaluation
+        self.update_sums: dict[str, float | torch.Tensor] = defaultdict(float)  # G2 loss sums since the last evaluation
         self.update_count = 0
         self.episode_returns_since_eval: list[float] = []
         self.resumed_at: int | None = None  # the checkpoint's env step, once `load_checkpoint` ran
@@ -405,7 +405,7 @@ class Trainer:
             for real, imagined in self._batches():
                 stats = self.agent.update(real, imagined, model)
                 for k, v in stats.items():
-                    self.update_sums[k] += float(v)
+                    self.update_sums[k] += v  # on the device: read once per evaluation, not per update
                 self.update_count += 1
 
     # ---- evaluation, metrics, plots ----------------------------------------------------------
@@ -416,7 +416,7 @@ class Trainer:
         # Q − realised soft return on stochastic episodes: how far the critic over- or underestimates at each evaluation.
         bias = (mean_critic_bias(self.agent, self.cfg.env.id, self.eval_seeds, self.cfg.agent.gamma,
                                  self.cfg.env.max_episode_steps) if self.env_step > self.learning_starts else None)
-        losses = {k: v / self.update_count for k, v in self.update_sums.items()} if self.update_count else {}
+        losses = {k: float(v) / self.update_count for k, v in self.update_sums.items()} if self.update_count else {}
         record = {
             "env_step": self.env_step,
             "eval_return_mean": float(returns.mean()),
@@ -483,7 +483,7 @@ class Trainer:
             "timers": dict(self.timers),
             "cpu_timers": dict(self.cpu_timers),
             "fit_stats": dict(self.fit_stats),
-            "update_sums": dict(self.update_sums),
+            "update_sums": {k: float(v) for k, v in self.update_sums.items()},
             "update_count": self.update_count,
             "episode_returns_since_eval": list(self.episode_returns_since_eval),
         }
@@ -621,7 +621,7 @@ class Trainer:
         if "holdout_mse" in self.fit_stats:
             parts.append(f"model {self.fit_stats['holdout_mse']:.4f}")
         # Running means since the last evaluation, or that evaluation's means right after it.
-        losses = ({k: v / self.update_count for k, v in self.update_sums.items()} if self.update_count
+        losses = ({k: float(v) / self.update_count for k, v in self.update_sums.items()} if self.update_count
                   else records[-1]["losses"] if records else {})
         for key, label in (("policy_loss", "pi"), ("q_loss", "q")):
             if key in losses:
