@@ -65,13 +65,15 @@ def update_floor(task: str, overrides: dict[str, Any], threads: int) -> dict[str
             "floor_ratio": cpu_ms / floor_ms}
 
 
-def maac_speed(task: str, overrides: dict[str, Any], window: int) -> dict[str, float]:
-    """Env steps per wall-second of Algorithm 1 at the config's own schedule and threads, over `window` env steps
-    from the first learning step (the random phase before it is not timed)."""
+def maac_speed(task: str, overrides: dict[str, Any], window: int, threads: int) -> dict[str, float]:
+    """Env steps per wall-second of Algorithm 1 at the config's own schedule, over `window` env steps from the first
+    learning step (the random phase before it is not timed), at `threads` torch threads: a config that leaves
+    `train.num_threads` unset would take every core, and with another process on the machine two OpenMP threads
+    made an InvertedPendulum update 10x slower (362 against 35 wall-ms), which measures the machine, not MAAC."""
     from maac_robot.learn.config import load_config
     from maac_robot.learn.trainer import Trainer
 
-    cfg = load_config(task, {"train.seed": 0, **overrides})
+    cfg = load_config(task, {"train.seed": 0, "train.num_threads": threads, **overrides})
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp))
         run_to(trainer, trainer.learning_starts - 1)
@@ -80,12 +82,12 @@ def maac_speed(task: str, overrides: dict[str, Any], window: int) -> dict[str, f
         run_to(trainer, trainer.learning_starts - 1 + window)
         wall = time.perf_counter() - start
         update_share = (trainer.timers["update"] - updates_before) / wall
-        threads = float(trainer.cfg.train.num_threads or trainer.cores)
+        ran_with = float(trainer.cfg.train.num_threads or trainer.cores)
     return {"env_steps_per_s": window / wall, "maac_s_per_1000": 1000 * wall / window, "update_share": update_share,
-            "maac_threads": threads}
+            "maac_threads": ran_with}
 
 
-def sac_speed(task: str, steps: int) -> dict[str, float]:
+def sac_speed(task: str, steps: int, threads: int) -> dict[str, float]:
     """SB3 SAC's wall seconds per 1000 env steps after its random phase, sizes and rates from the task's config."""
     import gymnasium as gym
     import torch
@@ -94,7 +96,7 @@ def sac_speed(task: str, steps: int) -> dict[str, float]:
     from stable_baselines3 import SAC
 
     cfg = load_config(task, {"train.seed": 0})
-    torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     settings = sac_settings(cfg)
     env = gym.make(cfg.env.id, max_episode_steps=cfg.env.max_episode_steps)
     model = SAC("MlpPolicy", env, seed=0, device="cpu", verbose=0, **settings)
@@ -108,8 +110,8 @@ def measure(name: str, window: int, sac_steps: int, threads: int) -> list[dict[s
     task, overrides, _ = SETTINGS[name]
     values = update_floor(task, overrides, threads)
     print(name, {k: round(v, 2) for k, v in values.items()}, flush=True)
-    values |= maac_speed(task, overrides, window)
-    values |= sac_speed(task, sac_steps)
+    values |= maac_speed(task, overrides, window, threads)
+    values |= sac_speed(task, sac_steps, threads)
     values["maac_over_sac"] = values["maac_s_per_1000"] / values["sac_s_per_1000"]
     values["load_1min"] = os.getloadavg()[0]  # other work on the machine slows the absolute speeds, not the ratios
     print(name, {k: round(v, 2) for k, v in values.items()}, flush=True)
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="*", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--window", type=int, help="env steps timed after learning starts (default: per setting)")
     parser.add_argument("--sac-steps", type=int, default=1000, help="SAC env steps timed after its random phase")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for the update and matmul floor")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every measurement (MAAC and SAC)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     host = machine()
