@@ -106,7 +106,8 @@ class TrainConfig(Section):
     seed: int = 0
     device: str = Field("cpu", description="'cpu' or 'cuda'; nothing requires a GPU")
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; None: the CPUs this process "
-                                    "may use (affinity and cgroup quota); recorded in RUN_DIR/sessions.jsonl")
+                                    "may use (affinity and cgroup quota) that no other process is running on at "
+                                    "start; recorded in RUN_DIR/sessions.jsonl")
     wandb: bool = Field(False, description="also log each evaluation to Weights & Biases (needs `pip install wandb`; "
                         "TensorBoard event files in RUN_DIR/tensorboard are written either way)")
     precision: Literal["float32", "bfloat16"] = Field(

@@ -160,6 +160,23 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+def busy_cores() -> int:
+    """Other processes running on the machine right now (the kernel's runnable count, this process excluded)."""
+    try:
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(0, running - 1)
+
+
+def default_threads(cores: int, busy: int) -> int:
+    """Torch threads for a run that does not set `train.num_threads`: the cores no other process is running on.
+    OpenMP threads spin-wait for each other, so a thread that shares its core with another process stalls all of
+    them: on 2 vCPUs with one other process, an InvertedPendulum update took 362 wall-ms at 2 threads against 35
+    at 1 (benchmarks/RESULTS.md, training speed)."""
+    return max(1, cores - busy)
+
+
 def _stream_seed(seed: int, stream: int) -> int:
     """A 31-bit seed for one purpose, independent of the others, reproducible from the run seed."""
     return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0] & 0x7FFF_FFFF)
@@ -246,8 +263,8 @@ class Trainer:
         self.paths = RunPaths(run_dir)
         self.device = _resolve_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.cores = available_cores()
-        torch.set_num_threads(cfg.train.num_threads or self.cores)
+        self.cores, self.busy_cores = available_cores(), busy_cores()
+        torch.set_num_threads(cfg.train.num_threads or default_threads(self.cores, self.busy_cores))
         seed = cfg.train.seed
         torch.manual_seed(seed)  # network initialisation and the policy's action noise
         self.rng = np.random.default_rng(_stream_seed(seed, _STREAM_SAMPLING))  # random actions, minibatches
@@ -803,7 +820,8 @@ def _record_session(trainer: Trainer, extra: dict[str, Any] | None = None) -> No
     import platform
 
     record = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "env_step": trainer.env_step,
-              "cores_available": trainer.cores, "torch_threads": torch.get_num_threads(),
+              "cores_available": trainer.cores, "cores_busy": trainer.busy_cores,
+              "torch_threads": torch.get_num_threads(),
               "device": str(trainer.device), "precision": trainer.precision, "machine": platform.machine(),
               "python": platform.python_version(), "torch": torch.__version__, **trainer.task.describe(),
               **(extra or {})}
