@@ -9,9 +9,9 @@ A marker pair whose table has no data is left as it is and reported. Inputs, all
 `sample_efficiency_<task>.csv` (every evaluation of every seed, `sample_efficiency.py`),
 `sample_efficiency_archived.csv` (per-step means of sessions 1-7, whose run records were lost),
 `training_cost_<task>.csv` (`profile_update.py`), `train_speed.csv` (`train_speed.py`),
-`adaptation_<task>.csv` (`adaptation.py`, issue 22), and `diagnose.json`, `critic_probe.json`,
-`entropy_pressure.json` (`diagnose_runs.py`, `critic_probe.py`, `entropy_pressure.py`), `gradient_error.csv`
-(`gradient_error.py`, paper §5.2).
+`adaptation_<task>.csv` (`adaptation.py`, issue 22), `ablations_<task>.csv` (`ablations.py report`, paper
+§5.3, issue 23), and `diagnose.json`, `critic_probe.json`, `entropy_pressure.json` (`diagnose_runs.py`,
+`critic_probe.py`, `entropy_pressure.py`), `gradient_error.csv` (`gradient_error.py`, paper §5.2).
 """
 
 from __future__ import annotations
@@ -605,6 +605,158 @@ def adaptation_screen_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     return lines
 
 
+# ---- ablations (paper §5.3 and App. A.4; benchmarks/ablations.py, issue 23) ---------------------------------
+
+# override -> (the verdicts, full MAAC against the ablation, that agree with the paper; what the paper found).
+# Verdicts: 'above' (full MAAC's IQM CI lies above the ablation's), 'overlap', 'below'.
+ABLATION_PAPER: dict[str, tuple[frozenset[str], str]] = {
+    "agent.horizon=0": (frozenset({"above"}), "§5.3, Fig. 4: H = 0 'inflicts a severe drop' (full MAAC above)"),
+    "agent.steve=false": (frozenset({"overlap"}), "§5.3, Fig. 4: STEVE targets give 'slightly more stable training, "
+                          "but [...] not a significant effect' (no significant difference)"),
+    "agent.num_samples=1": (frozenset({"overlap"}), "§5.3, Fig. 4: single samples 'can be used in simple "
+                            "environments' and fall short only in high-dimensional ones such as Ant (no significant "
+                            "difference on this task)"),
+    "agent.entropy=false": (frozenset({"above"}), "App. A.4, Fig. 5: the entropy term is 'very important' "
+                            "(full MAAC above)"),
+    "agent.real_data_only=true": (frozenset({"above"}), "App. A.4, Fig. 5: augmenting the data with the model is "
+                                  "'very important' (full MAAC above)"),
+}
+# Tasks where the paper's single-sample finding does not settle the expectation (neither simple nor Ant-sized).
+ABLATION_PAPER_BY_TASK: dict[tuple[str, str], tuple[frozenset[str], str]] = {
+    ("hopper", "agent.num_samples=1"): (frozenset({"overlap", "above"}), "§5.3, Fig. 4: single samples suffice in "
+                                        "simple environments, not in high-dimensional ones such as Ant; Hopper lies "
+                                        "between (no difference or full MAAC above)"),
+}
+HORIZON_PAPER = ("§5.2, Fig. 3 (gradient error, not return): with a learned model the error falls and then rises "
+                 "with H, so an intermediate H should be best")
+
+
+def _float(row: Mapping[str, str], key: str) -> float | None:
+    return float(row[key]) if row.get(key) not in (None, "") else None
+
+
+def ablation_label(variant: str) -> str:
+    if variant == "base":
+        return "full MAAC"
+    names = {"agent.horizon=0": "H = 0 (no model in the policy objective)", "agent.steve=false": "−STEVE",
+             "agent.num_samples=1": "single sample", "agent.entropy=false": "no entropy",
+             "agent.real_data_only=true": "real data only"}
+    if variant in names:
+        return names[variant]
+    if variant.startswith("agent.horizon="):
+        return f"H = {variant.partition('=')[2]}"
+    return variant
+
+
+def ablation_verdict(full: Mapping[str, str], other: Mapping[str, str]) -> str | None:
+    """'above' / 'below' when full MAAC's IQM CI lies entirely above / below the ablation's, else 'overlap';
+    None with fewer than 2 seeds on either side (no interval to compare)."""
+    if int(full["n"] or 0) < 2 or int(other["n"] or 0) < 2:
+        return None
+    if float(full["ci_low"]) > float(other["ci_high"]):
+        return "above"
+    if float(full["ci_high"]) < float(other["ci_low"]):
+        return "below"
+    return "overlap"
+
+
+def _iqm_cell(row: Mapping[str, str]) -> str:
+    if not row or int(row["n"] or 0) == 0:
+        return "–"
+    return f"{float(row['iqm']):.1f} [{float(row['ci_low']):.1f}, {float(row['ci_high']):.1f}] (n={row['n']})"
+
+
+def ablation_sentences(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """One sentence per ablation at the final budget (and the verdicts at the earlier ones), next to the paper's
+    finding; then where the horizons rank."""
+    task = rows[0]["task"]
+    steps = sorted({int(r["env_step"]) for r in rows})
+    at = {(r["variant"], int(r["env_step"])): r for r in rows}
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    final = steps[-1]
+    if ("base", final) not in at:
+        return ["No full-MAAC (base) rows: nothing to compare against."]
+    full = at[("base", final)]
+    words = {"above": "full MAAC ranks above it (disjoint CIs)", "below": "full MAAC ranks BELOW it (disjoint CIs)"}
+    lines = []
+    for variant in variants:
+        if variant == "base":
+            continue
+        row = at.get((variant, final))
+        label = f"**{ablation_label(variant)}** (`{row['overrides'] if row else variant}`)"
+        if row is not None and row["same_as"]:
+            lines.append(f"{label}: the same config as {ablation_label(row['same_as'])}, not trained separately.")
+            continue
+        verdict = ablation_verdict(full, row) if row else None
+        if verdict is None:
+            text = (f"{label}: too few seeds at {final} env steps to compare (n = {row['n'] if row else 0} "
+                    f"against {full['n']})")
+        else:
+            diff = float(full["iqm"]) - float(row["iqm"])
+            said = words.get(verdict) or (f"the CIs overlap (full MAAC's IQM {'higher' if diff > 0 else 'lower'} by "
+                                          f"{abs(diff):.1f})" if diff else "the CIs overlap (equal IQMs)")
+            text = f"{label}: at {final} env steps {float(full['iqm']):.1f} against {float(row['iqm']):.1f}: {said}"
+        earlier = [f"{s}: {ablation_verdict(at[('base', s)], at[(variant, s)]) or 'too few seeds'}"
+                   for s in steps[:-1] if ("base", s) in at and (variant, s) in at]
+        if earlier:
+            text += f" (earlier budgets: {', '.join(earlier)})"
+        expected = ABLATION_PAPER_BY_TASK.get((task, variant)) or ABLATION_PAPER.get(variant)
+        if expected is not None:
+            accepted, says = expected
+            agreement = ("not judged" if verdict is None else
+                         "consistent with it" if verdict in accepted else "NOT consistent with it")
+            text += f". Paper: {says}; {agreement}."
+        else:
+            text += ". Paper: no return ablation of this setting (see the horizon ranking below)."
+        lines.append(text)
+    horizons: dict[int, Mapping[str, str]] = {}
+    for variant in variants:
+        if variant.startswith("agent.horizon=") and (variant, final) in at:
+            row = at[(variant, final)]
+            horizons[int(variant.partition("=")[2])] = full if row["same_as"] == "base" else row
+    horizons = {h: r for h, r in horizons.items() if int(r["n"] or 0) > 0}
+    if len(horizons) > 1:
+        ranked = sorted(horizons, key=lambda h: -float(horizons[h]["iqm"]))
+        best = ranked[0]
+        interior = min(horizons) < best < max(horizons)
+        ties = [h for h in ranked[1:] if ablation_verdict(horizons[best], horizons[h]) == "overlap"]
+        lines.append(f"**Horizons** at {final} env steps, by IQM: "
+                     + " > ".join(f"H = {h} ({float(horizons[h]['iqm']):.1f})" for h in ranked)
+                     + f"; the best, H = {best}, is {'inside' if interior else 'at the edge of'} the range "
+                     f"{min(horizons)}–{max(horizons)}"
+                     + (f" (its CI overlaps those of H = {', '.join(map(str, sorted(ties)))})" if ties else
+                        " (its CI is disjoint from every other H's)")
+                     + f". Paper: {HORIZON_PAPER}; "
+                     + ("consistent with it." if interior else "NOT consistent with it in this range."))
+    return lines
+
+
+def ablation_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """IQM [95 % CI] (n seeds) per variant at each budget, then the verdict sentences (`ablation_sentences`)."""
+    if not rows:
+        return []
+    task = rows[0]["task"]
+    budgets = sorted({(int(r["env_step"]), float(r["share"])) for r in rows})
+    at = {(r["variant"], int(r["env_step"])): r for r in rows}
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    commands = sorted({r["command"] for r in rows if r["command"]})
+    commits = sorted({c for r in rows for c in r["commit"].split()})  # space-joined: a commit may end in +dirty
+    lines = [f"Rows: `benchmarks/results/ablations_{task}.csv` (sweep directory `{rows[0]['sweep_dir']}`, "
+             f"{rows[0]['planned_steps']} env steps planned per trial; trained by "
+             + ("; ".join(f"`{c}`" for c in commands) or "an unrecorded command")
+             + f" at {', '.join(commits) or 'an unrecorded commit'}; summarised by `{rows[0]['report_command']}`). "
+             "Interquartile mean of the evaluation return over seeds with its 95 % percentile bootstrap CI "
+             "(2000 resamples), n seeds evaluated at that step.", "",
+             "| variant | overrides | " + " | ".join(f"{s} steps ({share:.0%})" for s, share in budgets) + " |",
+             "|---|---|" + "---|" * len(budgets)]
+    for variant in variants:
+        first = next(r for r in rows if r["variant"] == variant)
+        name = ablation_label(variant) + (f" (= {ablation_label(first['same_as'])})" if first["same_as"] else "")
+        lines.append(f"| {name} | {'`' + first['overrides'] + '`' if first['overrides'] else '–'} | "
+                     + " | ".join(_iqm_cell(at.get((variant, s), {})) for s, _ in budgets) + " |")
+    return lines + ["", *(f"- {line}" for line in ablation_sentences(rows))]
+
+
 def tables(results: Path = RESULTS, figures: Path | None = FIGURES) -> dict[str, list[str]]:
     """Every generated table by marker name, from the files under `results`; writes the PNGs to `figures`."""
     out: dict[str, list[str]] = {}
@@ -648,6 +800,10 @@ def tables(results: Path = RESULTS, figures: Path | None = FIGURES) -> dict[str,
                             (f"adaptation_screen_{task}", adaptation_screen_table(rows))):
             if lines:
                 out[name] = lines
+    for path in sorted(results.glob("ablations_*.csv")):
+        lines = ablation_table(read_rows(path))
+        if lines:
+            out[f"ablations_{path.stem.removeprefix('ablations_')}"] = lines
     for name, render in (("diagnose", diagnosis_table), ("critic_probe", probe_table),
                          ("entropy_pressure", entropy_pressure_table)):
         path = results / f"{name}.json"

@@ -108,6 +108,24 @@ def test_grid_and_plan(tmp_path: Path) -> None:
         "maac-robot sweep --config hopper --seeds 0 1 --grid agent.horizon=0,1 --steps 500 --out sweeps/x")
 
 
+def test_plan_of_an_explicit_variant_list(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    variants = [(), ("agent.horizon=0",), ("agent.steve=false", "agent.tau=0.02")]
+    trials = plan(config, [0], sets=["agent.tau=0.01"], steps=300, out=tmp_path / "sw", variants=variants)
+    assert [t.name for t in trials] == ["base-s0", "agent.horizon=0-s0", "agent.steve=false,agent.tau=0.02-s0"]
+    agents = [t.config["agent"] for t in trials]
+    assert [(a["horizon"], a["steve"], a["tau"]) for a in agents] == [(2, True, 0.01), (0, True, 0.01),
+                                                                      (2, False, 0.02)]  # a variant's items win
+    assert trials[2].sets == ("agent.tau=0.01", "agent.steve=false", "agent.tau=0.02")
+    for bad, kwargs, match in (([(), ()], {}, "repeated"), ([], {}, "at least one"),
+                               ([("train.seed=1",)], {}, "--seeds"),
+                               ([()], {"grid": ["agent.horizon=0,1"]}, "not both")):
+        with pytest.raises(SweepError, match=match):
+            plan(config, [0], out=tmp_path, variants=bad, **kwargs)
+    with pytest.raises(SweepError, match="command"):  # no `maac-robot sweep` line can rerun it
+        run_sweep(config, [0], tmp_path / "sw", variants=variants)
+
+
 def test_sweep_without_ray_names_the_extra(tmp_path: Path) -> None:
     code = ("import sys; sys.modules['ray'] = None; from maac_robot.cli import main;"
             f"sys.exit(main(['sweep', '--config', {str(_config(tmp_path))!r}, '--seeds', '0', '--out', "

@@ -4,7 +4,8 @@
         --steps 20000 --out sweeps/hopper-h
 
 A variant is one point of the grid (the product of the --grid lists: 'agent.horizon=0,agent.steve=true'); its
-trial for seed S trains in OUT/VARIANT-sS/, a run directory like `maac-robot train`'s, through the library
+trial for seed S trains in OUT/VARIANT-sS/ (`run_sweep(variants=[...])` takes an explicit variant list instead
+of a grid: an ablation study, benchmarks/ablations.py), a run directory like `maac-robot train`'s, through the library
 (`learn.trainer.train`) with `train.num_threads` = --cpus-per-trial, in a Ray task that reserves as many CPUs.
 Trials are resumable: rerunning the same command skips the trials whose checkpoint has reached the budget and
 resumes the others from their checkpoints (a kill -9 of the driver or of a worker loses at most
@@ -105,8 +106,12 @@ def trial_dir_name(variant: str, seed: int) -> str:
 
 
 def plan(config: str | Path, seeds: Sequence[int], grid: Sequence[str] = (), sets: Sequence[str] = (),
-         steps: int | None = None, out: str | Path = "sweeps/sweep", cpus_per_trial: int = 1) -> list[Trial]:
-    """Every (variant, seed) trial, each config loaded and validated before anything runs."""
+         steps: int | None = None, out: str | Path = "sweeps/sweep", cpus_per_trial: int = 1,
+         variants: Sequence[Sequence[str]] | None = None) -> list[Trial]:
+    """Every (variant, seed) trial, each config loaded and validated before anything runs. The variants are
+    the grid's points, or, with `variants`, exactly those lists of 'key=value' items (not a product: an
+    ablation study; `()` is the config with `sets` alone, named 'base'; a variant's items are applied after
+    `sets`, so they may change a key `sets` gives)."""
     from maac_robot.learn.config import load_config, parse_set
 
     if not seeds:
@@ -118,16 +123,27 @@ def plan(config: str | Path, seeds: Sequence[int], grid: Sequence[str] = (), set
     if steps is not None and steps < 1:
         raise SweepError(f"--steps must be positive, got {steps}")
     axes = parse_grid(grid)
+    if variants is None:
+        points, varied = grid_points(axes), {k for k, _ in axes}
+    else:
+        if grid:
+            raise SweepError("give grid axes or an explicit variant list, not both")
+        points = [tuple(v) for v in variants]
+        if not points:
+            raise SweepError("variants: give at least one (an empty one is the config itself)")
+        if len(set(points)) != len(points):
+            raise SweepError("variants: a variant is repeated")
+        varied = {key for point in points for key in parse_set(list(point))[0]}
     common, _ = parse_set(list(sets))
     for key in ("train.seed", "train.num_threads"):
-        if key in common or key in (k for k, _ in axes):
+        if key in common or key in varied:
             raise SweepError(f"{key} is set by the sweep (--seeds, --cpus-per-trial), not by --set or --grid")
-    overlap = sorted(set(common) & {k for k, _ in axes})
-    if overlap:
+    overlap = sorted(set(common) & varied)
+    if overlap and variants is None:  # a variant's own items are applied after the common ones, and win
         raise SweepError(f"{', '.join(overlap)} is both a --set and a --grid axis")
     out = Path(out)
     trials = []
-    for point in grid_points(axes):
+    for point in points:
         items = (*sets, *point)
         overrides, flags = parse_set(list(items))
         overrides["train.seed"], overrides["train.num_threads"] = 0, cpus_per_trial
@@ -375,11 +391,14 @@ def run_sweep(config: str | Path, seeds: Sequence[int], out: str | Path, grid: S
               cpus_per_trial: int = 1, command: str | None = None,
               on_plan: Callable[[list[Trial], dict[str, tuple[str, int | None]]], None] | None = None,
               on_result: Callable[[Trial, dict[str, Any] | None, BaseException | None], None] | None = None,
-              ) -> SweepResult:
+              variants: Sequence[Sequence[str]] | None = None) -> SweepResult:
     """Plan the sweep, run its unfinished trials (`run_trials`; Ray is not started when none is) and write
-    OUT/evaluations.csv, also after each trial ends. The programmatic twin of `maac-robot sweep`."""
+    OUT/evaluations.csv, also after each trial ends. The programmatic twin of `maac-robot sweep`; with
+    `variants` (an explicit variant list, see `plan`) it has no CLI twin, so `command` must say how to rerun it."""
     out = Path(out)
-    trials = plan(config, seeds, grid, sets, steps, out, cpus_per_trial)
+    if variants is not None and command is None:
+        raise SweepError("a sweep of explicit variants has no `maac-robot sweep` line: pass the command that reruns it")
+    trials = plan(config, seeds, grid, sets, steps, out, cpus_per_trial, variants)
     states = {t.name: trial_state(t) for t in trials}
     if on_plan is not None:
         on_plan(trials, states)
@@ -387,9 +406,11 @@ def run_sweep(config: str | Path, seeds: Sequence[int], out: str | Path, grid: S
     commit = source_commit()
     out.mkdir(parents=True, exist_ok=True)
     order = [t.name for t in trials]
-    atomic_write(out / SWEEP_FILE, (json.dumps({"command": command, "commit": commit, "config": str(config),
-                                                "grid": list(grid), "sets": list(sets), "seeds": list(seeds),
-                                                "steps": steps, "trials": order}, indent=1) + "\n").encode())
+    meta = {"command": command, "commit": commit, "config": str(config), "grid": list(grid), "sets": list(sets),
+            "seeds": list(seeds), "steps": steps, "trials": order}
+    if variants is not None:
+        meta["variants"] = [list(v) for v in variants]
+    atomic_write(out / SWEEP_FILE, (json.dumps(meta, indent=1) + "\n").encode())
     todo = [t for t in trials if states[t.name][0] != "done"]
     for t in todo:
         write_trial_record(t, *states[t.name], command=command, commit=commit, config=str(config))
