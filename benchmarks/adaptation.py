@@ -198,7 +198,8 @@ def first_steps(episodes: Sequence[Any], k: int, out: Path) -> int:
             break
         cut = replace(ep, states=ep.states[:n], actions=ep.actions[:n], rewards=ep.rewards[:n],
                       next_states=ep.next_states[:n], terminated=ep.terminated[:n], truncated=ep.truncated[:n],
-                      flags={f: v[:n] for f, v in ep.flags.items()}, telemetry={f: v[:n] for f, v in ep.telemetry.items()})
+                      flags={f: v[:n] for f, v in ep.flags.items()},
+                      telemetry={f: v[:n] for f, v in ep.telemetry.items()})
         save_episode(out / f"ep{i:04d}.npz", cut)
         total += n
     return total
@@ -249,8 +250,10 @@ def perturbed_env_factory(perturb: Sequence[str], sim_seed: int = 0):
 
 
 def fresh_run(config: str, seed: int, perturb: Sequence[str], run_dir: Path, target: float, budget: int,
-              eval_every: int, eval_seeds: Sequence[int], max_minutes: float) -> tuple[list[tuple[int, float]], str]:
-    """Train from scratch on the perturbed env; returns [(env_step, perturbed policy return)] and why it stopped."""
+              eval_every: int, eval_seeds: Sequence[int], max_minutes: float,
+              on_eval: Any = None) -> tuple[list[tuple[int, float]], str]:
+    """Train from scratch on the perturbed env; returns [(env_step, perturbed policy return)] and why it stopped.
+    `on_eval(step, return)` is called at each evaluation (the rows are written as the run goes)."""
     import torch
 
     from maac_robot.learn.config import load_config, save_config
@@ -277,6 +280,8 @@ def fresh_run(config: str, seed: int, perturb: Sequence[str], run_dir: Path, tar
             curve.append((self.env_step, ret))
             log(f"fresh run seed {seed}: step {self.env_step}: perturbed return {ret:.1f} (target {target:.1f})")
             record = super().evaluate({**(extra or {}), "perturbed_return_mean": ret})
+            if on_eval is not None:
+                on_eval(self.env_step, ret)
             if ret >= target:
                 why["text"] = "reached"
                 raise _Reached
@@ -427,7 +432,8 @@ def adapt(a: argparse.Namespace, seed: int, rows: Rows) -> None:
 
 def fresh_target(rows: Rows, seed: int, record_steps: Sequence[int]) -> float | None:
     """The finetuned perturbed return a fresh run must reach: the best controller after <= 2000 recorded steps."""
-    values = [rows.get(seed, "return", f"ft{k}:{c}") for k in record_steps if k <= 2000 for c in ("policy", "cem_guard")]
+    values = [rows.get(seed, "return", f"ft{k}:{c}") for k in record_steps if k <= 2000
+              for c in ("policy", "cem_guard")]
     values = [v for v in values if v is not None]
     return max(values) if values else None
 
@@ -439,10 +445,14 @@ def fresh(a: argparse.Namespace, seed: int, rows: Rows) -> None:
         return
     t0 = time.monotonic()
     eval_seeds = list(range(a.eval_seed, a.eval_seed + a.episodes))
-    curve, why = fresh_run(a.config, seed, a.perturb, Path(a.work) / f"s{seed}" / "fresh", target, a.fresh_budget,
-                           a.fresh_eval_every, eval_seeds, a.fresh_max_minutes)
-    for step, ret in curve:
+    def on_eval(step: int, ret: float) -> None:
         rows.add(seed, "fresh_return", str(step), ret)
+        if ret < target:  # replaced at the end; says how far a killed run got
+            rows.add(seed, "fresh_steps", "reach", None, note=f"target {target:.1f}; not reached by step {step}, "
+                     f"where the run was still going (budget {a.fresh_budget}); eval every {a.fresh_eval_every}")
+
+    curve, why = fresh_run(a.config, seed, a.perturb, Path(a.work) / f"s{seed}" / "fresh", target, a.fresh_budget,
+                           a.fresh_eval_every, eval_seeds, a.fresh_max_minutes, on_eval)
     reached = next((step for step, ret in curve if ret >= target), None)
     rows.add(seed, "fresh_steps", "reach", reached, note=f"target {target:.1f} (finetuned, <= 2000 recorded); {why}; "
              f"eval every {a.fresh_eval_every}; {time.monotonic() - t0:.0f} s")

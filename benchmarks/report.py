@@ -514,12 +514,12 @@ def _seeds_cell(values: Mapping[int, float], digits: int = 1, percent_of: Mappin
         ratios = [values[s] / percent_of[s] for s in values if percent_of.get(s)]
         if ratios:
             text += f" ({100 * np.mean(ratios):.0f} %)"
-    return text + (f" [{len(v)}]" if len(v) > 1 else " [1]")
+    return text + (" [" + ", ".join(f"{values[s]:.{digits}f}" for s in sorted(values)) + "]" if len(v) > 1 else "")
 
 
 def adaptation_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     """Nominal, perturbed and finetuned returns per controller, guarded share, model error, the fresh run, the
-    target of issue 22; means ± std over seeds [seeds], % of the same controller's nominal return in brackets."""
+    target of issue 22; means ± std over seeds [per seed], % of the same controller's nominal return in parentheses."""
     main = [r for r in rows if r["measure"] != "screen_return"]
     if not main:
         return []
@@ -529,10 +529,11 @@ def adaptation_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     nominal = {c: _adaptation_values(main, "return", f"nominal:{c}") for c in ("policy", "cem_guard")}
     nominal["cem"] = nominal["cem_guard"]  # the nominal sim is run with the guard on only
     lines = [f"Rows: `benchmarks/results/adaptation_{main[0]['task']}.csv` (seeds {', '.join(map(str, seeds))}; "
-             f"perturbation `{', '.join(perturbation)}`; command and commit on every row). Returns: mean ± std over "
-             "seeds [seeds], in parentheses the share of the same controller's nominal return (CEM-MPC's nominal "
-             "return is the guarded one's). Model error: normalised one-step MSE of the ensemble's elite mean on "
-             "held-out perturbed transitions (1.0 = no better than a constant Δs).", "",
+             f"perturbation `{', '.join(perturbation)}`; command and commit on every row). Cells: mean ± std over "
+             "seeds, in parentheses the share of the same controller's nominal return (CEM-MPC's nominal return is "
+             "the guarded one's), in brackets each seed's value in seed order. Model error: normalised one-step MSE "
+             "of the ensemble's elite mean on held-out perturbed transitions (1.0 = no better than a constant Δs).",
+             "",
              "| deployment | policy | CEM-MPC | CEM-MPC + guard | guarded share | model error |",
              "|---|---|---|---|---|---|"]
 
@@ -540,7 +541,8 @@ def adaptation_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
         cells = [_seeds_cell(_adaptation_values(main, "return", f"{prefix}:{c}"), 1,
                              None if prefix == "nominal" else nominal[c]) for c in ("policy", "cem", "cem_guard")]
         share = _seeds_cell(_adaptation_values(main, "guarded_share", f"{prefix}:cem_guard"), 3)
-        return f"| {label} | " + " | ".join(cells) + f" | {share} | {_seeds_cell(_adaptation_values(main, 'model_nmse', model), 3)} |"
+        error = _seeds_cell(_adaptation_values(main, "model_nmse", model), 3)
+        return f"| {label} | " + " | ".join(cells) + f" | {share} | {error} |"
 
     lines.append(line("nominal sim, nominal run", "nominal", "-"))
     lines.append(line("perturbed sim, nominal run", "perturbed", "nominal"))
