@@ -480,9 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-episode-guess", type=float, default=1000.0, help="episode length to plan the first "
                    "recording call by")
     p.add_argument("--finetune-rounds", type=int, default=500, help="G2 rounds of each finetune (same for every k)")
-    p.add_argument("--fresh-budget", type=int, default=3000, help="env steps of the fresh run at most")
+    p.add_argument("--fresh-budget", type=int, default=4000, help="env steps of the fresh run at most")
     p.add_argument("--fresh-eval-every", type=int, default=500)
-    p.add_argument("--fresh-max-minutes", type=float, default=12.0)
+    p.add_argument("--fresh-max-minutes", type=float, default=11.0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per control/export call (x10 finetune)")
     p.add_argument("--screen", nargs="+", metavar="KEY=V,KEY=V", help="screen these candidate perturbations on "
                    "the first seed (nominal policy and CEM + guard) instead of running the benchmark")
