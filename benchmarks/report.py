@@ -343,14 +343,16 @@ def train_speed_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     if not by_setting:
         return []
     lines = ["| setting | GFLOP / update | CPU ms / update | matmul GFLOP/s | floor ratio (target ≤ 1.5) | "
-             "env steps / wall s (window) | share in G2 updates | SAC wall s / 1000 steps | MAAC ÷ SAC | load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "env steps / wall s (window) | wall share: updates / fits / rollouts / evals | SAC wall s / 1000 steps | "
+             "MAAC ÷ SAC | load |", "|---|---|---|---|---|---|---|---|---|---|"]
     for setting, r in by_setting.items():
         def v(item: str, digits: int = 1) -> str:
             return f"{float(r[item]['value']):.{digits}f}" if item in r else "–"
         window = r["env_steps_per_s"]["window"] if "env_steps_per_s" in r else "–"
         lines.append(f"| {setting} | {v('gflop', 2)} | {v('cpu_ms')} | {v('matmul_gflop_per_s')} | {v('floor_ratio')} | "
-                     f"{v('env_steps_per_s')} ({window}) | {v('update_share', 2)} | {v('sac_s_per_1000')} | "
+                     f"{v('env_steps_per_s')} ({window}) | "
+                     f"{' / '.join(v(f'{p}_share', 2) for p in ('update', 'model_fit', 'rollout', 'eval'))} | "
+                     f"{v('sac_s_per_1000')} | "
                      f"{v('maac_over_sac')} | {v('load_1min')} |")
     lines += ["", "Measured by:"] + sorted({f"- `{r['command']}` at {r['commit']} on {r['cpu']}, {r['date']}"
                                             for items in by_setting.values() for r in items.values()})

@@ -10,7 +10,8 @@ Per setting, in one process on one machine:
   (`matmul_gflops`), and `floor_ratio` = cpu_ms ÷ floor_ms: how far the update is from pure arithmetic;
 - `env_steps_per_s`: Algorithm 1 as `maac-robot train` runs it (env steps, model fits, imagined rollouts, G2
   updates, evaluations and checkpoints at the config's schedule) over a window of env steps that starts where
-  learning starts, in env steps per wall-second, with the share of that wall time spent in G2 updates;
+  learning starts, in env steps per wall-second, with the shares of that wall time spent in G2 updates, model
+  fits (the window's first is the cold fit on the random phase's data), imagined rollouts and evaluations;
 - `sac_s_per_1000`: SB3 SAC's wall seconds per 1000 env steps on the same task, sizes and rates from the same
   config (`sample_efficiency.sac_settings`), after its random phase; `maac_over_sac` = MAAC's wall seconds per
   1000 env steps over SAC's.
@@ -77,13 +78,14 @@ def maac_speed(task: str, overrides: dict[str, Any], window: int, threads: int) 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp))
         run_to(trainer, trainer.learning_starts - 1)
-        updates_before = trainer.timers["update"]
+        before = dict(trainer.timers)
         start = time.perf_counter()
         run_to(trainer, trainer.learning_starts - 1 + window)
         wall = time.perf_counter() - start
-        update_share = (trainer.timers["update"] - updates_before) / wall
+        shares = {f"{phase}_share": (trainer.timers[phase] - before.get(phase, 0.0)) / wall
+                  for phase in ("update", "model_fit", "rollout", "eval")}
         ran_with = float(trainer.cfg.train.num_threads or trainer.cores)
-    return {"env_steps_per_s": window / wall, "maac_s_per_1000": 1000 * wall / window, "update_share": update_share,
+    return {"env_steps_per_s": window / wall, "maac_s_per_1000": 1000 * wall / window, **shares,
             "maac_threads": ran_with}
 
 
@@ -117,7 +119,9 @@ def measure(name: str, window: int, sac_steps: int, threads: int) -> list[dict[s
     print(name, {k: round(v, 2) for k, v in values.items()}, flush=True)
     units = {"gflop": "GFLOP", "cpu_ms": "CPU ms", "matmul_gflop_per_s": "GFLOP/s", "floor_ms": "ms",
              "floor_ratio": "x", "env_steps_per_s": "env steps / wall s", "maac_s_per_1000": "wall s",
-             "update_share": "fraction of wall", "maac_threads": "threads", "sac_s_per_1000": "wall s",
+             "update_share": "fraction of wall", "model_fit_share": "fraction of wall",
+             "rollout_share": "fraction of wall", "eval_share": "fraction of wall", "maac_threads": "threads",
+             "sac_s_per_1000": "wall s",
              "maac_over_sac": "x", "load_1min": "load average"}
     return [{"setting": name, "item": item, "value": round(value, 4), "unit": units[item],
              "window": sac_steps if item == "sac_s_per_1000" else window} for item, value in values.items()]

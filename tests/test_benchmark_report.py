@@ -195,7 +195,7 @@ def test_train_speed_table_one_row_per_setting_with_its_window(tmp_path: Path) -
     path = tmp_path / "train_speed.csv"
     results_csv.write_rows(path, rows, train_speed.COLUMNS)
     table = report.train_speed_table(results_csv.read_rows(path))
-    assert "| inverted_pendulum | 0.40 | 20.0 | 40.0 | 2.0 | 12.5 (2000) | 0.90 | 8.0 | 10.0 | 1.5 |" in table
+    assert "| inverted_pendulum | 0.40 | 20.0 | 40.0 | 2.0 | 12.5 (2000) | 0.90 / – / – / – | 8.0 | 10.0 | 1.5 |" in table
     assert "- `python benchmarks/train_speed.py` at abc on c, d" in table
     assert report.train_speed_table([]) == []
 
