@@ -200,6 +200,21 @@ def test_train_speed_table_one_row_per_setting_with_its_window(tmp_path: Path) -
     assert report.train_speed_table([]) == []
 
 
+def test_demo_timing_table_counts_the_seeds_that_balanced_in_time(tmp_path: Path) -> None:
+    demo_timing = importlib.import_module("demo_timing")
+    stamp = {"command": "python benchmarks/demo_timing.py", "commit": "abc", "cpu": "c", "date": "d", "stop_return": 1000}
+    rows = [{"seed": 1, "total_s": 591.0, "train_s": 491.0, "export_s": 15.0, "episodes_s": 85.0, "env_steps": 4000,
+             "policy_eval": 263.0, "cem_returns": "1000 1000", "load_1min": 1.0, **stamp},
+            {"seed": 0, "total_s": 230.0, "train_s": 140.0, "export_s": 10.0, "episodes_s": 80.0, "env_steps": 3000,
+             "policy_eval": 1000.0, "cem_returns": "1000 612", "load_1min": 1.0, **stamp}]
+    path = tmp_path / "demo_timing.csv"
+    results_csv.write_rows(path, rows, demo_timing.COLUMNS)
+    table = report.demo_timing_table(results_csv.read_rows(path))
+    assert table[2].startswith("| 0 | 230 | 140 | 3000 |") and "| 1000 1000 |" in table[3]
+    assert "Every CEM-MPC episode at 1000 on 1 of 2 seeds; within 240 s as well on 0" in table[-4]
+    assert report.demo_timing_table([]) == []
+
+
 def _diagnosed_episode(**extra: Any) -> dict[str, Any]:
     return {"return": 1050.0, "length": 1000, "final_state": {"x": 0.4}, "elites_predicting_end": {},
             "stochastic_return": 1052.0, "q_start": 173.0, "soft_return_start": 80.0, "q_bias_mean": 88.0, **extra}
