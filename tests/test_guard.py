@@ -297,3 +297,13 @@ def test_export_takes_the_guard_percentile_and_margin_from_the_cli(trained: Path
     default = load_artifacts(trained / "artifacts", graphs=()).manifest.guard
     assert (strict.percentile, strict.margin) == (50, 1)
     assert strict.threshold < default.threshold  # the median without margin sits below p99 x 1.5
+
+
+def test_guard_off_survives_yaml_reading_it_as_false():
+    from maac_robot.runtime.config import parse_set
+
+    assert ControllerConfig(guard=False).guard == "off"  # `guard: off` in a YAML file
+    overrides, _ = parse_set(["controller.guard=off"], {"controller": ControllerConfig})
+    assert ControllerConfig(**{"guard": overrides["controller.guard"]}).guard == "off"
+    with pytest.raises(ValueError):
+        ControllerConfig(guard=True)  # `on` is no mode: say which

@@ -177,6 +177,12 @@ class ControllerConfig(Section):
                              "ensemble call each)")
     seed: int = 0
 
+    @field_validator("guard", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare `off` (in a file or in `--set controller.guard=off`) as false: that is 'off'."""
+        return "off" if value is False else value
+
     @model_validator(mode="before")
     @classmethod
     def _plan_horizon_is_the_artifacts(cls, data: Any) -> Any:
