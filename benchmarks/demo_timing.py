@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results_csv import RESULTS, command_line, git_commit, machine, read_rows, write_rows  # noqa: E402
+from results_csv import RESULTS, provenance, read_rows, write_rows  # noqa: E402
 
 COLUMNS = ("seed", "total_s", "train_s", "export_s", "episodes_s", "env_steps", "policy_eval", "cem_returns",
            "stop_return", "load_1min", "command", "commit", "date", "cpu")
@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one seed's demo may take")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    host = machine()
-    stamp = {"command": command_line(), "commit": git_commit(), "cpu": f"{host['cpu']}, {host['cores']} cores",
-             "stop_return": args.stop_return}
+    stamp = provenance() | {"stop_return": args.stop_return}
     path = args.results / "demo_timing.csv"
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="demo-timing-") as tmp:

@@ -118,3 +118,12 @@ def eval_rows_from_metrics(metrics: Sequence[Mapping[str, Any]], run: Mapping[st
 
 def versions_text(versions: Mapping[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in versions.items())
+
+
+def provenance() -> dict[str, Any]:
+    """What a result row carries to be traced: command, commit, CPU, library versions, time (UTC)."""
+    from datetime import datetime, timezone
+
+    host = machine()
+    return {"command": command_line(), "commit": git_commit(), "cpu": f"{host['cpu']}, {host['cores']} cores",
+            "versions": versions_text(host["versions"]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

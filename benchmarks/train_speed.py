@@ -27,14 +27,13 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from profile_update import config, matmul_gflops, run_to, update_cpu_s  # noqa: E402
-from results_csv import RESULTS, command_line, git_commit, machine, read_rows, versions_text, write_rows  # noqa: E402
+from results_csv import RESULTS, provenance, read_rows, write_rows  # noqa: E402
 
 COLUMNS = ("setting", "item", "value", "unit", "window", "command", "commit", "date", "cpu", "threads", "versions")
 # name -> (built-in config, overrides, default window of env steps after learning starts)
@@ -135,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every measurement (MAAC and SAC)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    host = machine()
-    stamp = {"command": command_line(), "commit": git_commit(), "cpu": f"{host['cpu']}, {host['cores']} cores",
-             "threads": args.threads, "versions": versions_text(host["versions"]),
-             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    stamp = provenance() | {"threads": args.threads}
     path = args.results / "train_speed.csv"
     for name in args.settings:
         rows = measure(name, args.window or SETTINGS[name][2], args.sac_steps, args.threads)
