@@ -1,4 +1,5 @@
-"""Small randomly initialised actor/critic/ensemble for the export and artifact tests.
+"""Small randomly initialised actor/critic/ensemble for the export and artifact tests, and a trained tiny run
+with its artifacts for the tests that deploy one.
 
 The ensemble is fitted for one epoch on random transitions so its normalisation statistics and
 elite set are non-trivial: a graph that dropped the normaliser or mapped particles to the wrong
@@ -60,3 +61,14 @@ def export_components(c: Components, out: Path, plan_horizon: int | None = None)
     return export_artifacts(out, task=c.task, actor=c.actor, critic=c.critic, model=c.model, gamma=c.gamma,
                             horizon=c.horizon, plan_horizon=plan_horizon, train_steps=1234,
                             config={"note": "random test components"})
+
+
+def train_and_export(root: Path, data: dict) -> Path:
+    """Train the config `data` into ROOT/run and export it to ROOT/artifacts; returns ROOT/artifacts."""
+    from maac_robot.learn.config import config_from_dict
+    from maac_robot.learn.export import export_from_run
+    from maac_robot.learn.trainer import train
+
+    train(config_from_dict(data), root / "run", progress=False)
+    export_from_run(root / "run", root / "artifacts")
+    return root / "artifacts"

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import yaml
 from controller.run import control_from_cli, make_controller, run_episode
-from maac_robot.learn.config import config_from_dict
 from maac_robot.runtime.config import ControllerConfig
 from maac_robot.runtime.protocol import RobotClient
 from sim_helpers import running_sim
@@ -25,14 +24,12 @@ TINY = deployable()
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from maac_robot.learn.export import export_from_run
-    from maac_robot.learn.trainer import train
+    from export_fixtures import train_and_export
 
     root = tmp_path_factory.mktemp("e2e")
-    train(config_from_dict(TINY), root / "run", progress=False)
-    export_from_run(root / "run", root / "artifacts")
+    artifacts = train_and_export(root, TINY)
     (root / "task.yaml").write_text(yaml.safe_dump(TINY))
-    return root / "artifacts"
+    return artifacts
 
 
 def test_control_compare_lockstep_prints_the_table(artifacts: Path, capsys: pytest.CaptureFixture[str]):

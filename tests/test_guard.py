@@ -189,13 +189,10 @@ TINY = deployable()
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 300-step run (train ~10 s, export ~25 s on 2 cores) and its artifacts."""
-    from maac_robot.learn.config import config_from_dict
-    from maac_robot.learn.export import export_from_run
-    from maac_robot.learn.trainer import train
+    from export_fixtures import train_and_export
 
     root = tmp_path_factory.mktemp("guard")
-    train(config_from_dict(TINY), root / "run", progress=False)
-    export_from_run(root / "run", root / "artifacts")
+    train_and_export(root, TINY)
     return root
 
 
