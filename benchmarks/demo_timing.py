@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,17 +26,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from loopback import free_port  # noqa: E402
 from results_csv import RESULTS, provenance, read_rows, write_rows  # noqa: E402
 
 COLUMNS = ("seed", "total_s", "train_s", "export_s", "episodes_s", "env_steps", "policy_eval", "cem_returns",
            "stop_return", "load_1min", "command", "commit", "date", "cpu")
 _CEM_RETURN = re.compile(r"\[cem\] seed \d+: return (?P<ret>[-\d.]+)")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_demo(seed: int, workdir: Path, extra: list[str], timeout_s: float) -> dict[str, Any]:

@@ -35,12 +35,14 @@ import zmq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from controller.loop import GRAPHS  # noqa: E402
 from controller.run import make_controller, reset_owned, run_episode, run_resilient  # noqa: E402
 from maac_robot.runtime.artifacts import load_artifacts  # noqa: E402
 from maac_robot.runtime.auth import ClientCurve, create_keys  # noqa: E402
 from maac_robot.runtime.config import ControllerConfig  # noqa: E402
+from loopback import free_port  # noqa: E402
 from maac_robot.runtime.protocol import (  # noqa: E402
     Action,
     Heartbeat,
@@ -66,18 +68,13 @@ def record(scenario: str, what: str, value: float | str, target: str = "", met: 
     print(f"[{scenario}] {what}: {value}" + (f"  (target {target}: {row['met']})" if target else ""), flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Sim:
     """`maac-robot sim` in its own process on a loopback port."""
 
     def __init__(self, tmp: Path, mode: str, *, port: int | None = None, max_steps: int | None = None,
                  extra: tuple[str, ...] = ()) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         config = tmp / f"sim-{mode}-{self.port}.yaml"
         config.write_text(yaml.safe_dump({"env": {"id": ENV, "max_episode_steps": max_steps},
@@ -362,7 +359,7 @@ def _send_tiny(port: int, frames: int) -> None:
 
 def kill_sim(tmp: Path, artifacts) -> None:
     """kill -9 the sim in the middle of an episode, restart it on the same port: how soon does control resume?"""
-    port = _free_port()
+    port = free_port()
     first = Sim(tmp, "realtime", port=port)
     client, controller, thread, results = _owner_in_background(first.endpoint, artifacts)
     time.sleep(3.0)

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from controller.loop import GRAPHS, Telemetry  # noqa: E402
 from controller.run import (  # noqa: E402
@@ -48,20 +48,16 @@ from controller.run import (  # noqa: E402
     make_controller,
     run_episodes,
 )
+from loopback import free_port  # noqa: E402
 from maac_robot.runtime.artifacts import load_artifacts  # noqa: E402
 from maac_robot.runtime.protocol import RobotClient, RobotTimeout  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
 def sim_process(config: Path, mode: str, priority: int | None = None) -> Iterator[str]:
     """`maac-robot sim` in its own process on a free loopback port (SCHED_FIFO `priority` via chrt); stopped on exit."""
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     chrt = ["chrt", "-f", str(priority)] if priority else []
     command = [*chrt, sys.executable, "-m", "maac_robot.cli", "sim", "--config", str(config), "--bind", endpoint,
                "--mode", mode]
