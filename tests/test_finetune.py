@@ -291,3 +291,59 @@ def test_a_run_checkpointed_before_the_tag_loads_and_finetunes(recorded: Path, t
     assert loaded.d_env.source_counts() == {"env": int(ckpt["d_env"]["size"]), "recorded": 0}
     result = finetune(run, recorded / "ctl_rec", tmp_path / "new", steps=1)
     assert result.trainer.d_env.source_counts()["recorded"] == result.record["transitions_added"]
+
+
+def test_keep_compacts_the_chosen_rows_with_their_tags_and_writing_continues_after_them():
+    buf = ReplayBuffer(2, 1, 4)
+    for i in range(4):
+        buf.add(np.full(2, i), np.full(1, i), float(i), np.full(2, i + 1), i == 3, source=i % 2)
+    buf.keep(np.array([False, True, False, True]))
+    assert len(buf) == 2 and buf.reward[:2].tolist() == [1.0, 3.0] and buf.terminated[:2].tolist() == [False, True]
+    assert buf.source_counts() == {"env": 0, "recorded": 2}
+    buf.add(np.full(2, 9), np.full(1, 9), 9.0, np.full(2, 9), False)
+    assert buf.reward[:3].tolist() == [1.0, 3.0, 9.0] and buf.source_counts() == {"env": 1, "recorded": 2}
+    buf.keep(np.zeros(len(buf), bool))
+    assert len(buf) == 0 and buf.arrays()["state"].shape == (0, 2)
+
+
+def test_finetune_prepare_reshapes_the_data_before_the_refit_and_says_so(recorded: Path, tmp_path: Path):
+    from maac_robot.learn.buffer import SOURCE_RECORDED
+    from maac_robot.learn.finetune import finetune
+
+    def recorded_only(trainer) -> str:
+        trainer.d_env.keep(trainer.d_env.source[: len(trainer.d_env)] == SOURCE_RECORDED)
+        trainer.d_model.keep(np.zeros(len(trainer.d_model), bool))
+        return "recorded rows only"
+
+    result = finetune(recorded / "run", recorded / "ctl_rec", tmp_path / "new", steps=1, prepare=recorded_only)
+    added = result.record["transitions_added"]
+    assert result.record["prepared"] == "recorded rows only"
+    assert result.record["d_env"] == {"env": 0, "recorded": added}
+    # the refit saw only the recorded rows (its holdout split is a share of them), and the round's rollout refilled D_model
+    assert result.trainer.fit_stats["num_train"] + result.trainer.fit_stats["num_holdout"] == added
+    assert 0 < len(result.trainer.d_model) <= result.trainer.cfg.rollout.batch_size
+    assert "prepared" not in finetune(recorded / "run", recorded / "ctl_rec", tmp_path / "plain", steps=1).record
+
+
+def test_the_finetune_screen_runs_each_variant_on_the_adaptation_layout_and_writes_its_rows(recorded: Path,
+                                                                                           tmp_path: Path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import finetune_screen
+    from maac_robot.sweep.records import read_rows
+
+    shutil.copytree(recorded / "ctl_rec", tmp_path / "work" / "s0" / "data-30")
+    out = tmp_path / "screen.csv"
+    argv = ["--seeds", "0", "--record-steps", "30", "--rounds", "1", "--episodes", "1", "--nominal",
+            str(recorded / "run"), "--work", str(tmp_path / "work"), "--out", str(out)]
+    assert finetune_screen.main([*argv, "--variants", "default", "none", "recorded_only"]) == 0
+    rows = {r["variant"]: r for r in read_rows(out)}
+    assert set(rows) == {"default", "none", "recorded_only"}
+    added = int(rows["default"]["d_env_recorded"])
+    assert added > 0 and int(rows["none"]["d_env_recorded"]) == 0
+    assert int(rows["recorded_only"]["d_env_env"]) == 0 and int(rows["recorded_only"]["d_env_recorded"]) == added
+    assert int(rows["none"]["d_env_env"]) == int(rows["default"]["d_env_env"]) > 0
+    assert all(float(r["perturbed_return"]) >= 0 and r["commit"] and r["command"] for r in rows.values())
+    assert finetune_screen.main([*argv, "--variants", "none"]) == 0  # a rerun replaces its row
+    assert len(read_rows(out)) == 3

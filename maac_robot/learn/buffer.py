@@ -95,6 +95,17 @@ class ReplayBuffer:
         self.next_state[idx], self.terminated[idx], self.source[idx] = next_state, terminated, source
         self._advance(n)
 
+    def keep(self, rows: np.ndarray) -> None:
+        """Keep only the stored rows `rows` (a boolean mask over the filled rows, or indices), compacted at the
+        front in that order; writing continues after them. `keep(np.zeros(len(buf), bool))` empties the buffer.
+        For studies that reshape a run's data (finetune's `prepare`); training itself never drops rows."""
+        idx = np.arange(self.size)[rows]
+        for f in (*FIELDS, "source"):
+            column = getattr(self, f)
+            column[: len(idx)] = column[idx]
+        self.size = len(idx)
+        self.ptr = self.size % self.capacity
+
     def _advance(self, n: int) -> None:
         self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.size + n, self.capacity)

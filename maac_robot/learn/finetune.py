@@ -30,6 +30,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,14 @@ def load_recordings(data_dir: str | Path, cfg: Config) -> list[tuple[Path, Episo
 
 
 def finetune(run_dir: str | Path, data_dir: str | Path, out: str | Path, steps: int | None = None,
-             progress: Any = None) -> FinetuneResult:
+             progress: Any = None, prepare: Callable[[Trainer], str] | None = None) -> FinetuneResult:
     """Copy `run_dir` to `out`, add the recordings in `data_dir` to its D_env, refit the ensemble and run `steps`
     G2 rounds (module docstring); returns the trainer (checkpoint saved) and what was done.
 
-    `progress(what)`, if given, is called with a short line at each phase.
+    `progress(what)`, if given, is called with a short line at each phase. `prepare(trainer)`, if given, runs
+    after the recorded rows are added and before the refit, and returns a line saying what it changed (logged
+    and kept in the `finetune` record): the seam through which a study reshapes D_env or D_model (e.g. drops
+    the simulator's rows) while the rounds stay the library's (`benchmarks/finetune_screen.py`).
     """
     say = progress or (lambda what: None)
     run_dir, out = Path(run_dir), Path(out)
@@ -132,6 +136,11 @@ def finetune(run_dir: str | Path, data_dir: str | Path, out: str | Path, steps: 
         log.info("finetune from %s: %d transitions of %d recorded episode(s) in %s (%s) added to D_env (%d left "
                  "out); D_env %s", run_dir, added, len(recordings), data_dir, ", ".join(sources),
                  sum(len(ep) for _, ep in recordings) - added, json.dumps(trainer.d_env.source_counts()))
+        prepared = None
+        if prepare is not None:
+            prepared = prepare(trainer)
+            log.info("finetune prepare: %s; D_env %s, D_model %d rows", prepared,
+                     json.dumps(trainer.d_env.source_counts()), len(trainer.d_model))
         fits = rollouts = 0
         if trainer.uses_model:
             say(f"refitting the ensemble on D_env ({len(trainer.d_env)} transitions, {added} recorded)")
@@ -152,7 +161,8 @@ def finetune(run_dir: str | Path, data_dir: str | Path, out: str | Path, steps: 
                   "sources": sources, "recorded_steps": sum(len(ep) for _, ep in recordings),
                   "transitions_added": added, "rounds": rounds,
                   "updates": rounds * cfg.agent.updates_per_step, "model_fits": fits, "rollouts": rollouts,
-                  "d_env_before": before, "d_env": trainer.d_env.source_counts()}
+                  "d_env_before": before, "d_env": trainer.d_env.source_counts(),
+                  **({"prepared": prepared} if prepare is not None else {})}
         say("evaluating on the training env")
         evaluation = trainer.evaluate(extra={"finetune": record})
         trainer.save_checkpoint()
