@@ -9,9 +9,10 @@ A marker pair whose table has no data is left as it is and reported. Inputs, all
 `sample_efficiency_<task>.csv` (every evaluation of every seed, `sample_efficiency.py`),
 `sample_efficiency_archived.csv` (per-step means of sessions 1-7, whose run records were lost),
 `training_cost_<task>.csv` (`profile_update.py`), `train_speed.csv` (`train_speed.py`),
-`adaptation_<task>.csv` (`adaptation.py`, issue 22), `ablations_<task>.csv` (`ablations.py report`, paper
-§5.3, issue 23), and `diagnose.json`, `critic_probe.json`, `entropy_pressure.json` (`diagnose_runs.py`,
-`critic_probe.py`, `entropy_pressure.py`), `gradient_error.csv` (`gradient_error.py`, paper §5.2).
+`adaptation_<task>.csv` (`adaptation.py`, issue 22), `finetune_screen_<task>.csv` (`finetune_screen.py`),
+`ablations_<task>.csv` (`ablations.py report`, paper §5.3, issue 23), and `diagnose.json`, `critic_probe.json`,
+`entropy_pressure.json` (`diagnose_runs.py`, `critic_probe.py`, `entropy_pressure.py`), `gradient_error.csv`
+(`gradient_error.py`, paper §5.2).
 """
 
 from __future__ import annotations
@@ -633,6 +634,24 @@ def adaptation_screen_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     return lines
 
 
+
+def finetune_screen_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """What finetune's rounds train on (finetune_screen.py): the perturbed return per seed, recorded steps, variant
+    and rounds, with D_env and D_model as the rounds saw them."""
+    if not rows:
+        return []
+    rows = sorted(rows, key=lambda r: (int(r["seed"]), int(r["record_steps"]), int(r["rounds"]), r["variant"]))
+    lines = [f"Rows: `benchmarks/results/finetune_screen_{rows[0]['task']}.csv` (perturbation "
+             f"`{rows[0]['perturbation']}`). Perturbed return: the finetuned deterministic policy, mean over the "
+             "episodes listed.", "",
+             "| seed | recorded steps | variant | rounds | D_env: run's / recorded rows | D_model rows | perturbed return "
+             "| episodes |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['record_steps']} | {r['variant']} | {r['rounds']} | {r['d_env_env']} / "
+                     f"{r['d_env_recorded']} | {r['d_model']} | {float(r['perturbed_return']):.1f} | {r['returns']} |")
+    lines += ["", "Measured by:", *sorted({f"- `{r['command']}` at {r['commit']} on {r['cpu']}" for r in rows})]
+    return lines
+
 # ---- ablations (paper §5.3 and App. A.4; benchmarks/ablations.py, issue 23) ---------------------------------
 
 # override -> (the verdicts, full MAAC against the ablation, that agree with the paper; what the paper found).
@@ -831,6 +850,10 @@ def tables(results: Path = RESULTS, figures: Path | None = FIGURES) -> dict[str,
                             (f"adaptation_screen_{task}", adaptation_screen_table(rows))):
             if lines:
                 out[name] = lines
+    for path in sorted(results.glob("finetune_screen_*.csv")):
+        lines = finetune_screen_table(read_rows(path))
+        if lines:
+            out[path.stem] = lines
     for path in sorted(results.glob("ablations_*.csv")):
         lines = ablation_table(read_rows(path))
         if lines:

@@ -215,6 +215,23 @@ def test_demo_timing_table_counts_the_seeds_that_balanced_in_time(tmp_path: Path
     assert report.demo_timing_table([]) == []
 
 
+
+def test_finetune_screen_table_orders_by_seed_data_and_rounds(tmp_path: Path) -> None:
+    screen = importlib.import_module("finetune_screen")
+    stamp = {"task": "inverted_pendulum", "perturbation": "damping_scale=10", "command": "python x", "commit": "abc",
+             "cpu": "c", "date": "d", "d_model": 40000, "seconds": 70}
+    rows = [{**stamp, "seed": 0, "record_steps": 5000, "variant": "default", "rounds": 500, "d_env_env": 5500,
+             "d_env_recorded": 5000, "perturbed_return": 320.0, "returns": "207.0 547.0 206.0"},
+            {**stamp, "seed": 0, "record_steps": 1000, "variant": "none", "rounds": 500, "d_env_env": 5500,
+             "d_env_recorded": 0, "perturbed_return": 153.0, "returns": "149.0 161.0 149.0"}]
+    path = tmp_path / "finetune_screen_inverted_pendulum.csv"
+    results_csv.write_rows(path, rows, screen.COLUMNS)
+    table = report.finetune_screen_table(results_csv.read_rows(path))
+    assert table[4] == "| 0 | 1000 | none | 500 | 5500 / 0 | 40000 | 153.0 | 149.0 161.0 149.0 |"
+    assert table[5].startswith("| 0 | 5000 | default | 500 | 5500 / 5000 |") and "`python x` at abc" in table[-1]
+    assert "finetune_screen_inverted_pendulum" in report.tables(tmp_path, figures=None)
+    assert report.finetune_screen_table([]) == []
+
 def _diagnosed_episode(**extra: Any) -> dict[str, Any]:
     return {"return": 1050.0, "length": 1000, "final_state": {"x": 0.4}, "elites_predicting_end": {},
             "stochastic_return": 1052.0, "q_start": 173.0, "soft_return_start": 80.0, "q_bias_mean": 88.0, **extra}
