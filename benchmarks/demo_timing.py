@@ -34,7 +34,6 @@ COLUMNS = ("seed", "total_s", "train_s", "export_s", "episodes_s", "env_steps", 
 _CEM_RETURN = re.compile(r"\[cem\] seed \d+: return (?P<ret>[-\d.]+)")
 
 
-
 def run_demo(seed: int, workdir: Path, extra: list[str], timeout_s: float) -> dict[str, Any]:
     """One `maac-robot demo` in `workdir`; stage times from its progress lines, returns from its summary."""
     argv = ["maac-robot", "demo", "--out", "runs/demo", "--bind", f"tcp://127.0.0.1:{free_port()}",

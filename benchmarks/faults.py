@@ -39,10 +39,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from controller.loop import GRAPHS  # noqa: E402
 from controller.run import make_controller, reset_owned, run_episode, run_resilient  # noqa: E402
+from loopback import free_port  # noqa: E402
 from maac_robot.runtime.artifacts import load_artifacts  # noqa: E402
 from maac_robot.runtime.auth import ClientCurve, create_keys  # noqa: E402
 from maac_robot.runtime.config import ControllerConfig  # noqa: E402
-from loopback import free_port  # noqa: E402
 from maac_robot.runtime.protocol import (  # noqa: E402
     Action,
     Heartbeat,
@@ -66,7 +66,6 @@ def record(scenario: str, what: str, value: float | str, target: str = "", met: 
            "met": "" if met is None else ("yes" if met else "NO"), **extra}
     ROWS.append(row)
     print(f"[{scenario}] {what}: {value}" + (f"  (target {target}: {row['met']})" if target else ""), flush=True)
-
 
 
 class Sim:

@@ -53,7 +53,6 @@ from maac_robot.runtime.artifacts import load_artifacts  # noqa: E402
 from maac_robot.runtime.protocol import RobotClient, RobotTimeout  # noqa: E402
 
 
-
 @contextmanager
 def sim_process(config: Path, mode: str, priority: int | None = None) -> Iterator[str]:
     """`maac-robot sim` in its own process on a free loopback port (SCHED_FIFO `priority` via chrt); stopped on exit."""

@@ -634,7 +634,6 @@ def adaptation_screen_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     return lines
 
 
-
 def finetune_screen_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     """What finetune's rounds train on (finetune_screen.py): the perturbed return per seed, recorded steps, variant
     and rounds, with D_env and D_model as the rounds saw them."""
@@ -651,6 +650,7 @@ def finetune_screen_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
                      f"{r['d_env_recorded']} | {r['d_model']} | {float(r['perturbed_return']):.1f} | {r['returns']} |")
     lines += ["", "Measured by:", *sorted({f"- `{r['command']}` at {r['commit']} on {r['cpu']}" for r in rows})]
     return lines
+
 
 # ---- ablations (paper §5.3 and App. A.4; benchmarks/ablations.py, issue 23) ---------------------------------
 

@@ -32,14 +32,11 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 300-step run, its artifacts, and `control --compare --record` against a lockstep sim that records too:
     2 policy and 2 CEM episodes of at most EPISODE_STEPS steps (train ~10 s, export ~25 s on 2 cores)."""
     from controller.run import control_from_cli
-    from maac_robot.learn.config import config_from_dict
-    from maac_robot.learn.export import export_from_run
-    from maac_robot.learn.trainer import train
+    from export_fixtures import train_and_export
     from sim_helpers import running_sim
 
     root = tmp_path_factory.mktemp("finetune")
-    train(config_from_dict(TINY), root / "run", progress=False)
-    export_from_run(root / "run", root / "artifacts")
+    train_and_export(root, TINY)
     (root / "task.yaml").write_text(yaml.safe_dump(TINY))
     with running_sim(ENV, mode="lockstep", max_episode_steps=EPISODE_STEPS, record_dir=root / "sim_rec") as server:
         assert control_from_cli(artifacts=root / "artifacts", connect=server.endpoint, planner=None, episodes=2,
